@@ -1,0 +1,194 @@
+"""The ``zeus`` command line: parses arguments and wires the modules together, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import ZeusError
+from .reconstruct import Threshold
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected W,H, got {text!r}") from None
+    return w, h
+
+
+def _add_polygon_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", default="zeus", help="zeus (default: ZEUS's blur rule), argmax, or prob:P")
+    p.add_argument("--min-area", type=float, default=0.0, metavar="UM2",
+                   help="drop regions smaller than this (um^2; px^2 when the pixel size is unknown)")
+    p.add_argument("--min-hole-area", type=float, default=0.0, metavar="UM2", help="fill holes smaller than this")
+    p.add_argument("--tolerance", type=float, default=None, metavar="PX",
+                   help="outline simplification tolerance in level-0 px (default: half a mask pixel)")
+
+
+def _segment_params(args: argparse.Namespace):
+    from .segment import SegmentParams
+
+    return SegmentParams(
+        patch_size=args.patch_size, stride=args.stride, target_mpp=args.target_mpp, mpp=args.mpp,
+        batch_size=args.batch_size, workers=args.workers, threshold=Threshold.parse(args.threshold),
+        min_area_um2=args.min_area, min_hole_area_um2=args.min_hole_area, tolerance_px=args.tolerance,
+        detect_tissue=not args.no_tissue,
+    )
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .run import RunConfig, run_segment
+
+    config = RunConfig(
+        slides=tuple(args.slides), prompts=args.prompts, out_dir=args.out, model=args.model,
+        pretrained=args.pretrained, positive_class=args.positive_class, device=args.device,
+        precision=args.precision, params=_segment_params(args), progress=not args.quiet,
+    )
+    report = run_segment(config)
+    for r in report.slides:
+        for w in r.warnings:
+            print(f"zeus: warning: {w}", file=sys.stderr)
+        print(f"{Path(r.slide).name}: {r.patches} patches, {r.regions} regions, "
+              f"{r.seconds['total']:.1f} s ({r.patches_per_s:.0f} patches/s) -> {r.outputs['geojson']}")
+    print(f"run summary: {report.path}")
+    return 0
+
+
+def cmd_polygons(args: argparse.Namespace) -> int:
+    from .geojson import write_geojson
+    from .scores import PatchScores
+    from .segment import SegmentParams, geojson_from_scores
+
+    scores = PatchScores.load(args.scores)
+    params = SegmentParams(min_area_um2=args.min_area, min_hole_area_um2=args.min_hole_area,
+                           tolerance_px=args.tolerance)
+    collection = geojson_from_scores(scores, Threshold.parse(args.threshold), params)
+    out = args.out or str(Path(args.scores).with_suffix("").with_suffix("")) + ".geojson"
+    write_geojson(out, collection)
+    print(f"{len(collection['features'])} regions -> {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    scores = evaluate(args.pred, args.gt, tissue=args.tissue, slide=args.slide, size=args.size,
+                      class_name=args.class_name)
+    print(json.dumps(scores.to_dict(), indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.out, progress=not args.quiet)
+    r = result.run.slides[0]
+    print(f"demo slide {result.slide}: {r.width}x{r.height} px, {r.patches} patches in {r.seconds['embed']:.1f} s "
+          f"({r.patches_per_s:.0f} patches/s on {result.run.config['model']['device']}), {r.regions} regions")
+    print(f"Dice vs the known tumor mask (inside tissue): {result.dice.dice:.3f} "
+          f"(precision {result.dice.precision:.3f}, recall {result.dice.recall:.3f})")
+    print(f"outputs: {r.outputs['geojson']}, {r.outputs['overlay']}, {r.outputs['scores']}, {result.run.path}")
+    print("Drag the .geojson onto the slide in QuPath to see the outlines.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zeus", description="Zero-shot tumor pre-segmentation of whole-slide images (ZEUS) for QuPath.")
+    parser.add_argument("--version", action="version", version=f"zeus-qupath {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("segment", help="segment slides into QuPath GeoJSON, scores and overlays")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files or folders of slides")
+    p.add_argument("--prompts", required=True, help="prompt file (ZEUS template JSON)")
+    p.add_argument("--positive-class", default=None, help="class to outline (default: from the prompt file)")
+    p.add_argument("--model", default="quiltnet-b32", help="preset name or open_clip:NAME_OR_CONFIG_JSON")
+    p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint file; a preset's weights folder")
+    p.add_argument("--out", default="zeus-out", help="output folder (default: zeus-out)")
+    p.add_argument("--patch-size", type=_positive_int, default=448)
+    p.add_argument("--stride", type=_positive_int, default=112)
+    p.add_argument("--target-mpp", type=_positive_float, default=None,
+                   help="cut patches at this pixel size (um/px); default: level 0 as ZEUS does")
+    p.add_argument("--mpp", type=_positive_float, default=None, help="override the slide's pixel size (um/px)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=_positive_int, default=2, help="slide-reading threads")
+    p.add_argument("--no-tissue", action="store_true", help="embed every patch, not only those touching tissue")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_polygon_options(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("polygons", help="re-threshold a scores file into GeoJSON (no model, no GPU)")
+    p.add_argument("scores", metavar="SCORES.npz")
+    p.add_argument("--out", default=None, metavar="FILE.geojson")
+    _add_polygon_options(p)
+    p.set_defaults(func=cmd_polygons)
+
+    p = sub.add_parser("evaluate", help="Dice, precision and recall inside tissue (JSON)")
+    p.add_argument("pred", metavar="PRED", help="GeoJSON or mask image (PNG/TIFF/NPY)")
+    p.add_argument("gt", metavar="GT", help="GeoJSON or mask image (PNG/TIFF/NPY)")
+    p.add_argument("--tissue", default=None, metavar="MASK_OR_SLIDE", help="tissue mask (PNG/NPY) or the slide")
+    p.add_argument("--slide", default=None, help="the slide (for its size, when GeoJSON is compared)")
+    p.add_argument("--size", type=_size, default=None, metavar="W,H", help="level-0 size instead of --slide")
+    p.add_argument("--class", dest="class_name", default=None, help="only annotations of this class (GeoJSON)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="segment a synthetic slide with a tiny offline model and score it")
+    p.add_argument("--out", default="zeus-demo", help="output folder (default: zeus-demo)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.debug:
+        logging.getLogger().setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        return int(args.func(args) or 0)
+    except ZeusError as exc:
+        if args.debug:
+            raise
+        print(f"zeus: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zeus: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("zeus: error: out of memory (try a smaller --batch-size)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

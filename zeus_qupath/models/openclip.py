@@ -1,0 +1,101 @@
+"""open_clip models (QuiltNet, any open_clip config): the authors' own loading and embedding code."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from .base import Encoder, ImagePreprocess
+
+OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_pytorch_model.bin", "open_clip_model.safetensors", "*.txt")
+
+
+class OpenClipEncoder(Encoder):
+    """An open_clip ``CLIP``/``CustomTextCLIP``: ``encode_image`` and ``encode_text``."""
+
+    def __init__(self, name: str, model: torch.nn.Module, tokenizer, device: torch.device, precision: str) -> None:
+        self.name = name
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.precision = precision
+        cfg = model.visual.preprocess_cfg
+        size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+        if cfg.get("resize_mode", "shortest") != "shortest":
+            raise ModelError(f"model {name}: resize mode {cfg['resize_mode']} is not supported")
+        self.preprocess = ImagePreprocess(
+            size=int(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=cfg["interpolation"]
+        )
+        self.logit_scale = float(model.logit_scale.exp().item())
+        with torch.inference_mode():
+            self.embed_dim = int(self.text_features(["a"]).shape[-1])
+
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(x)
+
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
+
+
+def load_open_clip(
+    spec: str, pretrained: str | None, device: torch.device, precision: str, display_name: str | None = None
+) -> OpenClipEncoder:
+    """Build an open_clip model from a built-in name, a config JSON file, or a ``local-dir:``/``hf-hub:`` id.
+
+    ``pretrained`` is what open_clip takes: a tag of a built-in model or a checkpoint file. A config JSON
+    file is registered with open_clip under its file stem, exactly as open_clip's own config folder works.
+    """
+    import open_clip
+
+    name = spec
+    path = Path(spec).expanduser()
+    if spec.endswith(".json"):
+        if not path.is_file():
+            raise ModelError(f"model config not found: {path}")
+        try:
+            json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"model config {path.name} is not valid JSON: {exc}") from exc
+        open_clip.add_model_config(path)
+        name = path.stem
+    elif not spec.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
+        raise ModelError(f"unknown open_clip model {spec!r} (see open_clip.list_models(), or pass a config .json)")
+    if pretrained and not spec.startswith(("hf-hub:", "local-dir:")):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags and not Path(pretrained).expanduser().is_file():
+            raise ModelError(
+                f"model {display_name or spec}: --pretrained {pretrained!r} is neither a file nor a tag {tags}"
+            )
+    ckpt = pretrained
+    if pretrained and Path(pretrained).expanduser().is_file():
+        ckpt = str(Path(pretrained).expanduser())
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=ckpt, device=device)
+        tokenizer = open_clip.get_tokenizer(name)
+    except ModelError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"model {display_name or spec}: cannot load ({first[:200]})") from exc
+    return OpenClipEncoder(display_name or name, model, tokenizer, device, precision)
+
+
+
+def load(preset, pretrained: str | None, device: torch.device, precision: str) -> OpenClipEncoder:
+    """Load an open_clip preset from a local copy of its Hub folder (``--pretrained DIR``) or the HF cache."""
+    from .hub import hf_snapshot
+
+    if pretrained:
+        folder = Path(pretrained).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise ModelError(
+                f"model {preset.name}: --pretrained must be a folder holding open_clip_config.json and the weights "
+                f"(a copy of {preset.hf_repo}); for a bare checkpoint use --model open_clip:ARCH --pretrained FILE"
+            )
+    else:
+        folder = hf_snapshot(preset.hf_repo, OPEN_CLIP_FILES, preset.name, preset.gated)
+    return load_open_clip(f"local-dir:{folder}", None, device, precision, display_name=preset.name)

@@ -1,0 +1,57 @@
+"""Overlay PNG: a thumbnail with the positive-class score heatmap and the outlines, for a person to look at."""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+from PIL import Image
+from shapely.geometry import Polygon
+
+from .atomic import atomic_path
+from .reconstruct import cell_sums
+from .scores import PatchScores
+
+POSITIVE_RGB = (230, 20, 20)
+NEGATIVE_RGB = (30, 90, 230)
+
+
+def score_margin_map(scores: PatchScores) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-cell mean margin (positive score minus best other), the covered cells, and the cell size."""
+    pos = scores.positive_index
+    margin = scores.scores[:, pos] - np.delete(scores.scores, pos, axis=1).max(axis=1)
+    cs = cell_sums(scores, margin[:, None])
+    covered = cs.counts > 0
+    mean = np.divide(cs.sums[..., 0], cs.counts, out=np.zeros(cs.counts.shape), where=covered)
+    return mean, covered, cs.cell
+
+
+def render_overlay(
+    thumbnail: np.ndarray, scores: PatchScores, polygons: list[Polygon], alpha: float = 0.45
+) -> np.ndarray:
+    """RGB image: ``thumbnail`` blended with a red-blue margin heatmap on covered cells, outlines in black."""
+    th, tw = thumbnail.shape[:2]
+    scale = tw / scores.width  # thumbnail px per level-0 px
+    out = thumbnail.copy()
+    if len(scores.coords):
+        mean, covered, cell = score_margin_map(scores)
+        lim = float(np.abs(mean[covered]).max()) or 1.0
+        t = np.clip((mean / lim + 1) / 2, 0, 1)[..., None]  # 0: most negative margin .. 1: most positive
+        heat = (t * np.array(POSITIVE_RGB) + (1 - t) * np.array(NEGATIVE_RGB)).astype(np.uint8)
+        ys = np.minimum(((np.arange(th) + 0.5) * scores.height / th / cell).astype(np.int64), mean.shape[0] - 1)
+        xs = np.minimum(((np.arange(tw) + 0.5) / scale / cell).astype(np.int64), mean.shape[1] - 1)
+        heat, cov = heat[np.ix_(ys, xs)], covered[np.ix_(ys, xs)]
+        blend = (out.astype(np.float32) * (1 - alpha) + heat.astype(np.float32) * alpha).astype(np.uint8)
+        out[cov] = blend[cov]
+    thickness = max(2, int(round(max(th, tw) / 500)))
+    for poly in polygons:
+        rings = [poly.exterior, *poly.interiors]
+        pts = [np.round(np.asarray(r.coords) * scale).astype(np.int32) for r in rings]
+        cv2.polylines(out, pts, isClosed=True, color=(0, 0, 0), thickness=thickness)
+    return out
+
+
+def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG")

@@ -1,0 +1,143 @@
+"""Prompt sets and class prototypes, as ZEUS builds them.
+
+File format: the ZEUS template JSON, accepted as is:
+``{"0": {"classnames": {"normal": [...], "tumor": [...]}, "templates": ["... CLASSNAME ...", ...]}}``.
+Extensions: several top-level groups (their names and templates are merged per class), templates given
+per class (``"templates": {"tumor": [...], ...}``), and ``"positive_class"`` inside a group or at top level.
+
+Prototype of a class: every (class name x template) text is encoded and L2-normalised; the prototype
+is their mean, L2-normalised again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PromptError
+from .models.base import Encoder
+
+PLACEHOLDER = "CLASSNAME"
+POSITIVE_GUESSES = ("tumor", "tumour", "cancer", "neoplasm", "malignant", "carcinoma")
+
+
+@dataclass(frozen=True)
+class PromptClass:
+    name: str
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+
+    def texts(self) -> list[str]:
+        """Every (template x class name) text, template-major."""
+        return [t.replace(PLACEHOLDER, c) for t in self.templates for c in self.classnames]
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    classes: tuple[PromptClass, ...]
+    positive_class: str
+    source: str
+    sha256: str
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def positive_index(self) -> int:
+        return self.class_names.index(self.positive_class)
+
+
+def _str_list(value: object, what: str, source: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise PromptError(f"{source}: {what} must be a list of non-empty strings")
+    return [v.strip() for v in value]
+
+
+def parse_prompts(data: object, source: str, positive_class: str | None = None) -> PromptSet:
+    """Validate and normalise a parsed prompt file."""
+    if not isinstance(data, dict) or not data:
+        raise PromptError(f"{source}: expected a JSON object of prompt groups like {{\"0\": {{...}}}}")
+    file_positive = data.get("positive_class")
+    groups = [v for k, v in data.items() if k != "positive_class"]
+    if "classnames" in data:  # a single group without the "0" wrapper
+        groups = [data]
+    names: dict[str, list[str]] = {}
+    templates: dict[str, list[str]] = {}
+    for group in groups:
+        if not isinstance(group, dict) or "classnames" not in group:
+            raise PromptError(f"{source}: each prompt group needs \"classnames\" and \"templates\"")
+        file_positive = group.get("positive_class", file_positive)
+        classnames = group["classnames"]
+        if not isinstance(classnames, dict) or not classnames:
+            raise PromptError(f"{source}: \"classnames\" must map each class to its names")
+        group_templates = group.get("templates")
+        if group_templates is None or group_templates == [] or group_templates == {}:
+            raise PromptError(f"{source}: no templates given")
+        for cls, cls_names in classnames.items():
+            names.setdefault(cls, []).extend(_str_list(cls_names, f"class names of {cls!r}", source))
+            if isinstance(group_templates, dict):
+                if cls not in group_templates:
+                    raise PromptError(f"{source}: no templates for class {cls!r}")
+                tmpl = _str_list(group_templates[cls], f"templates of {cls!r}", source)
+            else:
+                tmpl = _str_list(group_templates, "templates", source)
+            templates.setdefault(cls, []).extend(tmpl)
+    for cls, tmpl in templates.items():
+        missing = [t for t in tmpl if PLACEHOLDER not in t]
+        if missing:
+            raise PromptError(f"{source}: template without {PLACEHOLDER} for class {cls!r}: {missing[0]!r}")
+    if len(names) < 2:
+        raise PromptError(f"{source}: need at least two classes, found {len(names)} ({', '.join(names) or 'none'})")
+    classes = tuple(
+        PromptClass(cls, tuple(dict.fromkeys(names[cls])), tuple(dict.fromkeys(templates[cls]))) for cls in names
+    )
+    positive = positive_class or file_positive
+    if positive is None:
+        guesses = [c for c in names if c.lower() in POSITIVE_GUESSES]
+        if len(guesses) != 1:
+            raise PromptError(f"{source}: name the positive class with \"positive_class\" or --positive-class")
+        positive = guesses[0]
+    if positive not in names:
+        raise PromptError(f"{source}: positive class {positive!r} is not one of {', '.join(names)}")
+    canonical = json.dumps(
+        {"classes": [[c.name, c.classnames, c.templates] for c in classes], "positive": positive}, sort_keys=True
+    )
+    return PromptSet(classes, positive, source, hashlib.sha256(canonical.encode()).hexdigest())
+
+
+def load_prompts(path: str | os.PathLike[str], positive_class: str | None = None) -> PromptSet:
+    """Read and validate a prompt file; a one-line PromptError on any problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PromptError(f"prompt file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PromptError(f"cannot read prompt file {p}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PromptError(f"{p.name}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return parse_prompts(data, p.name, positive_class)
+
+
+def class_prototypes(encoder: Encoder, prompts: PromptSet, texts: dict[str, list[str]] | None = None) -> np.ndarray:
+    """(C, D) unit prototypes: mean of each class's unit text embeddings, normalised again.
+
+    ``texts`` overrides the texts of some classes (e.g. after prompt screening).
+    """
+    protos = []
+    for cls in prompts.classes:
+        cls_texts = (texts or {}).get(cls.name) or cls.texts()
+        emb = encoder.encode_texts(cls_texts)
+        mean = emb.mean(axis=0)
+        protos.append(mean / np.linalg.norm(mean))
+    return np.stack(protos).astype(np.float32)
