@@ -4,9 +4,12 @@ The ZEUS rule (its public code, at full resolution): every pixel sums the scores
 covering it, one map per class; pixel-wise argmax (ties go to the non-positive classes); Gaussian
 blur with kernel k = 2 * patch + 1 (OpenCV's sigma for sigma=0); keep pixels whose blurred value is
 above 0.1. Pixels inside one stride cell are covered by exactly the same patches, so the sums and
-the argmax are computed once per cell (cell = gcd(patch, stride)); the blur runs on the cells
-upsampled ``upsample`` times, which gives the full-resolution mask up to sub-cell detail
-(:func:`zeus_mask_fullres` is the straightforward reference, for tests and benchmarks only).
+the argmax are computed once per cell (cell = gcd(patch, stride)). The blur of a cell-constant image
+is separable and linear, so its value at any pixel is ``Ky @ cells @ Kx.T`` with small per-axis weight
+matrices (:func:`blur_matrix`): exact at every sampled pixel. The mask is sampled every pixel when the
+slide has at most ``MAX_FINE_PIXELS`` pixels (identical to the full-resolution rule), otherwise every
+``step`` px (:func:`sample_step`), so memory never grows with the slide beyond that cap.
+(:func:`zeus_mask_fullres` is the straightforward reference, for tests and benchmarks only.)
 
 Other rules: ``argmax`` (the per-cell argmax, no smoothing) and ``prob:P`` (softmax over classes with
 the model's logit scale, averaged over the covering patches, positive class above P).
@@ -24,7 +27,7 @@ from .errors import ZeusError
 from .scores import PatchScores
 
 ZEUS_BLUR_THRESHOLD = 0.1
-MAX_FINE_PIXELS = 48_000_000
+MAX_FINE_PIXELS = 32_000_000
 MAX_CELLS = 64_000_000
 
 
@@ -106,9 +109,37 @@ def opencv_sigma(ksize: int) -> float:
     return 0.3 * ((ksize - 1) / 2 - 1) + 0.8
 
 
-def zeus_mask(scores: PatchScores, upsample: int = 8, logit_scale: float | None = None,
-              threshold: Threshold = Threshold()) -> Mask:
-    """The mask of ``threshold``'s rule, on the stride grid (memory proportional to the grid)."""
+def blur_matrix(n_px: int, cell: int, n_cells: int, step: int, patch: int) -> np.ndarray:
+    """(samples, cells) weights: the blur, along one axis, of a cell-constant image, sampled every ``step`` px.
+
+    Row i holds, for the level-0 pixel at the centre of sample i, the weight of each cell in OpenCV's
+    Gaussian kernel of size 2 * patch + 1 (sigma from OpenCV's rule), with OpenCV's default border
+    (reflect-101 at the image edge). So ``Ky @ cells @ Kx.T`` is exactly the full-resolution blur at the
+    sampled pixels.
+    """
+    n_s = math.ceil(n_px / step)
+    centres = np.minimum(np.arange(n_s, dtype=np.int64) * step + step // 2, n_px - 1)
+    kernel = cv2.getGaussianKernel(2 * patch + 1, 0).ravel()
+    weights = np.zeros((n_s, n_cells), dtype=np.float64)
+    for start in range(0, n_s, 1024):  # chunks keep the (samples x kernel) index arrays small
+        px = centres[start : start + 1024, None] + np.arange(-patch, patch + 1)[None, :]
+        px = np.abs(px)
+        px = np.where(px > n_px - 1, 2 * (n_px - 1) - px, px)  # reflect-101
+        rows = np.arange(px.shape[0])[:, None] * n_cells + px // cell
+        flat = np.bincount(rows.ravel(), weights=np.broadcast_to(kernel, px.shape).ravel(),
+                           minlength=px.shape[0] * n_cells)
+        weights[start : start + px.shape[0]] = flat.reshape(px.shape[0], n_cells)
+    return weights
+
+
+def sample_step(width: int, height: int, max_pixels: int = MAX_FINE_PIXELS) -> int:
+    """Level-0 px between mask samples: 1 (exact) when the slide fits ``max_pixels``, else the smallest that does."""
+    return max(1, math.ceil(math.sqrt(width * height / max_pixels)))
+
+
+def zeus_mask(scores: PatchScores, logit_scale: float | None = None, threshold: Threshold = Threshold(),
+              max_pixels: int = MAX_FINE_PIXELS) -> Mask:
+    """The mask of ``threshold``'s rule, with memory proportional to the grid (and at most ``max_pixels``)."""
     if threshold.method == "prob":
         if logit_scale is None:
             logit_scale = float(scores.meta.get("logit_scale", 100.0))
@@ -123,17 +154,14 @@ def zeus_mask(scores: PatchScores, upsample: int = 8, logit_scale: float | None 
     winner = positive_argmax(cs.sums, scores.positive_index) & (cs.counts > 0)
     if threshold.method == "argmax":
         return Mask(winner, float(cs.cell), scores.width, scores.height)
-    rows, cols = winner.shape
-    up = max(1, min(upsample, cs.cell, int(math.sqrt(MAX_FINE_PIXELS / max(rows * cols, 1)))))
-    fine_px = cs.cell / up
-    fine = np.repeat(np.repeat(winner.astype(np.float32), up, axis=0), up, axis=1)
-    fine = fine[: math.ceil(scores.height / fine_px), : math.ceil(scores.width / fine_px)]
-    ksize = 2 * scores.patch_size + 1
-    sigma = opencv_sigma(ksize) / fine_px
-    radius = max(1, int(round(scores.patch_size / fine_px)))
-    blurred = cv2.GaussianBlur(fine, (2 * radius + 1, 2 * radius + 1), sigmaX=sigma, sigmaY=sigma,
-                               borderType=cv2.BORDER_REFLECT_101)
-    return Mask(blurred > ZEUS_BLUR_THRESHOLD, fine_px, scores.width, scores.height)
+    step = sample_step(scores.width, scores.height, max_pixels)
+    ky = blur_matrix(scores.height, cs.cell, winner.shape[0], step, scores.patch_size).astype(np.float32)
+    kx = blur_matrix(scores.width, cs.cell, winner.shape[1], step, scores.patch_size).astype(np.float32)
+    right = winner.astype(np.float32) @ kx.T  # (cell rows, sample cols)
+    mask = np.empty((ky.shape[0], kx.shape[0]), dtype=bool)
+    for start in range(0, ky.shape[0], 2048):  # row chunks: never a full float raster
+        mask[start : start + 2048] = (ky[start : start + 2048] @ right) > ZEUS_BLUR_THRESHOLD
+    return Mask(mask, float(step), scores.width, scores.height)
 
 
 def zeus_mask_fullres(scores: PatchScores) -> np.ndarray:

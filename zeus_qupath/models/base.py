@@ -45,7 +45,8 @@ class ImagePreprocess:
         h, w = x.shape[-2:]
         if (h, w) != (self.size, self.size):
             short = min(h, w)
-            new_h, new_w = round(h * self.size / short), round(w * self.size / short)
+            # truncation, as torchvision Resize(int) and CLIPImageProcessor compute the long side
+            new_h, new_w = int(h * self.size / short), int(w * self.size / short)
             x = TF.resize(x, [new_h, new_w], interpolation=_INTERP[self.interpolation], antialias=True)
             x = TF.center_crop(x, [self.size, self.size])
         x = x.float().div_(255.0)

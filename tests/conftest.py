@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTDATA = ROOT.parent / "shared" / "testdata"
+
+
+def testdata(*parts: str) -> Path:
+    """A file from ../shared/testdata; skips the test when it is absent."""
+    path = TESTDATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"test data not found: {path} (expected ../shared/testdata beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tiny open_clip model of samples/tiny_model.py, trained once per session (or taken from
+    ZEUS_TINY_MODEL_CACHE when set, so repeated local runs skip training)."""
+    from zeus_qupath.samples import prompt_path
+    from zeus_qupath.samples.tiny_model import load_or_train_tiny_model
+
+    cache = os.environ.get("ZEUS_TINY_MODEL_CACHE")
+    cache_dir = Path(cache) if cache else tmp_path_factory.mktemp("tiny-model")
+    return load_or_train_tiny_model(cache_dir, prompt_path("spindle_cell"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model):
+    from zeus_qupath.models import load_encoder
+
+    return load_encoder(f"open_clip:{tiny_model.config_path}", str(tiny_model.checkpoint_path), "cpu")
+
+
+@pytest.fixture(scope="session")
+def spindle_prompts():
+    from zeus_qupath.samples import prompt_path
+
+    return prompt_path("spindle_cell")
