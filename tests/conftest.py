@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = ROOT.parent / "shared" / "testdata"
 
 
-def testdata(*parts: str) -> Path:
+def shared_file(*parts: str) -> Path:
     """A file from ../shared/testdata; skips the test when it is absent."""
     path = TESTDATA.joinpath(*parts)
     if not path.exists():

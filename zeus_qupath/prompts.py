@@ -56,7 +56,7 @@ class PromptSet:
 def _str_list(value: object, what: str, source: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
         raise PromptError(f"{source}: {what} must be a list of non-empty strings")
     return [v.strip() for v in value]
 

@@ -1,0 +1,308 @@
+"""The paquo backend.
+
+The ``qupath`` tests drive a real QuPath install through paquo and are skipped unless
+PAQUO_QUPATH_DIR names one: QuPath is not installable from PyPI or Debian, so they run only where
+someone installed it, e.g. ``python -m paquo get_qupath --install-path ~/qupath 0.5.1`` and
+``PAQUO_QUPATH_DIR=~/qupath/QuPath-0.5.1 pytest -m qupath``.
+
+The other tests run everywhere: they replace paquo and QuPath (which cannot run here) by
+``StandInPaquo``, a test double of the few paquo calls the backend makes, to check the backend's
+own logic: which annotations it removes and adds, the URI map round trip, backups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from shapely.geometry import Polygon, mapping, shape
+
+from zeus_qupath.bridge.project import open_project
+from zeus_qupath.bridge.uris import same_file_uri
+from zeus_qupath.geojson import MEAS_AREA_PX, MEAS_VERTICES, Annotation, annotation_feature, vertex_count
+
+SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "wsi" / "CMU-1-Small-Region.svs"
+
+
+def _qupath_dir() -> Path | None:
+    value = os.environ.get("PAQUO_QUPATH_DIR")
+    if not value:
+        return None
+    root = Path(value).expanduser()
+    layouts = (root / "lib" / "app", root / "app", root / "Contents" / "app")  # Linux, Windows, macOS
+    return root if any(p.is_dir() for p in layouts) else None
+
+
+def requires_qupath(test):
+    test = pytest.mark.skipif(not SLIDE.is_file(), reason=f"test slide not found at {SLIDE} (../shared/testdata)")(test)
+    test = pytest.mark.skipif(
+        _qupath_dir() is None,
+        reason="needs a QuPath install: set PAQUO_QUPATH_DIR to a QuPath folder (and pip install paquo)",
+    )(test)
+    return pytest.mark.qupath(test)
+
+
+def _features() -> list[dict]:
+    tumor = Polygon([(200, 200), (1200, 200), (1200, 1400), (200, 1400)], [[(500, 500), (700, 500), (700, 700)]])
+    normal = Polygon([(1500, 1800), (2100, 1800), (1800, 2600)])
+    return [
+        json.loads(json.dumps(annotation_feature(Annotation(tumor, "Tumor", {"Mean tumor score": 0.4})))),
+        json.loads(json.dumps(annotation_feature(Annotation(normal, "Normal", {"Mean tumor score": 0.1})))),
+    ]
+
+
+def _add(project_dir: Path, features: list[dict], **kwargs):
+    pytest.importorskip("paquo", reason="paquo is not installed (pip install paquo)")
+    project = open_project(project_dir, backend="paquo")
+    entry_id = project.add_or_update_image(SLIDE, features, width=2220, height=2967, mpp=0.499,
+                                           metadata={"zeus.model": "test"}, **kwargs)
+    project.save()
+    return project, entry_id
+
+
+def _annotations(project_dir: Path):
+    from paquo.projects import QuPathProject
+
+    qp = QuPathProject(project_dir, mode="r")
+    (entry,) = qp.images
+    return entry, list(entry.hierarchy.annotations)
+
+
+@requires_qupath
+def test_paquo_project_has_image_classes_annotations_and_metadata(tmp_path: Path) -> None:
+    from paquo.images import QuPathImageType
+
+    project_dir = tmp_path / "project"
+    project, entry_id = _add(project_dir, _features())
+    assert project.backend == "paquo"
+    entry, annotations = _annotations(project_dir)
+    assert entry.entry_id == entry_id
+    assert entry.image_type == QuPathImageType.BRIGHTFIELD_H_E
+    assert (entry.width, entry.height) == (2220, 2967)
+    assert entry.metadata["zeus.model"] == "test" and "zeus.version" in entry.metadata
+    by_name = {a.name: a for a in annotations}
+    assert set(by_name) == {"ZEUS Tumor", "ZEUS Normal"}
+    tumor = by_name["ZEUS Tumor"]
+    assert tumor.path_class.name == "Tumor"
+    assert len(tumor.roi.interiors) == 1
+    assert tumor.measurements[MEAS_AREA_PX] == pytest.approx(tumor.roi.area)
+    assert tumor.measurements[MEAS_VERTICES] == vertex_count(tumor.roi)
+    assert tumor.measurements["Mean tumor score"] == pytest.approx(0.4)
+
+
+@requires_qupath
+def test_paquo_rerun_keeps_the_annotators_edits(tmp_path: Path) -> None:
+    from paquo.projects import QuPathProject
+
+    project_dir = tmp_path / "project"
+    _add(project_dir, _features())
+    # the annotator moves a vertex of the tumor and draws an object of their own
+    with QuPathProject(project_dir, mode="r+") as qp:
+        entry = qp.images[0]
+        tumor = next(a for a in entry.hierarchy.annotations if a.name == "ZEUS Tumor")
+        tumor.update_roi(Polygon([(200, 200), (1300, 200), (1200, 1400), (200, 1400)]))
+        entry.hierarchy.add_annotation(roi=Polygon([(10, 10), (90, 10), (90, 90)]))
+        entry.save()
+
+    project, _ = _add(project_dir, _features())
+    merge = project.last_merge
+    assert (merge.n_kept, merge.n_removed, merge.n_added) == (2, 1, 2)
+    _, annotations = _annotations(project_dir)
+    names = sorted(str(a.name) for a in annotations)
+    assert names == ["None", "ZEUS Normal", "ZEUS Tumor", "ZEUS Tumor"]  # edited tumor kept, new one added
+    assert any(a.roi.bounds[2] == 1300 for a in annotations)
+
+
+@requires_qupath
+def test_paquo_uri_map_rewrites_the_image_uri(tmp_path: Path) -> None:
+    project_dir = tmp_path / "project"
+    uri_map = [(str(SLIDE.parent), "Z:\\slides")]
+    _add(project_dir, _features(), uri_map=uri_map)
+    data = json.loads((project_dir / "project.qpproj").read_text(encoding="utf-8"))
+    assert data["images"][0]["serverBuilder"]["uri"] == "file:/Z:/slides/CMU-1-Small-Region.svs"
+    # a second run finds the entry under its mapped URI and works on the local file again
+    project, entry_id = _add(project_dir, _features(), uri_map=uri_map)
+    assert project.updates[-1].created is False
+    data = json.loads((project_dir / "project.qpproj").read_text(encoding="utf-8"))
+    assert len(data["images"]) == 1 and data["images"][0]["serverBuilder"]["uri"].startswith("file:/Z:/")
+
+
+# ------------------------------------------------------------------------ stand-in for paquo + QuPath
+
+
+class StandInAnnotation:
+    """Test double of paquo's QuPathPathAnnotationObject (what the backend reads and sets)."""
+
+    def __init__(self, roi: Any, path_class: Any = None, measurements: dict | None = None) -> None:
+        self.roi, self.path_class, self.name = roi, path_class, None
+        self.measurements = dict(measurements or {})
+        self.id = f"00000000-0000-4000-8000-{id(self):012x}"[-36:]
+
+    def to_geojson(self) -> dict:
+        geometry = json.loads(json.dumps(mapping(self.roi)))
+        props: dict[str, Any] = {"objectType": "annotation"}
+        if self.name is not None:
+            props["name"] = self.name
+        if self.path_class is not None:
+            props["classification"] = {"name": self.path_class.name, "color": list(self.path_class.color)}
+        if self.measurements:
+            props["measurements"] = dict(self.measurements)
+        return {"type": "Feature", "id": self.id, "geometry": geometry, "properties": props}
+
+
+class StandInHierarchy:
+    def __init__(self) -> None:
+        self.annotations = StandInAnnotations()
+        self.batches = 0
+
+    @contextmanager
+    def no_autoflush(self):
+        self.batches += 1
+        yield self
+
+    def add_annotation(self, roi: Any, path_class: Any = None, measurements: dict | None = None) -> StandInAnnotation:
+        annotation = StandInAnnotation(roi, path_class, measurements)
+        self.annotations.append(annotation)
+        return annotation
+
+
+class StandInAnnotations(list):
+    def discard(self, annotation: StandInAnnotation) -> None:
+        self.remove(annotation)
+
+
+class StandInEntry:
+    def __init__(self, project_dir: Path, entry_id: int, uri: str) -> None:
+        self.entry_id, self.uri = str(entry_id), uri
+        self.entry_path = project_dir / "data" / str(entry_id)
+        self.image_name = uri.rsplit("/", 1)[-1]
+        self.width, self.height = 2220, 2967
+        self.metadata: dict[str, str] = {}
+        self.hierarchy = StandInHierarchy()
+        self.image_type = None
+        self.saved_with_uri: list[str] = []
+
+    def save(self) -> None:
+        self.saved_with_uri.append(self.uri)
+        self.entry_path.mkdir(parents=True, exist_ok=True)
+        (self.entry_path / "data.qpdata").write_text(str(len(self.hierarchy.annotations)), encoding="utf-8")
+
+
+class StandInPathClass:
+    def __init__(self, name: str, color: tuple = (0, 0, 0)) -> None:
+        self.name, self.color = name, tuple(color)
+
+
+def make_stand_in_paquo(state: dict) -> dict[str, types.ModuleType]:
+    """Modules named like paquo's, backed by ``state`` (project path -> StandInProject)."""
+
+    class StandInProject:
+        def __new__(cls, path: Any, mode: str = "r") -> Any:
+            key = str(Path(path))
+            if key not in state:
+                obj = super().__new__(cls)
+                obj.dir, obj.images, obj.path_classes, obj.saves = Path(path), [], (), 0
+                Path(path).mkdir(parents=True, exist_ok=True)
+                (Path(path) / "project.qpproj").write_text("{}", encoding="utf-8")
+                state[key] = obj
+            return state[key]
+
+        def add_image(self, path: str, image_type: Any = None) -> StandInEntry:
+            entry = StandInEntry(self.dir, len(self.images) + 1, Path(path).absolute().as_uri())
+            entry.image_type = image_type
+            self.images.append(entry)
+            return entry
+
+        def update_image_paths(self, uri2uri: dict) -> None:
+            for entry in self.images:
+                entry.uri = uri2uri.get(entry.uri, entry.uri)
+
+        def save(self, images: bool = True) -> None:
+            self.saves += 1
+
+    paquo = types.ModuleType("paquo")
+    projects = types.ModuleType("paquo.projects")
+    projects.QuPathProject = StandInProject
+    images = types.ModuleType("paquo.images")
+    images.QuPathImageType = types.SimpleNamespace(BRIGHTFIELD_H_E="Brightfield H&E")
+    classes = types.ModuleType("paquo.classes")
+    classes.QuPathPathClass = StandInPathClass
+    config = types.ModuleType("paquo._config")
+    config.settings, config.to_kwargs = {}, lambda s: {}
+    backend = types.ModuleType("paquo.jpype_backend")
+    backend.find_qupath = lambda **kwargs: "a QuPath install"
+    return {"paquo": paquo, "paquo.projects": projects, "paquo.images": images, "paquo.classes": classes,
+            "paquo._config": config, "paquo.jpype_backend": backend}
+
+
+@pytest.fixture
+def stand_in_paquo(monkeypatch: pytest.MonkeyPatch) -> dict:
+    state: dict = {}
+    for name, module in make_stand_in_paquo(state).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return state
+
+
+def test_backend_with_stand_in_adds_classes_annotations_and_metadata(tmp_path: Path, stand_in_paquo: dict) -> None:
+    from zeus_qupath.bridge.project_paquo import PaquoProject
+
+    slide = tmp_path / "slides" / "a.svs"
+    project = open_project(tmp_path / "p")  # auto picks paquo: the stand-in "finds" QuPath
+    assert isinstance(project, PaquoProject)
+    entry_id = project.add_or_update_image(slide, _features(), width=2220, height=2967, metadata={"zeus.model": "m"})
+    (qp,) = stand_in_paquo.values()
+    (entry,) = qp.images
+    assert entry_id == "1" and entry.image_type == "Brightfield H&E"
+    assert [pc.name for pc in qp.path_classes] == ["Tumor", "Normal"]
+    assert qp.path_classes[0].color == (200, 0, 0)
+    names = [a.name for a in entry.hierarchy.annotations]
+    assert names == ["ZEUS Tumor", "ZEUS Normal"] and entry.hierarchy.batches == 1
+    tumor = entry.hierarchy.annotations[0]
+    assert tumor.path_class.name == "Tumor" and len(tumor.roi.interiors) == 1
+    assert tumor.measurements[MEAS_AREA_PX] == tumor.roi.area
+    assert tumor.measurements[MEAS_VERTICES] == vertex_count(tumor.roi)
+    assert entry.metadata["zeus.model"] == "m" and entry.metadata["zeus.status"] == "pre-segmented"
+    assert entry.saved_with_uri == [entry.uri] and project.last_merge.n_added == 2
+
+
+def test_backend_with_stand_in_keeps_edits_and_maps_uris(tmp_path: Path, stand_in_paquo: dict) -> None:
+    from zeus_qupath.bridge.project_paquo import PaquoProject
+
+    slide = tmp_path / "slides" / "a b.svs"
+    uri_map = [(str(tmp_path / "slides"), "Z:\\wsi")]
+    PaquoProject(tmp_path / "p").add_or_update_image(slide, _features(), width=2220, height=2967, uri_map=uri_map)
+    (qp,) = stand_in_paquo.values()
+    (entry,) = qp.images
+    assert entry.uri == "file:/Z:/wsi/a%20b.svs"  # rewritten for the annotators' machines after saving
+    assert len(entry.saved_with_uri) == 1  # saved while QuPath could read the local file
+    assert same_file_uri(entry.saved_with_uri[0], slide.as_uri())
+
+    # the annotator edits the tumor, reclassifies nothing, draws an object of their own
+    tumor, normal = entry.hierarchy.annotations
+    tumor.roi = shape({"type": "Polygon", "coordinates": [[[200, 200], [1250, 200], [1200, 1400], [200, 1400]]]})
+    entry.hierarchy.add_annotation(Polygon([(10, 10), (90, 10), (90, 90)]))
+
+    project = PaquoProject(tmp_path / "p")
+    project.add_or_update_image(slide, _features(), width=2220, height=2967, uri_map=uri_map)
+    merge = project.last_merge
+    assert (merge.n_kept, merge.n_removed, merge.n_added) == (2, 1, 2)
+    assert normal not in entry.hierarchy.annotations and tumor in entry.hierarchy.annotations
+    assert [a.name for a in entry.hierarchy.annotations] == ["ZEUS Tumor", None, "ZEUS Tumor", "ZEUS Normal"]
+    assert len(qp.images) == 1 and project.updates[-1].created is False
+    assert same_file_uri(entry.saved_with_uri[-1], slide.as_uri()) and entry.uri == "file:/Z:/wsi/a%20b.svs"
+    assert list((tmp_path / "p").glob("project.qpproj.bak-*"))
+    assert list((tmp_path / "p" / "data" / "1").glob("data.qpdata.bak-*"))  # backed up before the change
+
+
+def test_backend_with_stand_in_rejects_a_size_mismatch(tmp_path: Path, stand_in_paquo: dict) -> None:
+    from zeus_qupath.bridge.project_paquo import PaquoProject
+    from zeus_qupath.errors import ProjectError
+
+    with pytest.raises(ProjectError, match="QuPath reads 2220x2967 px"):
+        PaquoProject(tmp_path / "p").add_or_update_image(tmp_path / "a.svs", _features(), width=100, height=100)
