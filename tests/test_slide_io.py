@@ -7,13 +7,14 @@ import pytest
 import tifffile
 from PIL import Image
 
-from conftest import shared_file
 from zeus_qupath.errors import SlideError, ZeusError
 from zeus_qupath.grid import PatchGeometry, make_grid
 from zeus_qupath.reader import RegionReader
 from zeus_qupath.scores import PatchScores
 from zeus_qupath.slide import Slide
 from zeus_qupath.tissue import detect_tissue, segment_tissue
+
+from conftest import shared_file
 
 
 def test_real_svs_and_ome_tiff_metadata():
