@@ -6,7 +6,7 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon
 
-from .geojson import ZEUS_NAME_PREFIX, Annotation
+from .geojson import ZEUS_NAME_PREFIX, Annotation, qupath_class_name
 from .scores import PatchScores
 
 
@@ -19,6 +19,7 @@ def build_annotations(polygons: list[Polygon], scores: PatchScores) -> list[Anno
     half = scores.patch_size / 2
     cx = scores.coords[:, 0] + half
     cy = scores.coords[:, 1] + half
+    class_name = qupath_class_name(scores.positive_class)
     out = []
     for poly in polygons:
         inside = shapely.contains_xy(poly, cx, cy) if len(cx) else np.zeros(0, dtype=bool)
@@ -31,5 +32,5 @@ def build_annotations(polygons: list[Polygon], scores: PatchScores) -> list[Anno
             meas[f"Mean {scores.positive_class} score"] = float(sel[:, pos].mean())
             others = np.delete(sel, pos, axis=1).max(axis=1)
             meas["Mean score margin"] = float((sel[:, pos] - others).mean())
-        out.append(Annotation(poly, scores.positive_class, meas, name=f"{ZEUS_NAME_PREFIX} {scores.positive_class}"))
+        out.append(Annotation(poly, class_name, meas, name=f"{ZEUS_NAME_PREFIX} {class_name}"))
     return out

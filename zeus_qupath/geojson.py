@@ -1,8 +1,8 @@
 """QuPath GeoJSON: turn shapely geometries into QuPath annotation features (QuPath >= 0.4 layout).
 
 Every feature written by ZEUS carries a marker that the keep-edits rule (``bridge/edits.py`` and
-the Groovy import script) relies on: a name starting with ``ZEUS_NAME_PREFIX`` and two
-measurements with the ROI area (level-0 px^2) and vertex count it had when written. QuPath keeps
+the Groovy import script) relies on: a name starting with ``ZEUS_NAME_PREFIX`` and measurements
+with the ROI area (level-0 px^2), vertex count and centroid it had when written. QuPath keeps
 custom measurements when an annotator edits an outline, so an edited object no longer matches.
 """
 
@@ -26,6 +26,9 @@ from .atomic import atomic_open
 ZEUS_NAME_PREFIX = "ZEUS"
 MEAS_AREA_PX = "ZEUS area px^2"
 MEAS_VERTICES = "ZEUS vertex count"
+MEAS_CENTROID_X = "ZEUS centroid x"
+MEAS_CENTROID_Y = "ZEUS centroid y"
+COORDINATE_PRECISION = 0.01  # QuPath writes GeoJSON with 2 decimals; so do we, so a re-export matches
 DEFAULT_COLORS: dict[str, tuple[int, int, int]] = {
     "tumor": (200, 0, 0),
     "normal": (0, 150, 0),
@@ -41,6 +44,11 @@ def class_color(name: str) -> list[int]:
         return list(DEFAULT_COLORS[key])
     h = zlib.crc32(key.encode("utf-8"))
     return [64 + h % 160, 64 + (h // 160) % 160, 64 + (h // 25600) % 160]
+
+
+def qupath_class_name(name: str) -> str:
+    """The class name as QuPath users expect it (``tumor`` -> ``Tumor``, matching QuPath's built-in class)."""
+    return name[:1].upper() + name[1:]
 
 
 def vertex_count(geom: BaseGeometry) -> int:
@@ -73,10 +81,13 @@ def annotation_feature(ann: Annotation, colors: Mapping[str, Sequence[int]] | No
     if not isinstance(geom, (Polygon, MultiPolygon)):
         raise ValueError(f"annotation geometry must be Polygon or MultiPolygon, not {geom.geom_type}")
     color = list(colors[ann.class_name]) if colors and ann.class_name in colors else class_color(ann.class_name)
+    geom = shapely.set_precision(geom, COORDINATE_PRECISION)
     measurements = {
         **_clean_measurements(ann.measurements),
         MEAS_AREA_PX: float(geom.area),
         MEAS_VERTICES: float(vertex_count(geom)),
+        MEAS_CENTROID_X: float(geom.centroid.x),
+        MEAS_CENTROID_Y: float(geom.centroid.y),
     }
     return {
         "type": "Feature",

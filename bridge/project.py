@@ -1,0 +1,84 @@
+"""Choose a QuPath project writer: paquo where a QuPath install is available, the QuPath-free one otherwise."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from zeus_qupath.errors import ProjectError
+
+from .project_files import FilesProject, ImageUpdate
+from .uris import UriMap
+
+BACKENDS = ("auto", "paquo", "files")
+
+
+class ProjectWriter(Protocol):
+    """What both project writers offer (``FilesProject``, ``PaquoProject``)."""
+
+    backend: str
+    updates: list[ImageUpdate]
+
+    def add_or_update_image(
+        self,
+        slide_path: str | os.PathLike[str],
+        geojson_features: Iterable[Mapping[str, Any]],
+        *,
+        width: int,
+        height: int,
+        mpp: float | None = None,
+        uri_map: UriMap = (),
+        metadata: Mapping[str, Any] | None = None,
+        levels: Sequence[tuple[int, int]] | None = None,
+        magnification: float | None = None,
+        tile_size: tuple[int, int] | None = None,
+        image_name: str | None = None,
+    ) -> str: ...
+
+    def save(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def paquo_status() -> tuple[bool, str]:
+    """Whether paquo is importable and finds a QuPath install, without starting the JVM; and why not."""
+    try:
+        import paquo  # noqa: F401
+    except ImportError:
+        return False, "paquo is not installed (pip install paquo)"
+    try:
+        from paquo._config import settings, to_kwargs
+        from paquo.jpype_backend import find_qupath
+    except ImportError as exc:  # paquo's layout changed: let the real import decide
+        return True, f"cannot check for QuPath before starting paquo ({exc})"
+    try:
+        find_qupath(**to_kwargs(settings))
+    except (ValueError, OSError) as exc:
+        return False, (f"paquo finds no QuPath install ({exc}); set PAQUO_QUPATH_DIR or run "
+                       "`python -m paquo get_qupath --install-path DIR 0.5.1`")
+    return True, "paquo and a QuPath install were found"
+
+
+def open_project(path: str | os.PathLike[str], backend: str = "auto") -> ProjectWriter:
+    """Open or create the QuPath project at ``path`` (a folder or its ``project.qpproj``).
+
+    ``backend``: ``"paquo"`` (needs paquo and a QuPath install; a ``ProjectError`` says why when they
+    are missing), ``"files"`` (QuPath-free), or ``"auto"`` (paquo when available, else files).
+    """
+    if backend not in BACKENDS:
+        raise ProjectError(f"unknown project backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if backend in ("auto", "paquo"):
+        ok, why = paquo_status()
+        if ok:
+            from .project_paquo import PaquoProject
+
+            if backend == "paquo":
+                return PaquoProject(path)
+            try:
+                return PaquoProject(path)
+            except ProjectError:
+                pass  # auto: fall back to the QuPath-free writer
+        elif backend == "paquo":
+            raise ProjectError(f"the paquo backend is not available: {why}")
+    return FilesProject(path)

@@ -1,0 +1,212 @@
+"""The paquo project writer: writes images, classes and annotations through QuPath's own classes.
+
+paquo (https://pypi.org/project/paquo/) drives a real QuPath install through a JVM. It is imported
+only inside this module's functions, so the package works without it. Notes:
+
+- importing ``paquo.projects`` starts the JVM, which cannot be restarted, and a process must not
+  fork after it started (use the ``spawn`` start method for worker processes);
+- QuPath must be able to read the slide on this machine (``add_image`` opens it, and paquo saves an
+  image's data only while its file is readable). With a URI map, an image is added and saved under
+  its local path and its URI is rewritten for the annotators' machines afterwards; a later run maps
+  it back to the local path while it works on the image.
+
+Annotators' edits live in each image's ``data.qpdata``; the keep-edits rule (``bridge/edits.py``)
+is applied to the existing hierarchy here, in Python, before new ZEUS annotations are added.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from shapely.geometry import shape
+
+from zeus_qupath.errors import GeoJSONError, ProjectError
+from zeus_qupath.geojson import MEAS_AREA_PX, MEAS_VERTICES, class_color, vertex_count
+
+from .edits import MergeResult, merge_annotations
+from .project_files import PROJECT_FILE, ImageUpdate, zeus_entry_metadata
+from .qupath_geojson import QuPathObject, feature_to_object, repair_geometry
+from .uris import UriMap, path_to_file_uri, same_file_uri
+
+
+def paquo_annotation_to_object(annotation: Any) -> QuPathObject | None:
+    """A paquo annotation as a ``QuPathObject``: properties from QuPath's own GeoJSON, exact ROI geometry.
+
+    QuPath's GeoJSON rounds coordinates to 2 decimals, so the geometry is taken from the ROI itself
+    (``annotation.roi``, through WKB) for the area and vertex comparisons of the keep-edits rule.
+    """
+    try:
+        obj = feature_to_object(annotation.to_geojson(), source="paquo annotation")
+    except GeoJSONError:
+        return None  # not understood: never removed, so the annotator keeps it
+    if obj is None:
+        return None
+    exact = repair_geometry(annotation.roi)
+    return obj if exact is None else replace(obj, geometry=exact)
+
+
+def _feature_parts(feature: Mapping[str, Any]) -> tuple[Any, str | None, str | None, dict[str, float]]:
+    props = feature.get("properties") or {}
+    cls = props.get("classification")
+    class_name = cls.get("name") if isinstance(cls, Mapping) else None
+    measurements = {str(k): float(v) for k, v in (props.get("measurements") or {}).items()}
+    return shape(feature["geometry"]), class_name, props.get("name"), measurements
+
+
+class PaquoProject:
+    """A QuPath project written through paquo; same interface as ``FilesProject``."""
+
+    backend = "paquo"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        try:
+            from paquo.projects import QuPathProject
+        except ImportError as exc:
+            raise ProjectError(f"paquo is not installed ({exc}); install it with `pip install paquo`") from None
+        except Exception as exc:  # paquo raises several kinds when it finds no QuPath
+            raise ProjectError(f"paquo cannot start QuPath ({exc}); set PAQUO_QUPATH_DIR to a QuPath install") from None
+        p = Path(path)
+        self.path = p.parent if p.suffix == ".qpproj" else p
+        self.project_file = self.path / PROJECT_FILE
+        self._stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self._backed_up: set[Path] = set()
+        self._backup(self.project_file)
+        try:
+            self._qp = QuPathProject(self.path, mode="a")
+        except (ValueError, OSError) as exc:
+            raise ProjectError(f"{self.path}: paquo cannot open or create the QuPath project ({exc})") from None
+        self.updates: list[ImageUpdate] = []
+
+    # ----------------------------------------------------------------------------------- helpers
+
+    def _backup(self, path: Path) -> None:
+        if path in self._backed_up or not path.exists():
+            return
+        shutil.copy2(path, path.with_name(f"{path.name}.bak-{self._stamp}"))
+        self._backed_up.add(path)
+
+    def _find_entry(self, *uris: str) -> Any | None:
+        for entry in self._qp.images:
+            try:
+                entry_uri = entry.uri
+            except Exception:  # entries with several or no URIs are not ours
+                continue
+            if any(same_file_uri(entry_uri, u) for u in uris):
+                return entry
+        return None
+
+    def _path_classes(self, wanted: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+        from paquo.classes import QuPathPathClass
+
+        classes = list(self._qp.path_classes)
+        names = {pc.name for pc in classes}
+        missing = [QuPathPathClass(n, color=tuple(rgb)) for n, rgb in wanted.items() if n not in names]
+        if missing:
+            self._qp.path_classes = classes + missing
+        return {pc.name: pc for pc in self._qp.path_classes}
+
+    # ----------------------------------------------------------------------------------- interface
+
+    def add_or_update_image(
+        self,
+        slide_path: str | os.PathLike[str],
+        geojson_features: Iterable[Mapping[str, Any]],
+        *,
+        width: int,
+        height: int,
+        mpp: float | None = None,
+        uri_map: UriMap = (),
+        metadata: Mapping[str, Any] | None = None,
+        levels: Sequence[tuple[int, int]] | None = None,
+        magnification: float | None = None,
+        tile_size: tuple[int, int] | None = None,
+        image_name: str | None = None,
+        provider: str = "auto",
+    ) -> str:
+        """Add the slide (or find its entry), merge the annotations by the keep-edits rule, save the image.
+
+        ``width``, ``height``, ``mpp``, ``levels``, ``magnification``, ``tile_size`` and ``provider`` are
+        accepted for interface parity; QuPath reads them from the slide itself here.
+        """
+        from paquo.images import QuPathImageType
+
+        features = [dict(f) for f in geojson_features]
+        local_uri = path_to_file_uri(slide_path)
+        mapped_uri = path_to_file_uri(slide_path, uri_map)
+        entry = self._find_entry(local_uri, mapped_uri)
+        created = entry is None
+        if entry is None:
+            try:
+                entry = self._qp.add_image(os.fspath(Path(slide_path).absolute()),
+                                           image_type=QuPathImageType.BRIGHTFIELD_H_E)
+            except (OSError, RuntimeError) as exc:
+                raise ProjectError(f"{slide_path}: QuPath cannot add the image ({exc})") from None
+            if image_name:
+                entry.image_name = image_name
+        elif not same_file_uri(entry.uri, local_uri):
+            self._qp.update_image_paths(uri2uri={entry.uri: local_uri})  # work on the local file
+        if (width, height) != (int(entry.width), int(entry.height)):
+            raise ProjectError(
+                f"{slide_path}: QuPath reads {entry.width}x{entry.height} px, ZEUS read {width}x{height}"
+            )
+
+        self._backup(entry.entry_path / "data.qpdata")
+        wanted: dict[str, Sequence[int]] = {}
+        for f in features:
+            cls = (f.get("properties") or {}).get("classification") or {}
+            if isinstance(cls.get("name"), str):
+                wanted.setdefault(cls["name"], cls.get("color") or class_color(cls["name"]))
+        path_classes = self._path_classes(wanted)
+
+        hierarchy = entry.hierarchy
+        pairs = [(a, paquo_annotation_to_object(a)) for a in hierarchy.annotations]
+        existing = [o for _, o in pairs if o is not None]
+        merge = merge_annotations(existing, features)
+        removed_ids = {id(o) for o in merge.removed}
+        with hierarchy.no_autoflush():
+            for annotation, obj in pairs:
+                if obj is not None and id(obj) in removed_ids:
+                    hierarchy.annotations.discard(annotation)
+            for feature in merge.added:
+                geometry, class_name, name, measurements = _feature_parts(feature)
+                pc = path_classes.get(class_name) if class_name else None
+                annotation = hierarchy.add_annotation(roi=geometry, path_class=pc, measurements=measurements)
+                if name is not None:
+                    annotation.name = name
+                roi = annotation.roi  # what QuPath holds: the keep-edits rule compares against it later
+                annotation.measurements[MEAS_AREA_PX] = float(roi.area)
+                annotation.measurements[MEAS_VERTICES] = float(vertex_count(roi))
+        for key, value in zeus_entry_metadata(metadata).items():
+            entry.metadata[key] = value
+        entry.save()
+        if not same_file_uri(mapped_uri, local_uri):
+            self._qp.update_image_paths(uri2uri={entry.uri: mapped_uri})
+        self._qp.save(images=False)
+        entry_id = str(entry.entry_id)
+        self.updates.append(ImageUpdate(entry_id, str(entry.image_name), created, len(features), merge))
+        return entry_id
+
+    @property
+    def last_merge(self) -> MergeResult | None:
+        return self.updates[-1].merge if self.updates else None
+
+    def save(self) -> None:
+        """Write the project file (each image was saved when it was updated)."""
+        self._qp.save(images=False)
+
+    def close(self) -> None:
+        """paquo needs no closing; the JVM stays up until the process ends."""
+
+    def __enter__(self) -> PaquoProject:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.save()
+        self.close()

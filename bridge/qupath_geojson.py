@@ -1,0 +1,326 @@
+"""Read QuPath GeoJSON of every version from 0.2 to 0.7 and write it back in the 0.4+ layout.
+
+QuPath's GeoJSON changed over the years; this reader accepts all of these spellings:
+
+- v0.2: ``id: "PathAnnotationObject"`` (the object type hidden in the id), ``classification.colorRGB``
+  (a signed ARGB int), measurements as a list of ``{"name", "value"}``; files are often a bare
+  list of features or a single ``Feature``.
+- v0.3: ``properties.object_type``.
+- v0.4 to 0.7: ``properties.objectType``, UUID ids, measurements as a map (``"NaN"`` as a string),
+  ``classification.color`` ``[r, g, b]``, derived classes as ``classification.names``,
+  ``name``, ``color``, ``isLocked`` and ``nucleusGeometry`` for cells.
+
+Coordinates are level-0 pixels in every version. Geometry that is not valid is repaired with
+``shapely.make_valid``; polygon objects keep only the polygonal parts of the repair.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, mapping, shape
+from shapely.geometry.base import BaseGeometry
+
+from zeus_qupath.errors import GeoJSONError
+from zeus_qupath.geojson import class_color
+
+log = logging.getLogger(__name__)
+
+#: v0.2 stored the Java class name in ``id``; these map it to the 0.4+ ``objectType``.
+LEGACY_TYPE_IDS: dict[str, str] = {
+    "PathAnnotationObject": "annotation",
+    "PathDetectionObject": "detection",
+    "PathCellObject": "cell",
+    "PathTileObject": "tile",
+    "TMACoreObject": "tmaCore",
+    "PathRootObject": "root",
+}
+_TYPE_ALIASES: dict[str, str] = {
+    "annotation": "annotation",
+    "detection": "detection",
+    "cell": "cell",
+    "tile": "tile",
+    "tmacore": "tmaCore",
+    "tma_core": "tmaCore",
+    "root": "root",
+    "unknown": "annotation",  # QuPath itself creates an annotation for an untyped feature
+}
+_POLYGONAL = ("Polygon", "MultiPolygon")
+# properties that QuPathObject holds in normalised form; everything else is carried through as is
+_NORMALISED_KEYS = {"objectType", "object_type", "type", "name", "color", "classification", "isLocked",
+                    "measurements"}
+
+RGB = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class QuPathObject:
+    """One QuPath object read from GeoJSON (geometry in level-0 pixels)."""
+
+    geometry: BaseGeometry
+    object_type: str = "annotation"  # "annotation", "detection", "cell", "tile", "tmaCore", "root"
+    class_name: str | None = None  # derived classes joined as QuPath prints them: "Tumor: Positive"
+    color: RGB | None = None  # colour of the classification
+    name: str | None = None
+    measurements: dict[str, float] = field(default_factory=dict)
+    id: str | None = None  # UUID (QuPath >= 0.4); None for v0.2/v0.3 files
+    properties: dict[str, Any] = field(default_factory=dict)  # raw properties as read
+    object_color: RGB | None = None  # the object's own colour ("color" property), rarely set
+    is_locked: bool = False
+    nucleus_geometry: BaseGeometry | None = None  # cells only
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_qupath_geojson(path: str | os.PathLike[str]) -> list[QuPathObject]:
+    """Read a QuPath GeoJSON file (any version 0.2 to 0.7) into ``QuPathObject`` values.
+
+    Raises ``GeoJSONError`` (one line naming the file) for malformed JSON or structure.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise GeoJSONError(f"{p}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GeoJSONError(f"{p}: cannot read ({exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GeoJSONError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    return parse_qupath_geojson(data, source=str(p))
+
+
+def parse_qupath_geojson(data: Any, source: str = "<geojson>") -> list[QuPathObject]:
+    """Turn decoded QuPath GeoJSON (FeatureCollection, list of features or one Feature) into objects."""
+    features = _features_of(data, source)
+    objects: list[QuPathObject] = []
+    for index, feature in enumerate(features):
+        obj = feature_to_object(feature, source=f"{source}: feature {index}")
+        if obj is not None:
+            objects.append(obj)
+    return objects
+
+
+def _features_of(data: Any, source: str) -> list[Any]:
+    if isinstance(data, list):
+        return data
+    if not isinstance(data, dict):
+        raise GeoJSONError(f"{source}: expected a GeoJSON object or a list of features, got {type(data).__name__}")
+    kind = data.get("type")
+    if kind == "FeatureCollection":
+        features = data.get("features")
+        if not isinstance(features, list):
+            raise GeoJSONError(f"{source}: FeatureCollection without a 'features' list")
+        return features
+    if kind == "Feature" or ("geometry" in data and "properties" in data):
+        return [data]
+    raise GeoJSONError(f"{source}: expected a FeatureCollection, a Feature or a list of features (type={kind!r})")
+
+
+def feature_to_object(feature: Any, source: str = "<feature>") -> QuPathObject | None:
+    """Convert one GeoJSON feature; ``None`` when nothing of its geometry survives repair."""
+    if not isinstance(feature, dict):
+        raise GeoJSONError(f"{source}: a feature must be a JSON object, got {type(feature).__name__}")
+    props = feature.get("properties") or {}
+    if not isinstance(props, dict):
+        raise GeoJSONError(f"{source}: 'properties' must be an object")
+
+    raw_id = feature.get("id")
+    object_id: str | None = None
+    object_type = "annotation"
+    if isinstance(raw_id, str) and raw_id in LEGACY_TYPE_IDS:
+        object_type = LEGACY_TYPE_IDS[raw_id]
+    elif raw_id is not None:
+        object_id = str(raw_id)
+    for key in ("objectType", "object_type", "type"):
+        if isinstance(props.get(key), str):
+            object_type = _TYPE_ALIASES.get(props[key].lower(), props[key])
+            break
+
+    geometry = _geometry(feature.get("geometry"), source)
+    if geometry is None:
+        log.warning("%s: geometry is empty after repair; object skipped", source)
+        return None
+    nucleus = None
+    if feature.get("nucleusGeometry") is not None:
+        nucleus = _geometry(feature["nucleusGeometry"], f"{source} nucleusGeometry")
+
+    class_name, class_rgb = _classification(props.get("classification"), source)
+    if class_name is not None and class_rgb is None:
+        class_rgb = tuple(class_color(class_name))  # type: ignore[assignment]
+    name = props.get("name")
+    return QuPathObject(
+        geometry=geometry,
+        object_type=object_type,
+        class_name=class_name,
+        color=class_rgb,
+        name=str(name) if name is not None else None,
+        measurements=_measurements(props.get("measurements"), source),
+        id=object_id,
+        properties=dict(props),
+        object_color=_color(props.get("color")),
+        is_locked=bool(props.get("isLocked", False)),
+        nucleus_geometry=nucleus,
+    )
+
+
+def _geometry(geojson_geometry: Any, source: str) -> BaseGeometry | None:
+    if not isinstance(geojson_geometry, dict) or "type" not in geojson_geometry:
+        raise GeoJSONError(f"{source}: missing or malformed 'geometry'")
+    try:
+        geom = shapely.force_2d(shape(geojson_geometry))
+    except Exception as exc:  # shapely raises several types for bad coordinates
+        raise GeoJSONError(f"{source}: invalid {geojson_geometry.get('type')} geometry ({exc})") from None
+    if geom.is_empty:
+        return None
+    return repair_geometry(geom)
+
+
+def repair_geometry(geom: BaseGeometry) -> BaseGeometry | None:
+    """``geom`` if valid, else ``make_valid(geom)``; polygons stay polygonal. ``None`` if nothing is left."""
+    if geom.is_valid:
+        return geom
+    fixed = shapely.make_valid(geom)
+    if geom.geom_type in _POLYGONAL:
+        parts = [p for p in shapely.get_parts(fixed) if p.geom_type in _POLYGONAL and not p.is_empty]
+        polys: list[Polygon] = []
+        for part in parts:
+            polys.extend(part.geoms if isinstance(part, MultiPolygon) else [part])
+        if not polys:
+            return None
+        fixed = polys[0] if len(polys) == 1 else MultiPolygon(polys)
+    return None if fixed.is_empty else fixed
+
+
+def _color(value: Any) -> RGB | None:
+    """QuPath colours: ``[r, g, b]`` / ``[r, g, b, a]`` (0.4+) or a packed signed ARGB int (0.2/0.3)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        v = value & 0xFFFFFFFF
+        return ((v >> 16) & 0xFF, (v >> 8) & 0xFF, v & 0xFF)
+    if isinstance(value, (list, tuple)) and len(value) in (3, 4) and all(isinstance(c, (int, float)) for c in value):
+        return (int(value[0]), int(value[1]), int(value[2]))
+    return None
+
+
+def _classification(value: Any, source: str) -> tuple[str | None, RGB | None]:
+    if value is None:
+        return None, None
+    if isinstance(value, str):  # QuPath accepts a bare class name
+        return value, None
+    if not isinstance(value, dict):
+        raise GeoJSONError(f"{source}: 'classification' must be an object or a string")
+    if not value:  # QuPath's NULL_CLASS
+        return None, None
+    rgb = _color(value.get("color", value.get("colorRGB")))
+    if isinstance(value.get("names"), list) and value["names"]:
+        return ": ".join(str(n) for n in value["names"]), rgb
+    name = value.get("name")
+    if name is None:
+        return None, rgb
+    parent = value.get("parentClass")  # pre-0.4 default Gson layout of a derived class
+    if isinstance(parent, dict):
+        parent_name, _ = _classification(parent, source)
+        if parent_name:
+            return f"{parent_name}: {name}", rgb
+    return str(name), rgb
+
+
+_SPECIAL_FLOATS = {"nan": math.nan, "infinity": math.inf, "inf": math.inf, "-infinity": -math.inf, "-inf": -math.inf}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        special = _SPECIAL_FLOATS.get(value.strip().lower())
+        if special is not None:
+            return special
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _measurements(value: Any, source: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if value is None:
+        return out
+    if isinstance(value, dict):
+        items: Iterable[tuple[Any, Any]] = value.items()
+    elif isinstance(value, list):  # v0.2/v0.3: [{"name": ..., "value": ...}]
+        pairs = []
+        for entry in value:
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise GeoJSONError(f"{source}: measurement list entries need 'name' and 'value'")
+            pairs.append((entry["name"], entry.get("value")))
+        items = pairs
+    else:
+        raise GeoJSONError(f"{source}: 'measurements' must be an object or a list")
+    for key, raw in items:
+        number = _number(raw)
+        if number is not None:
+            out[str(key)] = number
+    return out
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def object_to_feature(obj: QuPathObject) -> dict[str, Any]:
+    """One feature in the QuPath 0.4+ layout (classification always with a colour, no NaN)."""
+    props: dict[str, Any] = {k: v for k, v in obj.properties.items() if k not in _NORMALISED_KEYS}
+    out_props: dict[str, Any] = {"objectType": obj.object_type}
+    if obj.name is not None:
+        out_props["name"] = obj.name
+    if obj.object_color is not None:
+        out_props["color"] = list(obj.object_color)
+    if obj.class_name is not None:
+        color = list(obj.color) if obj.color is not None else class_color(obj.class_name)
+        names = obj.class_name.split(": ")
+        key = ("name", names[0]) if len(names) == 1 else ("names", names)
+        out_props["classification"] = {key[0]: key[1], "color": color}
+    if obj.is_locked:
+        out_props["isLocked"] = True
+    measurements = {k: float(v) for k, v in obj.measurements.items() if math.isfinite(float(v))}
+    if measurements:
+        out_props["measurements"] = measurements
+    out_props.update(props)
+    feature: dict[str, Any] = {
+        "type": "Feature",
+        "id": obj.id if obj.id else str(uuid.uuid4()),
+        "geometry": mapping(obj.geometry),
+    }
+    if obj.nucleus_geometry is not None and obj.object_type == "cell":
+        feature["nucleusGeometry"] = mapping(obj.nucleus_geometry)
+    feature["properties"] = out_props
+    return feature
+
+
+def objects_to_feature_collection(objs: Iterable[QuPathObject]) -> dict[str, Any]:
+    """A FeatureCollection in the QuPath 0.4+ layout, readable by QuPath 0.4 to 0.7."""
+    return {"type": "FeatureCollection", "features": [object_to_feature(o) for o in objs]}
+
+
+def class_colors(objs: Iterable[QuPathObject]) -> Mapping[str, RGB]:
+    """Class name -> colour of the first object of each class that has one."""
+    out: dict[str, RGB] = {}
+    for obj in objs:
+        if obj.class_name is not None and obj.color is not None:
+            out.setdefault(obj.class_name, obj.color)
+    return out
