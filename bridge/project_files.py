@@ -41,6 +41,7 @@ from .uris import UriMap, path_to_file_uri, same_file_uri
 PROJECT_FILE = "project.qpproj"
 ZEUS_GEOJSON = "zeus_annotations.geojson"
 IMPORT_SCRIPT = "import_zeus_annotations.groovy"
+EXPORT_SCRIPT = "export_training_data.groovy"
 QUPATH_VERSION_WRITTEN = "0.5.1"  # the layout written for new projects; QuPath 0.4 to 0.7 read it
 
 BIOFORMATS = "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder"
@@ -372,6 +373,7 @@ class FilesProject:
         classes_text = json.dumps({"pathClasses": self._load_classes()}, indent=2, ensure_ascii=False)
         targets.append((self.path / "classifiers" / "classes.json", classes_text))
         targets.append((self.path / "scripts" / IMPORT_SCRIPT, script))
+        targets.append((self.path / "scripts" / EXPORT_SCRIPT, groovy_script_text(EXPORT_SCRIPT)))
         self._data["modifyTimestamp"] = max(_now_ms(), int(self._data.get("createTimestamp") or 0))
         if not isinstance(self._data.get("uri"), str):  # QuPath fails on a null project URI
             self._data["uri"] = path_to_file_uri(self.project_file.absolute(), self._uri_map, ascii=False)

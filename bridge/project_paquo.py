@@ -27,7 +27,14 @@ from typing import Any
 from shapely.geometry import shape
 
 from zeus_qupath.errors import GeoJSONError, ProjectError
-from zeus_qupath.geojson import MEAS_AREA_PX, MEAS_VERTICES, class_color, vertex_count
+from zeus_qupath.geojson import (
+    MEAS_AREA_PX,
+    MEAS_CENTROID_X,
+    MEAS_CENTROID_Y,
+    MEAS_VERTICES,
+    class_color,
+    vertex_count,
+)
 
 from .edits import MergeResult, merge_annotations
 from .project_files import PROJECT_FILE, ImageUpdate, zeus_entry_metadata
@@ -182,6 +189,8 @@ class PaquoProject:
                 roi = annotation.roi  # what QuPath holds: the keep-edits rule compares against it later
                 annotation.measurements[MEAS_AREA_PX] = float(roi.area)
                 annotation.measurements[MEAS_VERTICES] = float(vertex_count(roi))
+                annotation.measurements[MEAS_CENTROID_X] = float(roi.centroid.x)
+                annotation.measurements[MEAS_CENTROID_Y] = float(roi.centroid.y)
         for key, value in zeus_entry_metadata(metadata).items():
             entry.metadata[key] = value
         entry.save()

@@ -8,13 +8,18 @@
  * (ALL_IMAGES = false: use Run > Run for project):
  *   - <OUTPUT_DIR>/<imageName>.geojson: all annotations as a GeoJSON FeatureCollection
  *     (exportObjectsToGeoJson(..., "FEATURE_COLLECTION")); ZEUS names and measurements are kept,
- *     so `zeus export` can tell annotator-corrected objects from untouched ZEUS ones;
+ *     so `zeus export` can tell annotator-corrected objects from untouched ZEUS ones
+ *     (`zeus export <project> --out DIR` reads these files from <project>/export);
  *   - <OUTPUT_DIR>/<imageName>-labels<MASK_EXTENSION>: a label mask at DOWNSAMPLE drawn from the
  *     annotations (LabeledImageServer): background 0, TUMOR_CLASS 1, the other classes 2, 3, ...
- *     in alphabetical order; classes ending in '*' (QuPath's Ignore*, Region*) are not labelled;
+ *     in alphabetical order; classes ending in '*' (QuPath's Ignore*, Region*)
+ *     are not labelled; the mask needs the image file, so it is left out (with a message) when the
+ *     image cannot be opened on this computer; the GeoJSON needs only the saved data;
  *   - <OUTPUT_DIR>/labels.json: the label of each class, the same for every image of the project;
  *   - with EXPORT_TILES: image tiles and matching label tiles of the annotated areas
  *     (TileExporter) in <OUTPUT_DIR>/tiles/<imageName>/.
+ * Images that were never saved in QuPath (so the ZEUS annotations were never imported into them)
+ * are skipped: exporting them would look as if every ZEUS annotation had been deleted.
  *
  * Parameters (edit below):
  *   OUTPUT_DIR      '' = <project folder>/export
@@ -76,7 +81,12 @@ def collectClasses = { hierarchy ->
     }
 }
 if (project != null) {
-    project.getImageList().each { collectClasses(it.readHierarchy()) }
+    project.getImageList().each {
+        if (it.hasImageData())
+            collectClasses(it.readHierarchy())
+    }
+    if (!ALL_IMAGES && getCurrentImageData() != null)
+        collectClasses(getCurrentImageData().getHierarchy()) // unsaved changes of the open image
 } else {
     collectClasses(getCurrentImageData().getHierarchy())
 }
@@ -108,37 +118,50 @@ def labelServerFor = { imageData, double downsample ->
 
 // ------------------------------------------------------------------------------------ export
 int done = 0
+int skipped = 0
 for (def entry : entries) {
-    def imageData = entry == null ? getCurrentImageData() : entry.readImageData()
     String imageName = entry == null ? (getProjectEntry() != null ? getProjectEntry().getImageName() :
-            imageData.getServer().getMetadata().getName()) : entry.getImageName()
-    String base = safeName(imageName)
-    def annotations = imageData.getHierarchy().getAnnotationObjects()
-
-    exportObjectsToGeoJson(annotations, new File(outDir, base + '.geojson').getPath(), 'FEATURE_COLLECTION')
-    writeImage(labelServerFor(imageData, DOWNSAMPLE), new File(outDir, base + '-labels' + MASK_EXTENSION).getPath())
-
-    if (EXPORT_TILES && !annotations.isEmpty()) {
-        String tileDir = new File(new File(outDir, 'tiles'), base).getPath()
-        mkdirs(tileDir)
-        new TileExporter(imageData)
-                .downsample(TILE_DOWNSAMPLE)
-                .tileSize(TILE_SIZE)
-                .overlap(TILE_OVERLAP)
-                .imageExtension(TILE_EXTENSION)
-                .labeledImageExtension('.png')
-                .labeledServer(labelServerFor(imageData, TILE_DOWNSAMPLE))
-                .annotatedTilesOnly(true)
-                .writeTiles(tileDir)
+            getCurrentImageData().getServer().getMetadata().getName()) : entry.getImageName()
+    if (entry != null && !entry.hasImageData()) {
+        println "ZEUS export: ${imageName}: skipped, never saved in QuPath (open it, import, save)"
+        skipped++
+        continue
     }
-    if (entry != null) {
-        try {
-            imageData.getServer().close() // release the file reader of an image read from the project
-        } catch (Exception ignored) {
-            // closing is only housekeeping
+    String base = safeName(imageName)
+    def hierarchy = entry == null ? getCurrentImageData().getHierarchy() : entry.readHierarchy()
+    def annotations = hierarchy.getAnnotationObjects()
+    exportObjectsToGeoJson(annotations, new File(outDir, base + '.geojson').getPath(), 'FEATURE_COLLECTION')
+
+    def imageData = null
+    try {
+        imageData = entry == null ? getCurrentImageData() : entry.readImageData()
+    } catch (Exception e) {
+        println "ZEUS export: ${imageName}: annotations exported, no label mask (cannot open the image: ${e.getMessage()})"
+    }
+    if (imageData != null) {
+        writeImage(labelServerFor(imageData, DOWNSAMPLE), new File(outDir, base + '-labels' + MASK_EXTENSION).getPath())
+        if (EXPORT_TILES && !annotations.isEmpty()) {
+            String tileDir = new File(new File(outDir, 'tiles'), base).getPath()
+            mkdirs(tileDir)
+            new TileExporter(imageData)
+                    .downsample(TILE_DOWNSAMPLE)
+                    .tileSize(TILE_SIZE)
+                    .overlap(TILE_OVERLAP)
+                    .imageExtension(TILE_EXTENSION)
+                    .labeledImageExtension('.png')
+                    .labeledServer(labelServerFor(imageData, TILE_DOWNSAMPLE))
+                    .annotatedTilesOnly(true)
+                    .writeTiles(tileDir)
+        }
+        if (entry != null) {
+            try {
+                imageData.getServer().close() // release the file reader of an image read from the project
+            } catch (Exception ignored) {
+                // closing is only housekeeping
+            }
         }
     }
     done++
     println "ZEUS export: ${imageName}: ${annotations.size()} annotation(s) exported"
 }
-println "ZEUS export: ${done} image(s) written to ${outDir} (labels: ${labels})"
+println "ZEUS export: ${done} image(s) written to ${outDir}, ${skipped} skipped (labels: ${labels})"

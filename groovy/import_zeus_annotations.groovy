@@ -10,14 +10,16 @@
  *   1. reads <project>/data/<entryID>/zeus_annotations.geojson (or GEOJSON_PATH below);
  *   2. applies the keep-edits rule (the same rule as bridge/edits.py in zeus-qupath):
  *        - a ZEUS annotation is "untouched" when its name is "ZEUS <class>", its class is still
- *          <class>, and its ROI area and vertex count equal the measurements
+ *          <class>, its ROI area and vertex count equal the measurements
  *          "ZEUS area px^2" / "ZEUS vertex count" written with it (area within
- *          max(1e-6 x area, 0.5 px^2));
+ *          max(1e-6 x area, 0.5 px^2)), and its centroid lies within 0.5 px of
+ *          "ZEUS centroid x" / "ZEUS centroid y" (objects from older ZEUS versions carry no
+ *          centroid and are judged without it), so an outline moved as a whole is kept;
  *        - only untouched ZEUS annotations are removed; every other object (edited, renamed,
  *          reclassified, drawn by the annotator, detections) is kept;
  *        - a new object whose ID is already in the image is not added again, so running the
  *          script twice on the same file changes nothing;
- *   3. stamps the area and vertex count of each new object as QuPath holds its ROI, adds the
+ *   3. stamps the area, vertex count and centroid of each new object as QuPath holds its ROI, adds the
  *      objects and saves the image data (entry.saveImageData) when SAVE is true.
  *
  * Parameters (edit below):
@@ -38,8 +40,11 @@ boolean SAVE = true
 def ZEUS_NAME_PREFIX = 'ZEUS'
 def MEAS_AREA_PX = 'ZEUS area px^2'
 def MEAS_VERTICES = 'ZEUS vertex count'
+def MEAS_CENTROID_X = 'ZEUS centroid x'
+def MEAS_CENTROID_Y = 'ZEUS centroid y'
 double AREA_REL_TOL = 1e-6
 double AREA_ABS_TOL_PX2 = 0.5
+double CENTROID_TOL_PX = 0.5
 
 def zeusClassFromName = { name ->
     String marker = ZEUS_NAME_PREFIX + ' '
@@ -65,8 +70,22 @@ def isUntouchedZeus = { o ->
     double area = o.getROI().getArea()
     if (Double.isNaN(written) || Math.abs(area - written) > Math.max(AREA_REL_TOL * Math.abs(written), AREA_ABS_TOL_PX2))
         return false
-    long vertices = o.getROI().getGeometry().getNumPoints()
-    return vertices == Math.round(ml.get(MEAS_VERTICES))
+    def geometry = o.getROI().getGeometry()
+    long vertices = geometry.getNumPoints()
+    if (vertices != Math.round(ml.get(MEAS_VERTICES)))
+        return false
+    // centroid (JTS, as shapely computes it): checked when written; older ZEUS output has none
+    boolean hasX = ml.containsKey(MEAS_CENTROID_X)
+    boolean hasY = ml.containsKey(MEAS_CENTROID_Y)
+    if (!hasX && !hasY)
+        return true
+    if (!hasX || !hasY)
+        return false
+    def centroid = geometry.getCentroid()
+    if (centroid.isEmpty())
+        return false
+    double dist = Math.hypot(centroid.getX() - ml.get(MEAS_CENTROID_X), centroid.getY() - ml.get(MEAS_CENTROID_Y))
+    return dist <= CENTROID_TOL_PX
 }
 
 def stampZeusMeasurements = { o ->
@@ -74,7 +93,13 @@ def stampZeusMeasurements = { o ->
         return
     def ml = o.getMeasurementList()
     ml.put(MEAS_AREA_PX, o.getROI().getArea())
-    ml.put(MEAS_VERTICES, (double) o.getROI().getGeometry().getNumPoints())
+    def geometry = o.getROI().getGeometry()
+    ml.put(MEAS_VERTICES, (double) geometry.getNumPoints())
+    def centroid = geometry.getCentroid()
+    if (!centroid.isEmpty()) {
+        ml.put(MEAS_CENTROID_X, centroid.getX())
+        ml.put(MEAS_CENTROID_Y, centroid.getY())
+    }
     ml.close()
 }
 // <<< ZEUS keep-edits rule

@@ -58,8 +58,11 @@ int TIMEOUT_MINUTES = 60
 def ZEUS_NAME_PREFIX = 'ZEUS'
 def MEAS_AREA_PX = 'ZEUS area px^2'
 def MEAS_VERTICES = 'ZEUS vertex count'
+def MEAS_CENTROID_X = 'ZEUS centroid x'
+def MEAS_CENTROID_Y = 'ZEUS centroid y'
 double AREA_REL_TOL = 1e-6
 double AREA_ABS_TOL_PX2 = 0.5
+double CENTROID_TOL_PX = 0.5
 
 def zeusClassFromName = { name ->
     String marker = ZEUS_NAME_PREFIX + ' '
@@ -85,8 +88,22 @@ def isUntouchedZeus = { o ->
     double area = o.getROI().getArea()
     if (Double.isNaN(written) || Math.abs(area - written) > Math.max(AREA_REL_TOL * Math.abs(written), AREA_ABS_TOL_PX2))
         return false
-    long vertices = o.getROI().getGeometry().getNumPoints()
-    return vertices == Math.round(ml.get(MEAS_VERTICES))
+    def geometry = o.getROI().getGeometry()
+    long vertices = geometry.getNumPoints()
+    if (vertices != Math.round(ml.get(MEAS_VERTICES)))
+        return false
+    // centroid (JTS, as shapely computes it): checked when written; older ZEUS output has none
+    boolean hasX = ml.containsKey(MEAS_CENTROID_X)
+    boolean hasY = ml.containsKey(MEAS_CENTROID_Y)
+    if (!hasX && !hasY)
+        return true
+    if (!hasX || !hasY)
+        return false
+    def centroid = geometry.getCentroid()
+    if (centroid.isEmpty())
+        return false
+    double dist = Math.hypot(centroid.getX() - ml.get(MEAS_CENTROID_X), centroid.getY() - ml.get(MEAS_CENTROID_Y))
+    return dist <= CENTROID_TOL_PX
 }
 
 def stampZeusMeasurements = { o ->
@@ -94,7 +111,13 @@ def stampZeusMeasurements = { o ->
         return
     def ml = o.getMeasurementList()
     ml.put(MEAS_AREA_PX, o.getROI().getArea())
-    ml.put(MEAS_VERTICES, (double) o.getROI().getGeometry().getNumPoints())
+    def geometry = o.getROI().getGeometry()
+    ml.put(MEAS_VERTICES, (double) geometry.getNumPoints())
+    def centroid = geometry.getCentroid()
+    if (!centroid.isEmpty()) {
+        ml.put(MEAS_CENTROID_X, centroid.getX())
+        ml.put(MEAS_CENTROID_Y, centroid.getY())
+    }
     ml.close()
 }
 // <<< ZEUS keep-edits rule

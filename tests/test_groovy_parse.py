@@ -15,11 +15,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from shapely.affinity import translate
 from shapely.geometry import Polygon
 
-from zeus_qupath.bridge.edits import AREA_ABS_TOL_PX2, AREA_REL_TOL, is_untouched_zeus
+from zeus_qupath.bridge.edits import AREA_ABS_TOL_PX2, AREA_REL_TOL, CENTROID_TOL_PX, is_untouched_zeus
 from zeus_qupath.bridge.qupath_geojson import QuPathObject
-from zeus_qupath.geojson import MEAS_AREA_PX, MEAS_VERTICES, ZEUS_NAME_PREFIX, vertex_count
+from zeus_qupath.geojson import (
+    MEAS_AREA_PX,
+    MEAS_CENTROID_X,
+    MEAS_CENTROID_Y,
+    MEAS_VERTICES,
+    ZEUS_NAME_PREFIX,
+    vertex_count,
+)
 
 GROOVY_DIR = Path(__file__).resolve().parents[1] / "groovy"
 SCRIPTS = sorted(GROOVY_DIR.glob("*.groovy"))
@@ -120,10 +128,14 @@ def test_rule_block_is_the_same_in_both_scripts_and_matches_python() -> None:
     assert f"def ZEUS_NAME_PREFIX = '{ZEUS_NAME_PREFIX}'" in block
     assert f"def MEAS_AREA_PX = '{MEAS_AREA_PX}'" in block
     assert f"def MEAS_VERTICES = '{MEAS_VERTICES}'" in block
+    assert f"def MEAS_CENTROID_X = '{MEAS_CENTROID_X}'" in block
+    assert f"def MEAS_CENTROID_Y = '{MEAS_CENTROID_Y}'" in block
     rel = re.search(r"double AREA_REL_TOL = (\S+)", block)
     absolute = re.search(r"double AREA_ABS_TOL_PX2 = (\S+)", block)
+    centroid = re.search(r"double CENTROID_TOL_PX = (\S+)", block)
     assert rel and float(rel.group(1)) == AREA_REL_TOL
     assert absolute and float(absolute.group(1)) == AREA_ABS_TOL_PX2
+    assert centroid and float(centroid.group(1)) == CENTROID_TOL_PX
 
 
 def _groovy_literal(value: object) -> str:
@@ -146,16 +158,22 @@ def _rule_cases() -> list[tuple[str, QuPathObject]]:
     square = Polygon([(0, 0), (100, 0), (100, 100), (0, 100)])
     ring = Polygon([(0, 0), (300, 0), (300, 300), (0, 300)], [[(100, 100), (200, 100), (200, 200), (100, 200)]])
 
-    def zeus(geom, written=None, *, name="ZEUS Tumor", cls="Tumor", drop=None, object_type="annotation"):
+    def zeus(geom, written=None, *, name="ZEUS Tumor", cls="Tumor", drop=(), object_type="annotation",
+             centroid=True):
         base = written if written is not None else geom
         meas = {MEAS_AREA_PX: float(base.area), MEAS_VERTICES: float(vertex_count(base)), "Mean tumor score": 0.3}
-        if drop:
-            meas.pop(drop)
+        if centroid:
+            meas[MEAS_CENTROID_X], meas[MEAS_CENTROID_Y] = float(base.centroid.x), float(base.centroid.y)
+        for key in (drop,) if isinstance(drop, str) else drop:
+            meas.pop(key)
         return QuPathObject(geometry=geom, object_type=object_type, class_name=cls, name=name, measurements=meas)
 
     moved = Polygon([(0, 0), (100, 0), (130, 120), (0, 100)])
     extra_vertex = Polygon([(0, 0), (50, 0), (100, 0), (100, 100), (0, 100)])
     nearly = Polygon([(0, 0), (100, 0), (100, 100.0004), (0, 100)])  # +0.02 px^2: float noise
+    shifted = translate(square, 25, 0)  # same area, same vertex count, centroid 25 px away
+    nudged = translate(square, 0.3, 0)  # within the 0.5 px centroid tolerance
+    ring_hole_moved = Polygon(ring.exterior, [[(150, 150), (250, 150), (250, 250), (150, 250)]])
     return [
         ("untouched", zeus(square)),
         ("untouched with hole", zeus(ring)),
@@ -170,6 +188,13 @@ def _rule_cases() -> list[tuple[str, QuPathObject]]:
         ("annotator drawn", QuPathObject(geometry=square, class_name="Tumor")),
         ("detection with marker", zeus(square, object_type="detection")),
         ("derived class", zeus(square, name="ZEUS Tumor: Positive", cls="Tumor: Positive")),
+        ("moved as a whole", zeus(shifted, written=square)),
+        ("nudged 0.3 px", zeus(nudged, written=square)),
+        ("moved, written before centroids", zeus(shifted, written=square, centroid=False)),
+        ("centroid x deleted", zeus(square, drop=MEAS_CENTROID_X)),
+        ("centroid y deleted", zeus(square, drop=MEAS_CENTROID_Y)),
+        ("ring moved as a whole", zeus(translate(ring, 0, -40), written=ring)),
+        ("hole moved inside", zeus(ring_hole_moved, written=ring)),
     ]
 
 
@@ -178,10 +203,12 @@ def test_groovy_rule_agrees_with_python(tmp_path: Path) -> None:
     block = RULE_BLOCK.search(text).group(0)
     lines = [
         block,
-        "def fake = { boolean annotation, String name, String cls, Map meas, double area, long points ->",
+        "def fake = { boolean annotation, String name, String cls, Map meas, double area, long points,",
+        "             double cx, double cy ->",
         "    def ml = new Expando(containsKey: { k -> meas.containsKey(k) },",
         "                         get: { k -> meas.containsKey(k) ? ((Number) meas[k]).doubleValue() : Double.NaN })",
-        "    def geometry = new Expando(getNumPoints: { -> points })",
+        "    def centroid = new Expando(getX: { -> cx }, getY: { -> cy }, isEmpty: { -> false })",
+        "    def geometry = new Expando(getNumPoints: { -> points }, getCentroid: { -> centroid })",
         "    def roi = new Expando(getArea: { -> area }, getGeometry: { -> geometry })",
         "    def pathClass = cls == null ? null : new Expando(toString: { -> cls })",
         "    return new Expando(isAnnotation: { -> annotation }, getName: { -> name }, getPathClass: { -> pathClass },",
@@ -193,7 +220,8 @@ def test_groovy_rule_agrees_with_python(tmp_path: Path) -> None:
         args = ", ".join(
             _groovy_literal(v)
             for v in (obj.object_type == "annotation", obj.name, obj.class_name, obj.measurements,
-                      float(obj.geometry.area), vertex_count(obj.geometry))
+                      float(obj.geometry.area), vertex_count(obj.geometry),
+                      float(obj.geometry.centroid.x), float(obj.geometry.centroid.y))
         )
         lines.append(f"println {_groovy_literal(label)} + '=' + isUntouchedZeus(fake({args}))")
     harness = tmp_path / "rule_harness.groovy"
@@ -204,3 +232,6 @@ def test_groovy_rule_agrees_with_python(tmp_path: Path) -> None:
     python = {label: str(is_untouched_zeus(obj)).lower() for label, obj in cases}
     assert groovy == python
     assert python["untouched"] == "true" and python["moved vertex"] == "false"
+    assert python["moved as a whole"] == "false" and python["nudged 0.3 px"] == "true"
+    assert python["moved, written before centroids"] == "true"  # the old rule cannot see a shift
+    assert python["hole moved inside"] == "false" and python["ring moved as a whole"] == "false"

@@ -72,6 +72,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         precision=args.precision, params=_segment_params(args), progress=not args.quiet,
     )
     report = run_segment(config)
+    if args.project:
+        from .bridge.publish import publish_outputs
+
+        print(publish_outputs(args.project, [args.out], backend=args.backend, uri_map=args.uri_map).summary())
     for r in report.slides:
         for w in r.warnings:
             print(f"zeus: warning: {w}", file=sys.stderr)
@@ -103,6 +107,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       class_name=args.class_name)
     print(json.dumps(scores.to_dict(), indent=2))
     return 0
+
+
+def cmd_project_add(args: argparse.Namespace) -> int:
+    from .bridge.publish import publish_outputs
+
+    print(publish_outputs(args.project, args.outputs, backend=args.backend, uri_map=args.uri_map).summary())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bridge.export import export_corrections, format_table
+
+    if args.downsample is not None and args.mpp is not None:
+        raise ZeusError("give --downsample or --mpp, not both")
+    report = export_corrections(args.source, args.out, downsample=args.downsample, mpp=args.mpp,
+                                classes=args.classes, backend=args.backend, originals=args.originals,
+                                positive_class=args.positive_class)
+    print(format_table(report))
+    return 0
+
+
+def _add_project_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "paquo", "files"],
+                   help="paquo (needs a QuPath install) or files (QuPath-free); auto picks paquo when QuPath is found")
+    p.add_argument("--uri-map", action="append", default=[], metavar="SRC=DST",
+                   help="rewrite slide paths for the annotators' machines, e.g. /data/slides=Z:\\slides (repeatable)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -144,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=2, help="slide-reading threads")
     p.add_argument("--no-tissue", action="store_true", help="embed every patch, not only those touching tissue")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--project", default=None, metavar="DIR", help="also add the results to this QuPath project")
+    _add_project_options(p)
     _add_polygon_options(p)
     p.set_defaults(func=cmd_segment)
 
@@ -161,6 +193,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default=None, metavar="W,H", help="level-0 size instead of --slide")
     p.add_argument("--class", dest="class_name", default=None, help="only annotations of this class (GeoJSON)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("project", help="QuPath projects")
+    psub = p.add_subparsers(dest="project_command", required=True, metavar="ACTION")
+    pa = psub.add_parser("add", help="add results computed earlier to a QuPath project (creates it if needed)")
+    pa.add_argument("project", metavar="DIR", help="QuPath project folder")
+    pa.add_argument("outputs", nargs="+", metavar="OUTPUT_DIR_OR_GEOJSON", help="zeus segment output folders or files")
+    _add_project_options(pa)
+    pa.set_defaults(func=cmd_project_add)
+
+    p = sub.add_parser("export", help="export corrected annotations as training data, with a corrections table")
+    p.add_argument("source", metavar="PROJECT_OR_DIR", help="QuPath project, or a folder of QuPath-exported GeoJSON")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--downsample", type=_positive_float, default=None, help="label mask downsample (default 16)")
+    p.add_argument("--mpp", type=_positive_float, default=None, help="label mask pixel size (um/px) instead")
+    p.add_argument("--classes", nargs="+", default=None, help="classes to export, in label order (1, 2, ...)")
+    p.add_argument("--originals", default=None, metavar="DIR", help="ZEUS output folder (for a plain folder source)")
+    p.add_argument("--positive-class", default=None, help="class compared with ZEUS's outline (default: Tumor)")
+    p.add_argument("--backend", default="auto", choices=["auto", "paquo", "files"])
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="segment a synthetic slide with a tiny offline model and score it")
     p.add_argument("--out", default="zeus-demo", help="output folder (default: zeus-demo)")

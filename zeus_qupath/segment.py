@@ -190,7 +190,7 @@ def segment_slide(
     seconds["total"] = time.perf_counter() - t0
     area = float(sum(p.area for p in polygons))
     return SlideReport(
-        slide=str(slide_path),
+        slide=str(Path(slide_path).resolve()),
         stem=stem,
         width=info.width,
         height=info.height,

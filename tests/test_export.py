@@ -1,0 +1,383 @@
+"""``zeus export``: corrected annotations, label masks and the corrections table.
+
+A QuPath-free project is built from the real test slides' sizes; an annotator is simulated by writing
+the GeoJSON QuPath would export after the corrections (QuPath 0.4+ layout, and a QuPath 0.2 file).
+The areas the annotator added and removed are known exactly from the shapes used.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import types
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from shapely.geometry import box, mapping, shape
+
+import zeus_qupath.bridge.export as export_mod
+from zeus_qupath.bridge.export import (
+    SlideSource,
+    compare_annotations,
+    export_corrections,
+    format_table,
+    label_map,
+    polygonal,
+    rasterize_labels,
+    write_mask,
+)
+from zeus_qupath.bridge.project_files import ZEUS_GEOJSON, packed_argb
+from zeus_qupath.bridge.publish import ResultItem, publish_results
+from zeus_qupath.bridge.qupath_geojson import QuPathObject, read_qupath_geojson
+from zeus_qupath.errors import ZeusError
+from zeus_qupath.geojson import (
+    MEAS_AREA_PX,
+    MEAS_CENTROID_X,
+    MEAS_VERTICES,
+    Annotation,
+    feature_collection,
+    write_geojson,
+)
+
+TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
+SVS = TESTDATA / "wsi" / "CMU-1-Small-Region.svs"  # 2220 x 2967, 0.499 um/px
+OME = TESTDATA / "wsi" / "OS-1-detail.ome.tif"  # 1101 x 1101, 0.2271 um/px
+MPP = 0.499
+UM2 = MPP * MPP
+
+# ZEUS's result on the SVS slide (level-0 px) and what the annotator does with each object
+A = box(100, 100, 600, 500)  # the annotator drags its right edge 100 px out: edited, +40,000 px^2
+A_EDITED = box(100, 100, 700, 500)
+B = box(1000, 1000, 1400, 1300)  # deleted: -120,000 px^2
+C = box(1500, 2000, 1800, 2300)  # reclassified as Stroma: edited, -90,000 px^2 of tumor
+D = box(200, 1500, 500, 1800)  # left as ZEUS wrote it
+E = box(1900, 100, 2100, 300)  # drawn by the annotator as Tumor: created, +40,000 px^2
+ADDED_PX = 40_000 + 40_000
+REMOVED_PX = 120_000 + 90_000
+ORIGINAL_PX = 200_000 + 120_000 + 90_000 + 90_000
+CORRECTED_PX = 240_000 + 90_000 + 40_000
+DICE = 2 * (200_000 + 90_000) / (ORIGINAL_PX + CORRECTED_PX)
+
+needs_slides = pytest.mark.skipif(
+    not (SVS.is_file() and OME.is_file()),
+    reason=f"real test slides not found in {TESTDATA / 'wsi'} (../shared/testdata)",
+)
+
+
+def zeus_features(*geoms: Any) -> list[dict[str, Any]]:
+    return feature_collection([Annotation(g, "Tumor", {"Mean tumor score": 0.3}) for g in geoms])["features"]
+
+
+def annotator_v04(original: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What QuPath 0.4+ exports after the corrections (ids kept, ZEUS measurements kept, now stale)."""
+    a, _b, c, d = (json.loads(json.dumps(f)) for f in original)
+    a["geometry"] = mapping(A_EDITED)
+    c["properties"]["classification"] = {"name": "Stroma", "color": [150, 200, 150]}
+    e = {"type": "Feature", "id": str(uuid.uuid4()), "geometry": mapping(E),
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}}
+    detection = {"type": "Feature", "id": str(uuid.uuid4()), "geometry": mapping(box(0, 0, 50, 50)),
+                 "properties": {"objectType": "detection", "classification": {"name": "Tumor", "color": [200, 0, 0]}}}
+    line = {"type": "Feature", "id": str(uuid.uuid4()),
+            "geometry": {"type": "LineString", "coordinates": [[0, 0], [100, 100]]},
+            "properties": {"objectType": "annotation", "name": "ruler"}}
+    return [a, c, d, e, detection, line]
+
+
+def to_v02(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same objects as QuPath 0.2 wrote them: no ids, colorRGB, measurement lists."""
+    out = []
+    for f in features:
+        props = f["properties"]
+        kind = {"annotation": "PathAnnotationObject", "detection": "PathDetectionObject"}[props["objectType"]]
+        p2: dict[str, Any] = {"isLocked": False,
+                              "measurements": [{"name": k, "value": v} for k, v in props.get("measurements",
+                                                                                            {}).items()]}
+        if "name" in props:
+            p2["name"] = props["name"]
+        if "classification" in props:
+            cls = props["classification"]
+            p2["classification"] = {"name": cls["name"], "colorRGB": packed_argb(cls["color"])}
+        out.append({"type": "Feature", "id": kind, "geometry": f["geometry"], "properties": p2})
+    return out
+
+
+def build_project(tmp_path: Path) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
+    """A files-backend project with both real slides, published like ``zeus project add`` does."""
+    out = tmp_path / "zeus-out"
+    svs_features, ome_features = zeus_features(A, B, C, D), zeus_features(box(100, 100, 300, 400),
+                                                                          box(500, 500, 900, 800))
+    write_geojson(out / "svs.geojson", {"type": "FeatureCollection", "features": svs_features})
+    write_geojson(out / "ome.geojson", {"type": "FeatureCollection", "features": ome_features})
+    items = [ResultItem(str(SVS), str(out / "svs.geojson"), 2220, 2967, MPP, ((2220, 2967),), "quiltnet-b32"),
+             ResultItem(str(OME), str(out / "ome.geojson"), 1101, 1101, 0.2271, ((1101, 1101),), "quiltnet-b32"),
+             ResultItem("/elsewhere/never-opened.svs", str(out / "ome.geojson"), 1000, 1000)]
+    project = tmp_path / "project"
+    publish_results(project, items, backend="files")
+    return project, svs_features, ome_features
+
+
+def write_qupath_export(project: Path, svs_features: list[dict[str, Any]], ome_features: list[dict[str, Any]],
+                        v02: bool = False) -> None:
+    """``export_training_data.groovy``'s ``<project>/export/<imageName>.geojson`` files."""
+    export = project / "export"
+    export.mkdir()
+    svs = annotator_v04(svs_features)
+    ome = json.loads(json.dumps(ome_features))  # untouched by the annotator
+    if v02:
+        svs, ome = to_v02(svs), to_v02(ome)
+        (export / "CMU-1-Small-Region.svs.geojson").write_text(json.dumps(svs), encoding="utf-8")
+        (export / "OS-1-detail.ome.tif.geojson").write_text(json.dumps(ome), encoding="utf-8")
+    else:
+        for name, feats in (("CMU-1-Small-Region.svs", svs), ("OS-1-detail.ome.tif", ome)):
+            (export / f"{name}.geojson").write_text(
+                json.dumps({"type": "FeatureCollection", "features": feats}), encoding="utf-8")
+    (export / "labels.json").write_text('{"background": 0, "Tumor": 1}', encoding="utf-8")  # from the script
+
+
+def check_svs_stats(stats: Any) -> None:
+    assert stats.positive_class == "Tumor" and stats.area_unit == "um^2"
+    assert (stats.created, stats.edited, stats.deleted, stats.untouched) == (1, 2, 1, 1)
+    assert stats.dice == pytest.approx(DICE) and stats.dice < 1
+    assert stats.added_area == pytest.approx(ADDED_PX * UM2)
+    assert stats.removed_area == pytest.approx(REMOVED_PX * UM2)
+    assert stats.original_area == pytest.approx(ORIGINAL_PX * UM2)
+    assert stats.corrected_area == pytest.approx(CORRECTED_PX * UM2)
+
+
+@needs_slides
+@pytest.mark.parametrize("v02", [False, True], ids=["qupath-0.4+", "qupath-0.2"])
+def test_export_from_a_files_project(tmp_path: Path, v02: bool) -> None:
+    project, svs_features, ome_features = build_project(tmp_path)
+    write_qupath_export(project, svs_features, ome_features, v02=v02)
+    out = tmp_path / "training"
+
+    report = export_corrections(project, out, backend="files")
+
+    assert report.backend == "files"
+    assert report.labels == {"background": 0, "Tumor": 1, "Stroma": 2}
+    assert json.loads((out / "labels.json").read_text(encoding="utf-8")) == report.labels
+    assert [s.name for s in report.slides] == ["CMU-1-Small-Region", "OS-1-detail"]
+    assert any("never-opened.svs: skipped, not exported from QuPath" in w for w in report.warnings)
+    svs, ome = report.slides
+    check_svs_stats(svs.stats)
+    assert ome.stats.dice == 1.0 and ome.stats.added_area == 0 and ome.stats.removed_area == 0
+    assert (ome.stats.created, ome.stats.edited, ome.stats.deleted, ome.stats.untouched) == (0, 0, 0, 2)
+
+    # label mask: 2220 x 2967 at downsample 16 -> 139 x 185 (rounded as QuPath rounds)
+    mask = np.asarray(Image.open(out / "CMU-1-Small-Region.labels.png"))
+    assert mask.shape == (185, 139) and mask.dtype == np.uint8
+    assert (svs.mask_width, svs.mask_height, svs.downsample) == (139, 185, 16.0)
+    assert set(np.unique(mask)) == {0, 1, 2}
+
+    def at(x: float, y: float) -> int:  # label at a level-0 point
+        return int(mask[int(y // 16), int(x // 16)])
+
+    assert at(650, 300) == 1  # the part the annotator added to A
+    assert at(1200, 1150) == 0  # B, deleted
+    assert at(1650, 2150) == 2  # C, now Stroma
+    assert at(2000, 200) == 1 and at(350, 1650) == 1  # E (drawn) and D (untouched)
+    assert np.count_nonzero(mask == 1) * 256 == pytest.approx(CORRECTED_PX, rel=0.03)
+    assert np.count_nonzero(mask == 2) * 256 == pytest.approx(90_000, rel=0.03)
+    ome_mask = np.asarray(Image.open(out / "OS-1-detail.labels.png"))
+    assert ome_mask.shape == (69, 69)  # round(1101 / 16)
+
+    # clean GeoJSON: annotations only, polygons, classes kept, ZEUS marker measurements gone
+    clean = read_qupath_geojson(out / "CMU-1-Small-Region.geojson")
+    assert [o.object_type for o in clean] == ["annotation"] * 4  # detection and line dropped
+    assert sorted(o.class_name for o in clean) == ["Stroma", "Tumor", "Tumor", "Tumor"]
+    assert all(o.geometry.geom_type in ("Polygon", "MultiPolygon") and o.geometry.is_valid for o in clean)
+    assert all(MEAS_AREA_PX not in o.measurements and MEAS_VERTICES not in o.measurements
+               and MEAS_CENTROID_X not in o.measurements for o in clean)
+    assert any(o.measurements.get("Mean tumor score") == 0.3 for o in clean)  # other measurements kept
+
+    rows = list(csv.DictReader((out / "corrections.csv").open(encoding="utf-8")))
+    assert [r["slide"] for r in rows] == ["CMU-1-Small-Region", "OS-1-detail"]
+    row = rows[0]
+    assert float(row["dice"]) == pytest.approx(DICE)
+    assert float(row["added_area"]) == pytest.approx(ADDED_PX * UM2)
+    assert float(row["removed_area"]) == pytest.approx(REMOVED_PX * UM2)
+    assert (row["created"], row["edited"], row["deleted"], row["untouched"]) == ("1", "2", "1", "1")
+    assert row["area_unit"] == "um^2" and row["mask"] == "CMU-1-Small-Region.labels.png"
+
+    table = format_table(report)
+    line = next(t for t in table.splitlines() if t.startswith("CMU-1-Small-Region"))
+    assert line.split() == ["CMU-1-Small-Region", "0.667", f"{ADDED_PX * UM2:,.1f}", f"{REMOVED_PX * UM2:,.1f}",
+                            "um^2", "1", "2", "1", "1", "139x185", "@16"]
+    assert "labels: background=0, Tumor=1, Stroma=2" in table
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+@needs_slides
+def test_export_at_a_pixel_size_and_with_a_class_order(tmp_path: Path) -> None:
+    project, svs_features, ome_features = build_project(tmp_path)
+    write_qupath_export(project, svs_features, ome_features)
+    report = export_corrections(project, tmp_path / "out", mpp=MPP * 16, classes=["Stroma", "Tumor"],
+                                backend="files")
+    assert report.labels == {"background": 0, "Stroma": 1, "Tumor": 2}
+    svs, ome = report.slides
+    assert svs.downsample == pytest.approx(16.0) and (svs.mask_width, svs.mask_height) == (139, 185)
+    assert ome.downsample == pytest.approx(MPP * 16 / 0.2271)
+    assert (ome.mask_width, ome.mask_height) == (31, 31)
+    mask = np.asarray(Image.open(svs.mask))
+    assert mask[2150 // 16, 1650 // 16] == 1 and mask[300 // 16, 650 // 16] == 2
+    check_svs_stats(svs.stats)  # statistics do not depend on the mask
+
+
+@needs_slides
+def test_refusals(tmp_path: Path) -> None:
+    project, svs_features, ome_features = build_project(tmp_path)
+    with pytest.raises(ZeusError, match="no QuPath export found") as info:
+        export_corrections(project, tmp_path / "out", backend="files")
+    assert "\n" not in str(info.value)
+    write_qupath_export(project, svs_features, ome_features)
+    with pytest.raises(ZeusError, match="is the folder the corrected annotations are read from"):
+        export_corrections(project, project / "export", backend="files")
+    with pytest.raises(ZeusError, match="not both"):
+        export_corrections(project, tmp_path / "out", downsample=4, mpp=2.0, backend="files")
+    with pytest.raises(ZeusError, match="positive number"):
+        export_corrections(project, tmp_path / "out", downsample=0, backend="files")
+    with pytest.raises(ZeusError, match="unknown backend"):
+        export_corrections(project, tmp_path / "out", backend="qupath")
+    with pytest.raises(ZeusError, match="not found"):
+        export_corrections(tmp_path / "missing", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written by a refused export
+
+
+def test_plain_folder_with_v02_export_and_zeus_originals(tmp_path: Path) -> None:
+    folder, out = tmp_path / "exports", tmp_path / "out"
+    folder.mkdir()
+    original = zeus_features(A, B, C, D)
+    # a QuPath 0.2 export (bare list of features) beside ZEUS's result saved as <name>.zeus.geojson
+    (folder / "case1.svs.json").write_text(json.dumps(to_v02(annotator_v04(original))), encoding="utf-8")
+    write_geojson(folder / "case1.svs.zeus.geojson", {"type": "FeatureCollection", "features": original})
+    (folder / "notes.json").write_text('{"reviewer": "AB"}', encoding="utf-8")
+
+    report = export_corrections(folder, out, downsample=32)
+    assert report.backend == "folder"
+    (slide,) = report.slides
+    assert slide.name == "case1" and slide.image_name == "case1.svs.json"
+    st = slide.stats
+    assert st.area_unit == "px^2"  # no pixel size known
+    assert (st.created, st.edited, st.deleted, st.untouched) == (1, 2, 1, 1)
+    assert st.dice == pytest.approx(DICE)
+    assert (st.added_area, st.removed_area) == (pytest.approx(ADDED_PX), pytest.approx(REMOVED_PX))
+    assert any("notes.json: skipped, not QuPath GeoJSON" in w for w in report.warnings)
+    assert any("image size unknown" in w for w in report.warnings)
+    mask = np.asarray(Image.open(out / "case1.labels.png"))
+    assert mask.shape == (round(2300 / 32), round(2100 / 32))  # the annotations' extent from (0, 0)
+
+
+def test_plain_folder_with_a_zeus_output_folder_as_originals(tmp_path: Path) -> None:
+    folder, zeus_out, out = tmp_path / "exports", tmp_path / "zeus-out", tmp_path / "out"
+    folder.mkdir()
+    original = zeus_features(A, B, C, D)
+    write_geojson(zeus_out / "case1.geojson", {"type": "FeatureCollection", "features": original})
+    (zeus_out / "run.json").write_text(json.dumps({"slides": [
+        {"slide": "/data/case1.svs", "stem": "case1", "width": 2220, "height": 2967, "mpp": MPP}]}),
+        encoding="utf-8")
+    (folder / "case1.svs.geojson").write_text(json.dumps(
+        {"type": "FeatureCollection", "features": annotator_v04(original)}), encoding="utf-8")
+    no_original = folder / "case2.geojson"
+    no_original.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": mapping(box(0, 0, 64, 64)), "properties": {
+            "objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}}]}),
+        encoding="utf-8")
+
+    report = export_corrections(folder, out, originals=zeus_out)
+    case1, case2 = report.slides
+    check_svs_stats(case1.stats)  # size and pixel size from run.json
+    assert (case1.mask_width, case1.mask_height) == (139, 185)
+    assert case2.stats.dice is None and case2.stats.deleted is None and case2.stats.created == 1
+    assert any("case2.geojson: ZEUS's original annotations were not found" in w for w in report.warnings)
+    row = next(t for t in format_table(report).splitlines() if t.startswith("case2"))
+    assert row.split()[1:5] == ["-", "-", "-", "px^2"] and row.split()[7] == "-"  # no original: no Dice
+    with pytest.raises(ZeusError, match="--mpp cannot be used"):
+        export_corrections(folder, tmp_path / "out2", mpp=8.0, originals=zeus_out)
+
+
+def test_compare_annotations_edge_cases() -> None:
+    empty = compare_annotations([], [], "Tumor", None)
+    assert empty.dice == 1.0 and empty.added_area == 0 and empty.deleted == 0
+    obj = QuPathObject(geometry=box(0, 0, 10, 10), class_name="tumor", name="ZEUS tumor",
+                       measurements={MEAS_AREA_PX: 100.0, MEAS_VERTICES: 5.0}, id="x")
+    # class names compare ignoring case (older ZEUS versions wrote "tumor")
+    same = compare_annotations([obj], [obj], "Tumor", 0.5)
+    assert same.dice == 1.0 and same.untouched == 1 and same.original_area == pytest.approx(25.0)
+    gone = compare_annotations([obj], [], "Tumor", None)
+    assert gone.dice == 0.0 and gone.deleted == 1 and gone.removed_area == 100.0
+
+
+def test_overlaps_smaller_on_top_and_large_masks_as_tiff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = QuPathObject(geometry=box(0, 0, 100, 100), class_name="Stroma")
+    small = QuPathObject(geometry=box(40, 40, 60, 60), class_name="Tumor")
+    unlabelled = QuPathObject(geometry=box(0, 0, 10, 10), class_name="Ignore*")
+    source = SlideSource("s", "s", [small, big, unlabelled], "x", None)
+    labels = label_map([source], "Tumor")
+    assert labels == {"background": 0, "Tumor": 1, "Stroma": 2}
+    mask = rasterize_labels([small, big, unlabelled], labels, 100, 100, 10)
+    assert mask[5, 5] == 1 and mask[0, 0] == 2 and mask.shape == (10, 10)  # Tumor over Stroma; Ignore* not drawn
+    monkeypatch.setattr(export_mod, "MAX_PNG_SIDE", 8)
+    path = write_mask(tmp_path / "s.labels", mask)
+    assert path.name == "s.labels.tif"
+    import tifffile
+
+    assert np.array_equal(tifffile.imread(path), mask)
+    bowtie = shape({"type": "Polygon", "coordinates": [[[0, 0], [10, 10], [10, 0], [0, 10], [0, 0]]]})
+    fixed = polygonal(bowtie)
+    assert fixed is not None and fixed.is_valid and fixed.area == pytest.approx(50.0)
+
+
+# ------------------------------------------------------------------------ paquo backend (stand-in)
+
+
+class StandInAnnotation:
+    """Test double of a paquo annotation: what ``paquo_annotation_to_object`` reads."""
+
+    def __init__(self, feature: dict[str, Any]) -> None:
+        self._feature = feature
+        self.roi = shape(feature["geometry"])
+
+    def to_geojson(self) -> dict[str, Any]:
+        return self._feature
+
+
+def stand_in_paquo(project: Path, hierarchies: dict[str, list[dict[str, Any]]]) -> dict[str, types.ModuleType]:
+    """Modules named like paquo's whose project returns ``hierarchies`` (entry id -> features)."""
+
+    class StandInProject:
+        def __init__(self, path: Any, mode: str = "r") -> None:
+            assert Path(path) == project and mode == "r"
+            self.images = [types.SimpleNamespace(
+                entry_id=eid, hierarchy=types.SimpleNamespace(annotations=[StandInAnnotation(f) for f in feats]))
+                for eid, feats in hierarchies.items()]
+
+    projects = types.ModuleType("paquo.projects")
+    projects.QuPathProject = StandInProject
+    config = types.ModuleType("paquo._config")
+    config.settings, config.to_kwargs = {}, lambda s: {}
+    backend = types.ModuleType("paquo.jpype_backend")
+    backend.find_qupath = lambda **kwargs: "a QuPath install"
+    return {"paquo": types.ModuleType("paquo"), "paquo.projects": projects, "paquo._config": config,
+            "paquo.jpype_backend": backend}
+
+
+@needs_slides
+def test_export_reads_the_hierarchy_through_paquo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project, svs_features, ome_features = build_project(tmp_path)
+    for entry_id in ("1", "2"):  # saved by QuPath; entry 3 never was
+        (project / "data" / entry_id / "data.qpdata").write_bytes(b"\xac\xed")
+    hierarchies = {"1": annotator_v04(svs_features), "2": ome_features, "3": []}
+    for name, module in stand_in_paquo(project, hierarchies).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    report = export_corrections(project, tmp_path / "out")  # auto: paquo is "available"
+    assert report.backend == "paquo"
+    svs, ome = report.slides
+    check_svs_stats(svs.stats)
+    assert ome.stats.untouched == 2 and ome.stats.dice == 1.0
+    assert any("never-opened.svs: skipped, never saved in QuPath" in w for w in report.warnings)
+    assert (project / "data" / "1" / ZEUS_GEOJSON).is_file()
