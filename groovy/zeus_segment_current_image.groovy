@@ -23,8 +23,9 @@
  * Parameters (edit below):
  *   SERVICE_URL      the service endpoint (default http://127.0.0.1:8765/segment)
  *   TOKEN            '' = read the environment variable ZEUS_TOKEN
- *   MODEL, PROMPTS   '' = the service's defaults (e.g. MODEL = 'conch', PROMPTS = 'spindle')
- *   THRESHOLD        null = the ZEUS rule; a number in [0, 1] = probability threshold
+ *   MODEL, PROMPTS   '' = the service's defaults (e.g. MODEL = 'conch', PROMPTS = 'spindle_cell', or the
+ *                    path of a prompt file in a folder the service was started with: --root FOLDER)
+ *   THRESHOLD        null = the ZEUS rule; a number between 0 and 1 = probability threshold
  *   USE_SELECTION    true = segment only inside the selected annotation, if one is selected
  *   TIMEOUT_MINUTES  how long to wait for the answer
  */
@@ -209,8 +210,11 @@ if (answer != null && answer.isJsonObject() && answer.getAsJsonObject().has('err
 if (response.statusCode() != 200 || error != null || answer == null || answer.isJsonNull()) {
     if (error == null)
         error = body.length() > 300 ? body.substring(0, 300) + '...' : body
-    String hint = response.statusCode() == 401 || response.statusCode() == 403 ?
-            '\n(Set TOKEN in this script or the environment variable ZEUS_TOKEN to the service token.)' : ''
+    String hint = ''
+    if (response.statusCode() == 401)
+        hint = '\n(Set TOKEN in this script or the environment variable ZEUS_TOKEN to the token zeus serve printed.)'
+    else if (response.statusCode() == 403)
+        hint = '\n(The service may only read slides under its folders: start it with zeus serve --root <folder of this slide>.)'
     showMessage("The ZEUS service answered with an error (HTTP ${response.statusCode()}):\n${error}${hint}", true)
     return
 }

@@ -18,15 +18,19 @@ def shared_file(*parts: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """The tiny open_clip model of samples/tiny_model.py, trained once per session (or taken from
-    ZEUS_TINY_MODEL_CACHE when set, so repeated local runs skip training)."""
+def tiny_model_cache(tmp_path_factory) -> Path:
+    """Where the tiny model is cached: ZEUS_TINY_MODEL_CACHE when set (repeated local runs skip training)."""
+    cache = os.environ.get("ZEUS_TINY_MODEL_CACHE")
+    return Path(cache) if cache else tmp_path_factory.mktemp("tiny-model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_cache):
+    """The tiny open_clip model of samples/tiny_model.py, trained once per session."""
     from zeus_qupath.samples import prompt_path
     from zeus_qupath.samples.tiny_model import load_or_train_tiny_model
 
-    cache = os.environ.get("ZEUS_TINY_MODEL_CACHE")
-    cache_dir = Path(cache) if cache else tmp_path_factory.mktemp("tiny-model")
-    return load_or_train_tiny_model(cache_dir, prompt_path("spindle_cell"))
+    return load_or_train_tiny_model(tiny_model_cache, prompt_path("spindle_cell"))
 
 
 @pytest.fixture(scope="session")

@@ -425,8 +425,10 @@ def _musk_spm() -> Path | None:
     return spm if spm.is_file() else None
 
 
-@pytest.mark.skipif(_musk_spm() is None, reason="the authors' musk package (with musk/models/tokenizer.spm) is "
-                    "not installed: it is not on PyPI")
+@pytest.mark.skipif(
+    _musk_spm() is None,
+    reason="the authors' musk package (with musk/models/tokenizer.spm) is not installed: it is not on PyPI",
+)
 def test_musk_random_weights(tmp_path):
     """Runs only where the authors' package is installed from a clone: build, preprocess, token ids, dims."""
     import sentencepiece

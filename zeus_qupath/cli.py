@@ -15,6 +15,13 @@ from .errors import ZeusError
 from .reconstruct import Threshold
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus a hint), like every other error of ``zeus``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -128,6 +135,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import PRESETS
+    from .models.availability import check_model, model_status
+
+    if args.check:
+        print(json.dumps(check_model(args.check, pretrained=args.pretrained, device=args.device), indent=2))
+        return 0
+    rows = [("preset", "code", "weights", "licence", "weights looked for in")]
+    notes = []
+    for name, preset in PRESETS.items():
+        st = model_status(name)
+        rows.append((name, "yes" if st.code_available else "no", "yes" if st.weights_available else "no",
+                     preset.license, str(st.weights_location)))
+        if not st.code_available:
+            notes.append(f"{name}: {st.code_detail}")
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+    for note in notes:
+        print(note)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .bridge.service import ServiceConfig, serve
+    from .segment import SegmentParams
+
+    serve(ServiceConfig(host=args.host, port=args.port, token_env=args.token_env, roots=tuple(args.root or ()),
+                        model=args.model, pretrained=args.pretrained, prompts=args.prompts, device=args.device,
+                        precision=args.precision,
+                        params=SegmentParams(threshold=Threshold.parse(args.threshold), batch_size=args.batch_size)))
+    return 0
+
+
 def _add_project_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "paquo", "files"],
                    help="paquo (needs a QuPath install) or files (QuPath-free); auto picks paquo when QuPath is found")
@@ -138,7 +179,7 @@ def _add_project_options(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    result = run_demo(args.out, progress=not args.quiet)
+    result = run_demo(args.out, progress=not args.quiet, cache_dir=args.cache)
     r = result.run.slides[0]
     print(f"demo slide {result.slide}: {r.width}x{r.height} px, {r.patches} patches in {r.seconds['embed']:.1f} s "
           f"({r.patches_per_s:.0f} patches/s on {result.run.config['model']['device']}), {r.regions} regions")
@@ -150,7 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zeus", description="Zero-shot tumor pre-segmentation of whole-slide images (ZEUS) for QuPath.")
     parser.add_argument("--version", action="version", version=f"zeus-qupath {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -213,8 +254,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "paquo", "files"])
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("serve", help="local HTTP service for the QuPath scripts (loopback, token, allowed roots)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--root", action="append", metavar="DIR",
+                   help="folder whose slides may be segmented (repeatable; required)")
+    p.add_argument("--token-env", default="ZEUS_TOKEN",
+                   help="environment variable holding the token (default ZEUS_TOKEN); generated and printed if unset")
+    p.add_argument("--model", default="quiltnet-b32")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--prompts", default="spindle_cell", help="bundled prompt set name or a prompt file")
+    p.add_argument("--threshold", default="zeus", help="default threshold (zeus, argmax, prob:P)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("models", help="list model presets and whether their code and weights are here")
+    p.add_argument("--check", default=None, metavar="NAME", help="load NAME and embed one synthetic patch and prompt")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_models)
+
     p = sub.add_parser("demo", help="segment a synthetic slide with a tiny offline model and score it")
     p.add_argument("--out", default="zeus-demo", help="output folder (default: zeus-demo)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="where the tiny model is kept (default: OUT/tiny-model)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser

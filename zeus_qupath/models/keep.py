@@ -64,9 +64,10 @@ def _state_dict(folder: Path, model: str) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], name: str) -> None:
-    """``load_state_dict`` as strict as the authors', tolerating only the BERT ``position_ids`` buffer
+    """``load_state_dict`` as strict as the authors', except for BERT's ``position_ids`` buffer.
 
-    (saved by older transformers, a non-persistent buffer in newer ones)."""
+    Older transformers saved that buffer; newer ones do not keep it in the state dict.
+    """
     result = model.load_state_dict(state_dict, strict=False)
     unexpected = [k for k in result.unexpected_keys if not k.endswith("position_ids")]
     if result.missing_keys or unexpected:

@@ -1,0 +1,132 @@
+"""The zeus command line, end to end with the tiny open_clip model, on real and synthetic slides."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import shapely
+from PIL import Image
+from shapely.geometry import shape
+
+from zeus_qupath.cli import main
+from zeus_qupath.scores import PatchScores
+
+from conftest import shared_file
+
+
+@pytest.fixture(scope="module")
+def tiny_args(tiny_model, spindle_prompts):
+    return ["--model", f"open_clip:{tiny_model.config_path}", "--pretrained", str(tiny_model.checkpoint_path),
+            "--prompts", str(spindle_prompts), "--device", "cpu", "--quiet"]
+
+
+def check_geojson(path, width, height):
+    data = json.loads(path.read_text())
+    assert data["type"] == "FeatureCollection"
+    for feat in data["features"]:
+        geom = shape(feat["geometry"])
+        assert geom.geom_type in ("Polygon", "MultiPolygon") and geom.is_valid and geom.area > 0
+        minx, miny, maxx, maxy = geom.bounds
+        assert 0 <= minx and 0 <= miny and maxx <= width and maxy <= height
+        props = feat["properties"]
+        assert props["objectType"] == "annotation" and props["classification"]["name"] == "Tumor"
+        assert len(props["classification"]["color"]) == 3 and props["name"].startswith("ZEUS")
+        assert all(np.isfinite(v) for v in props["measurements"].values())
+    return data
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory, tiny_args):
+    out = tmp_path_factory.mktemp("real")
+    slides = [shared_file("wsi", "CMU-1-Small-Region.svs"), shared_file("wsi", "OS-1-detail.ome.tif")]
+    assert main(["segment", *map(str, slides), *tiny_args, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("stem,size", [("CMU-1-Small-Region", (2220, 2967)), ("OS-1-detail", (1101, 1101))])
+def test_segment_real_slides(real_run, stem, size):
+    check_geojson(real_run / f"{stem}.geojson", *size)
+    scores = PatchScores.load(real_run / f"{stem}.scores.npz")
+    assert (scores.width, scores.height) == size and scores.classes == ("normal", "tumor")
+    assert scores.patch_size == 448 and scores.stride == 112 and len(scores.coords) > 0
+    assert (scores.coords[:, 0] < size[0]).all() and (scores.coords[:, 1] < size[1]).all()
+    assert np.all(np.abs(scores.scores) <= 1.0001)
+    with Image.open(real_run / f"{stem}.overlay.png") as im:
+        assert abs(im.width / im.height - size[0] / size[1]) < 0.01
+    run = json.loads((real_run / "run.json").read_text())
+    assert run["complete"] and len(run["slides"]) == 2
+    assert run["prompts"]["sha256"] and run["versions"]["torch"]
+    assert {s["stem"] for s in run["slides"]} == {"CMU-1-Small-Region", "OS-1-detail"}
+
+
+def test_polygons_command_reproduces_segment(real_run, tmp_path):
+    out = tmp_path / "again.geojson"
+    assert main(["polygons", str(real_run / "CMU-1-Small-Region.scores.npz"), "--out", str(out)]) == 0
+    a = json.loads((real_run / "CMU-1-Small-Region.geojson").read_text())["features"]
+    b = json.loads(out.read_text())["features"]
+    ga = shapely.union_all([shape(f["geometry"]) for f in a])
+    gb = shapely.union_all([shape(f["geometry"]) for f in b])
+    assert len(a) == len(b) and ga.symmetric_difference(gb).area <= 1e-6 * max(ga.area, 1)
+
+
+def test_demo_segments_the_synthetic_slide(tmp_path, tiny_model_cache, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--cache", str(tiny_model_cache), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    dice = float(text.split("Dice vs the known tumor mask (inside tissue): ")[1].split()[0])
+    assert dice >= 0.8
+    check_geojson(tmp_path / "demo_slide.geojson", 6144, 4096)
+    # the same Dice through the evaluate command, against the known mask
+    assert main(["evaluate", str(tmp_path / "demo_slide.geojson"), str(tmp_path / "demo_slide.tumor.png"),
+                 "--tissue", str(tmp_path / "demo_slide.tissue.png"), "--slide", str(tmp_path / "demo_slide.tif")]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["dice"] == pytest.approx(dice, abs=1e-3) and 0 <= scores["precision"] <= 1
+
+
+def test_slide_without_tissue_gives_empty_collection(tmp_path, tiny_args, capsys):
+    rng = np.random.default_rng(0)
+    Image.fromarray(np.clip(rng.normal(246, 2, (900, 1200, 3)), 0, 255).astype(np.uint8)).save(tmp_path / "blank.png")
+    assert main(["segment", str(tmp_path / "blank.png"), *tiny_args, "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "blank.geojson").read_text()) == {"type": "FeatureCollection",
+                                                                          "features": []}
+    assert "no tissue" in capsys.readouterr().err
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zeus_qupath", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_bad_inputs_one_line_no_traceback_no_output(tmp_path, tiny_args, spindle_prompts):
+    out = tmp_path / "out"
+    truncated = tmp_path / "cut.svs"
+    data = shared_file("wsi", "CMU-1-Small-Region.svs").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"0": {"classnames": {"tumor": ["t"]}, "templates": ["CLASSNAME"]}}')
+    svs = str(shared_file("wsi", "CMU-1-Small-Region.svs"))
+    cases = [
+        (["segment", str(tmp_path / "missing.svs"), *tiny_args], "slide not found"),
+        (["segment", str(truncated), *tiny_args], "cut.svs"),
+        (["segment", svs, *tiny_args[:4], "--prompts", str(broken)], "at least two classes"),
+        (["segment", svs, "--model", "no-such-model", "--prompts", str(spindle_prompts)], "unknown model"),
+        (["segment", svs, "--model", "quiltnet-b32", "--prompts", str(spindle_prompts)], "QuiltNet-B-32"),
+        (["segment", str(shared_file("wsi", "OS-1-detail.ome.tif")), *tiny_args, "--target-mpp", "1", "--mpp", "-1"],
+         "error"),
+        (["polygons", str(tmp_path / "missing.scores.npz")], "not found"),
+    ]
+    for args, needle in cases:
+        res = _run_cli(*args, "--out", str(out)) if args[0] == "segment" else _run_cli(*args)
+        assert res.returncode != 0, args
+        err = res.stderr.strip().splitlines()
+        assert "Traceback" not in res.stderr, res.stderr
+        assert len(err) == 1 and needle in err[0], res.stderr
+    assert not out.exists() or not any(p.suffix in (".geojson", ".npz", ".png") for p in out.iterdir())
+
+
+def test_unknown_mpp_is_a_one_line_error(tmp_path, tiny_args):
+    Image.fromarray(np.full((500, 500, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    res = _run_cli("segment", str(tmp_path / "a.png"), *tiny_args, "--target-mpp", "0.5", "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "pixel size unknown" in res.stderr and "Traceback" not in res.stderr
