@@ -42,6 +42,7 @@ PROJECT_FILE = "project.qpproj"
 ZEUS_GEOJSON = "zeus_annotations.geojson"
 IMPORT_SCRIPT = "import_zeus_annotations.groovy"
 EXPORT_SCRIPT = "export_training_data.groovy"
+SEGMENT_SCRIPT = "zeus_segment_current_image.groovy"
 QUPATH_VERSION_WRITTEN = "0.5.1"  # the layout written for new projects; QuPath 0.4 to 0.7 read it
 
 BIOFORMATS = "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder"
@@ -373,7 +374,8 @@ class FilesProject:
         classes_text = json.dumps({"pathClasses": self._load_classes()}, indent=2, ensure_ascii=False)
         targets.append((self.path / "classifiers" / "classes.json", classes_text))
         targets.append((self.path / "scripts" / IMPORT_SCRIPT, script))
-        targets.append((self.path / "scripts" / EXPORT_SCRIPT, groovy_script_text(EXPORT_SCRIPT)))
+        for name in (EXPORT_SCRIPT, SEGMENT_SCRIPT):
+            targets.append((self.path / "scripts" / name, groovy_script_text(name)))
         self._data["modifyTimestamp"] = max(_now_ms(), int(self._data.get("createTimestamp") or 0))
         if not isinstance(self._data.get("uri"), str):  # QuPath fails on a null project URI
             self._data["uri"] = path_to_file_uri(self.project_file.absolute(), self._uri_map, ascii=False)
