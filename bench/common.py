@@ -13,12 +13,24 @@ from pathlib import Path
 from typing import Any
 
 
+def peak_rss_kb() -> int:
+    """This process's peak RSS (VmHWM). Unlike ru_maxrss it does not inherit the parent's peak across exec."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _child(fn: Callable[..., Any], args: tuple, queue: mp.Queue) -> None:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_kb()
     t0 = time.perf_counter()
     result = fn(*args)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kb()
     queue.put({"seconds": seconds, "peak_rss_mb": peak / 1024, "added_rss_mb": (peak - base) / 1024,
                "result": result})
 
