@@ -130,3 +130,33 @@ def test_unknown_mpp_is_a_one_line_error(tmp_path, tiny_args):
     Image.fromarray(np.full((500, 500, 3), 200, np.uint8)).save(tmp_path / "a.png")
     res = _run_cli("segment", str(tmp_path / "a.png"), *tiny_args, "--target-mpp", "0.5", "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "pixel size unknown" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_score_command_from_clam_features(tmp_path, tiny_args, tiny_encoder):
+    import h5py
+
+    from zeus_qupath.samples.synthetic import make_synthetic_slide
+
+    slide = make_synthetic_slide(tmp_path / "s.tif", 2048, 1536, seed=3)
+    from zeus_qupath.grid import PatchGeometry, make_grid
+    from zeus_qupath.reader import RegionReader
+
+    grid = make_grid(2048, 1536, PatchGeometry(448, 112), None)
+    feats = np.zeros((len(grid), tiny_encoder.embed_dim), np.float32)
+    for batch in RegionReader(str(slide.path), grid):
+        feats[batch.indices] = tiny_encoder.encode_images(batch.pixels)
+    with h5py.File(tmp_path / "s.h5", "w") as h5:  # CLAM layout: no attributes
+        h5["coords"] = grid.coords.astype(np.int32)
+        h5["features"] = feats
+    model_args = tiny_args[:6]  # --model, --pretrained, --prompts
+    assert main(["score", str(tmp_path / "s.h5"), *model_args, "--patch-size", "448", "--width", "2048",
+                 "--height", "1536", "--out", str(tmp_path / "o")]) == 0
+    scores = PatchScores.load(tmp_path / "o" / "s.scores.npz")
+    assert scores.scores.shape == (len(grid), 2) and scores.stride == 112
+    check_geojson(tmp_path / "o" / "s.geojson", 2048, 1536)
+    bad = tmp_path / "bad.h5"
+    with h5py.File(bad, "w") as h5:
+        h5["coords"] = grid.coords.astype(np.int32)
+        h5["features"] = np.ones((len(grid), 7), np.float32)
+    res = _run_cli("score", str(bad), *model_args, "--patch-size", "448", "--out", str(tmp_path / "o2"))
+    assert res.returncode == 2 and "7-d" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -73,22 +73,28 @@ def _segment_params(args: argparse.Namespace):
 def cmd_segment(args: argparse.Namespace) -> int:
     from .run import RunConfig, run_segment
 
+    if not args.slides and not args.manifest:
+        raise ZeusError("no slides given: name slide files, folders or patterns, or pass --manifest FILE")
     config = RunConfig(
         slides=tuple(args.slides), prompts=args.prompts, out_dir=args.out, model=args.model,
         pretrained=args.pretrained, positive_class=args.positive_class, device=args.device,
         precision=args.precision, params=_segment_params(args), progress=not args.quiet,
+        manifest=args.manifest, cache_dir=args.cache, use_cache=not args.no_cache, resume=not args.redo,
+        skip_errors=args.skip_errors, executor=args.executor, ray_address=args.ray_address, prefetch=args.prefetch,
     )
     report = run_segment(config)
-    if args.project:
+    if args.project and report.slides:
         from .bridge.publish import publish_outputs
 
         print(publish_outputs(args.project, [args.out], backend=args.backend, uri_map=args.uri_map).summary())
-    for r in report.slides:
+    for r in report.done:
         for w in r.warnings:
             print(f"zeus: warning: {w}", file=sys.stderr)
-        print(f"{Path(r.slide).name}: {r.patches} patches, {r.regions} regions, "
-              f"{r.seconds['total']:.1f} s ({r.patches_per_s:.0f} patches/s) -> {r.outputs['geojson']}")
+    print(report.summary())
     print(f"run summary: {report.path}")
+    if report.failures:
+        print(f"zeus: {len(report.failures)} slide(s) failed (see the table above and {report.path})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -113,6 +119,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     scores = evaluate(args.pred, args.gt, tissue=args.tissue, slide=args.slide, size=args.size,
                       class_name=args.class_name)
     print(json.dumps(scores.to_dict(), indent=2))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .features import score_features
+    from .geojson import write_geojson
+    from .models import load_encoder
+    from .prompts import load_prompts
+    from .screening import parse_screening
+    from .segment import SegmentParams, geojson_from_scores, output_stem
+
+    screening_k = parse_screening(args.prompt_screening)
+    prompts = load_prompts(args.prompts, args.positive_class)
+    encoder = load_encoder(args.model, args.pretrained, args.device)
+    scores = score_features(args.features, encoder, prompts, patch_size=args.patch_size, stride=args.stride,
+                            width=args.width, height=args.height, mpp=args.mpp, screening_k=screening_k)
+    for warning in scores.meta.get("warnings", []):
+        print(f"zeus: warning: {warning}", file=sys.stderr)
+    out = Path(args.out)
+    stem = output_stem(Path(args.features).name.removesuffix(".h5").removesuffix(".hdf5"))
+    scores.save(out / f"{stem}.scores.npz")
+    params = SegmentParams(min_area_um2=args.min_area, min_hole_area_um2=args.min_hole_area,
+                           tolerance_px=args.tolerance)
+    collection = geojson_from_scores(scores, Threshold.parse(args.threshold), params)
+    write_geojson(out / f"{stem}.geojson", collection)
+    print(f"{len(scores.coords)} patches, {len(collection['features'])} regions -> {out / (stem + '.geojson')}")
     return 0
 
 
@@ -198,11 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("segment", help="segment slides into QuPath GeoJSON, scores and overlays")
-    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files or folders of slides")
+    p.add_argument("slides", nargs="*", metavar="SLIDE",
+                   help="slide files, folders of slides, or glob patterns (quote them, e.g. 'data/**/*.svs')")
+    p.add_argument("--manifest", default=None, metavar="CSV",
+                   help="CSV of slides with columns slide[,mpp] (paths relative to the CSV's folder)")
     p.add_argument("--prompts", required=True, help="prompt file (ZEUS template JSON)")
     p.add_argument("--positive-class", default=None, help="class to outline (default: from the prompt file)")
-    p.add_argument("--model", default="quiltnet-b32", help="preset name or open_clip:NAME_OR_CONFIG_JSON")
-    p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint file; a preset's weights folder")
+    p.add_argument("--model", default="quiltnet-b32",
+                   help="preset name or open_clip:NAME_OR_CONFIG_JSON; several joined by commas average their scores")
+    p.add_argument("--pretrained", default=None,
+                   help="open_clip tag or checkpoint file; a preset's weights folder (comma-separated, one per model)")
     p.add_argument("--out", default="zeus-out", help="output folder (default: zeus-out)")
     p.add_argument("--patch-size", type=_positive_int, default=448)
     p.add_argument("--stride", type=_positive_int, default=112)
@@ -211,9 +248,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=_positive_float, default=None, help="override the slide's pixel size (um/px)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--workers", type=_positive_int, default=2, help="slide-reading threads")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="patches per model call (default 64)")
+    p.add_argument("--workers", type=_positive_int, default=2, help="slide-reading threads (default 2)")
+    p.add_argument("--prefetch", type=int, default=2, metavar="N",
+                   help="decoded regions read ahead beyond one per worker (bounds memory; default 2)")
     p.add_argument("--no-tissue", action="store_true", help="embed every patch, not only those touching tissue")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="patch embedding cache (default: OUT/.cache); a rerun with other prompts only re-scores")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
+    p.add_argument("--redo", action="store_true",
+                   help="segment every slide again, even those done before with the same parameters")
+    p.add_argument("--skip-errors", action="store_true",
+                   help="continue past a slide that fails (the run still exits non-zero and lists it)")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="run slides in this process (default) or as Ray tasks (needs: pip install ray)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to use (default: start a local one on the loopback interface)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--project", default=None, metavar="DIR", help="also add the results to this QuPath project")
     _add_project_options(p)
@@ -225,6 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE.geojson")
     _add_polygon_options(p)
     p.set_defaults(func=cmd_polygons)
+
+    p = sub.add_parser("score", help="scores and GeoJSON from patch features computed elsewhere (CLAM/Trident HDF5)")
+    p.add_argument("features", metavar="FEATURES.h5", help="HDF5 with coords (N, 2) and features (N, D)")
+    p.add_argument("--model", required=True, help="the model whose text-aligned space the features are in")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--positive-class", default=None)
+    p.add_argument("--out", default="zeus-out")
+    p.add_argument("--patch-size", type=_positive_int, default=None, help="level-0 px (default: from the file)")
+    p.add_argument("--stride", type=_positive_int, default=None, help="level-0 px (default: from the coordinates)")
+    p.add_argument("--width", type=_positive_int, default=None)
+    p.add_argument("--height", type=_positive_int, default=None)
+    p.add_argument("--mpp", type=_positive_float, default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--prompt-screening", default=None, metavar="top-K", help="KEEP's prompt screening (off by default)")
+    _add_polygon_options(p)
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("evaluate", help="Dice, precision and recall inside tissue (JSON)")
     p.add_argument("pred", metavar="PRED", help="GeoJSON or mask image (PNG/TIFF/NPY)")

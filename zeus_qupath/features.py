@@ -1,0 +1,323 @@
+"""Bring your own features (``zeus score FEATURES.h5``): patch features computed elsewhere -> a scores file.
+
+Reads the HDF5 layout that CLAM (``extract_features_fp.py``) and Trident (``WSI.extract_features``)
+write: a dataset ``features`` (N, D) and a dataset ``coords`` (N, 2) of level-0 top-left (x, y).
+What the patch geometry comes from, first match wins:
+
+- patch size (level-0 px): ``--patch-size``; Trident's ``coords`` attribute ``patch_size_level0``;
+  ``patch_size`` x ``level0_magnification / target_magnification`` (Trident); CLAM's patch-file
+  attributes ``patch_size`` at ``patch_level`` 0, or times ``downsample``. CLAM's feature files carry
+  no attributes at all: pass ``--patch-size``.
+- stride: ``--stride``; Trident's ``patch_size_level0`` minus its ``overlap`` (scaled to level 0)
+  when the coordinates lie on that grid; else the greatest common divisor of the coordinates. The
+  patches must lie on one grid anchored at the slide origin (every x and y a multiple of the stride),
+  as Trident's and zeus's own grids do; CLAM's per-tissue-region grids do not and are refused.
+- slide size: ``--width``/``--height``; Trident's ``level0_width``/``level0_height``; CLAM's
+  ``level_dim`` at ``patch_level`` 0; else the bounding box of the patches (recorded as a warning).
+
+Features are normalised to unit length and scored against the model's text prototypes exactly as
+``zeus segment`` scores its own; they must be in the model's text-aligned space.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import reduce
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import ModelError, ZeusError
+from .models.base import Encoder
+from .prompts import PromptSet
+from .scores import PatchScores
+from .scoring import slide_scores
+
+__all__ = ["FeatureFile", "read_feature_file", "score_features", "unit_features"]
+
+MAX_OVERLAP = 16  # patches overlapping along one axis; a finer "grid" means the coords are not on one grid
+_CHUNK = 65536  # rows read at a time
+
+# Trident's encoders whose default output leaves out the projection into the text space
+_UNPROJECTED = {
+    "conch_v1": "Trident's and CLAM's conch_v1 leave out CONCH's contrastive projection by default "
+    "(proj_contrast=False): re-extract with the projection (Trident: with_proj=True)",
+    "musk": "Trident's musk leaves out MUSK's projection head by default (with_proj=False): "
+    "re-extract with with_proj=True",
+}
+
+
+@dataclass(frozen=True)
+class FeatureFile:
+    """The arrays and attributes of one features HDF5 file (features still as stored)."""
+
+    name: str
+    coords: np.ndarray  # (N, 2) int64, level-0 top-left (x, y)
+    features: np.ndarray  # (N, D) float32
+    coords_attrs: dict[str, Any]
+    features_attrs: dict[str, Any]
+
+    @property
+    def layout(self) -> str:
+        if "patch_size_level0" in self.coords_attrs or "level0_magnification" in self.coords_attrs:
+            return "trident"
+        if "patch_level" in self.coords_attrs:
+            return "clam"
+        return "no attributes"
+
+    def number(self, key: str) -> float | None:
+        """A numeric ``coords`` attribute, or None when absent or not a number (Trident writes 'None')."""
+        value = self.coords_attrs.get(key)
+        try:
+            arr = np.asarray(value, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            return None
+        return float(arr[0]) if arr.size and math.isfinite(arr[0]) else None
+
+
+def _attrs(obj) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in obj.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        elif isinstance(value, np.ndarray):
+            value = value.tolist()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[str(key)] = value
+    return out
+
+
+def read_feature_file(path: str | Path) -> FeatureFile:
+    """Read ``features`` and ``coords`` (CLAM/Trident layout); a one-line ZeusError for anything malformed."""
+    p = Path(path)
+    try:
+        import h5py
+    except ImportError:
+        raise ZeusError("reading features files needs h5py: pip install h5py") from None
+    if not p.is_file():
+        raise ZeusError(f"features file not found: {p}")
+    layout_hint = "expected datasets 'features' (N, D) and 'coords' (N, 2), as CLAM and Trident write"
+    try:
+        with h5py.File(p, "r") as f:
+            dsets = {}
+            for key in ("features", "coords"):
+                obj = f.get(key)
+                if not isinstance(obj, h5py.Dataset):
+                    raise ZeusError(f"{p.name}: no '{key}' dataset ({layout_hint})")
+                dsets[key] = obj
+            feats, coords = dsets["features"], dsets["coords"]
+            fshape, cshape = feats.shape, coords.shape
+            if len(fshape) == 3 and fshape[0] == 1:  # (1, N, D): one bag
+                fshape = fshape[1:]
+            n = fshape[0] if fshape else 0
+            if len(fshape) == 1 and n == 0:  # Trident writes (0,) for a slide without tissue
+                fshape = (0, 0)
+            if len(fshape) != 2:
+                raise ZeusError(f"{p.name}: 'features' has shape {feats.shape}, {layout_hint}")
+            if cshape not in ((n, 2), (0,)) or (cshape == (0,) and n):
+                raise ZeusError(f"{p.name}: 'coords' has shape {cshape} for {n} feature rows, {layout_hint}")
+            if not np.issubdtype(feats.dtype, np.number) or not np.issubdtype(coords.dtype, np.number):
+                raise ZeusError(f"{p.name}: 'features' and 'coords' must be numeric")
+            out = np.empty(fshape, dtype=np.float32)
+            for start in range(0, n, _CHUNK):
+                rows = feats[0, start : start + _CHUNK] if feats.ndim == 3 else feats[start : start + _CHUNK]
+                out[start : start + len(rows)] = rows
+            raw = np.asarray(coords[()]).reshape(-1, 2)
+            coords_attrs, features_attrs = _attrs(coords), _attrs(feats)
+    except ZeusError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ZeusError(f"{p.name}: not a readable HDF5 features file ({first[:200]})") from None
+    if not np.all(np.isfinite(raw)) or np.any(raw != np.round(raw)) or (raw.size and raw.min() < 0):
+        raise ZeusError(f"{p.name}: 'coords' must be non-negative whole level-0 pixel positions")
+    return FeatureFile(p.name, raw.astype(np.int64), out, coords_attrs, features_attrs)
+
+
+def unit_features(features: np.ndarray, source: str = "features", *, inplace: bool = False) -> np.ndarray:
+    """Rows scaled to unit length, float32 (a copy unless ``inplace``); refuses non-finite or all-zero rows."""
+    if inplace and features.dtype != np.float32:
+        raise ValueError("inplace needs a float32 array")
+    out = features if inplace else np.array(features, dtype=np.float32, copy=True)
+    if not np.all(np.isfinite(out)):
+        bad = int(np.argwhere(~np.isfinite(out))[0, 0])
+        raise ZeusError(f"{source}: feature row {bad} holds NaN or infinite values")
+    norms = np.linalg.norm(out, axis=1)
+    if np.any(norms == 0):
+        raise ZeusError(f"{source}: feature row {int(np.argmin(norms))} is all zeros")
+    out /= norms[:, None]
+    return out
+
+
+def _patch_size(ff: FeatureFile, given: int | None) -> tuple[int, str]:
+    if given is not None:
+        return int(given), "argument"
+    size0 = ff.number("patch_size_level0")
+    if size0:
+        return int(round(size0)), "attribute patch_size_level0"
+    size, src, dst = ff.number("patch_size"), ff.number("level0_magnification"), ff.number("target_magnification")
+    if size and src and dst:
+        return int(round(size * src / dst)), "attributes patch_size x level0/target magnification"
+    level = ff.number("patch_level")
+    if size and level == 0:
+        return int(round(size)), "attributes patch_size at patch_level 0"
+    downsample = ff.number("downsample")
+    if size and downsample:
+        return int(round(size * downsample)), "attributes patch_size x downsample"
+    raise ZeusError(
+        f"{ff.name}: patch size unknown (no patch_size_level0, or patch_size with its level, in the 'coords' "
+        "attributes; CLAM's feature files carry none): pass --patch-size PX (level-0 px)"
+    )
+
+
+def _gcd(values: np.ndarray) -> int:
+    return int(reduce(math.gcd, (int(v) for v in np.unique(values)), 0))
+
+
+def _stride(ff: FeatureFile, patch_size: int, given: int | None) -> tuple[int, str]:
+    coords = ff.coords
+    if given is not None:
+        if coords.size and np.any(coords % int(given)):
+            x, y = coords[np.argmax(np.any(coords % int(given), axis=1))]
+            raise ZeusError(
+                f"{ff.name}: patch ({x}, {y}) is not on the --stride {given} grid; zeus needs every x and y "
+                "to be a multiple of the stride (one grid anchored at the slide origin)"
+            )
+        return int(given), "argument"
+    overlap, src, dst = ff.number("overlap"), ff.number("level0_magnification"), ff.number("target_magnification")
+    size0 = ff.number("patch_size_level0")
+    if size0 and overlap is not None and src and dst:
+        step = int(round(size0)) - int(round(overlap * src / dst))
+        if step > 0 and not np.any(coords % step):
+            return step, "attributes patch_size_level0 - overlap"
+    if len(coords) == 0:
+        return patch_size, "patch size (no patches)"
+    offsets = coords - coords.min(axis=0)
+    # one patch (or all at one place): the coarsest step, up to the patch size, that fits its position
+    step = _gcd(offsets) or math.gcd(patch_size, _gcd(coords))
+    anchored = math.gcd(step, _gcd(coords))
+    if anchored != step:
+        x0, y0 = coords.min(axis=0)
+        raise ZeusError(
+            f"{ff.name}: the patches lie on a {step}-px grid offset from the slide origin (first patch at "
+            f"({x0}, {y0})); zeus needs one grid anchored at (0, 0), as Trident and zeus patch "
+            "(CLAM's per-region grids are not)"
+        )
+    if step * MAX_OVERLAP < patch_size:
+        raise ZeusError(
+            f"{ff.name}: the coordinates imply a stride of {step} px for {patch_size}-px patches; they are not on "
+            "one regular grid (pass --stride if they are)"
+        )
+    return step, "greatest common divisor of the coordinates"
+
+
+def _slide_size(ff: FeatureFile, patch_size: int, width: int | None, height: int | None,
+                warnings: list[str]) -> tuple[int, int, str]:
+    coords = ff.coords
+    w, h = ff.number("level0_width"), ff.number("level0_height")
+    source = "attributes level0_width/level0_height"
+    if (w is None or h is None) and ff.number("patch_level") == 0:
+        dims = ff.coords_attrs.get("level_dim")
+        if isinstance(dims, list) and len(dims) == 2:
+            w, h = float(dims[0]), float(dims[1])
+            source = "attribute level_dim"
+    if width is not None and height is not None:
+        return int(width), int(height), "arguments"
+    if w is None or h is None:
+        if len(coords) == 0 and (width is None or height is None):
+            raise ZeusError(f"{ff.name}: no patches and no slide size: pass --width and --height")
+        bw = int(coords[:, 0].max()) + patch_size if len(coords) else 0
+        bh = int(coords[:, 1].max()) + patch_size if len(coords) else 0
+        w, h = (width if width is not None else bw), (height if height is not None else bh)
+        warnings.append(
+            f"slide size not in {ff.name}: using the patches' bounding box ({int(w)} x {int(h)} px); "
+            "pass --width/--height for the real size"
+        )
+        return int(w), int(h), "bounding box of the patches"
+    return (int(width) if width is not None else int(w)), (int(height) if height is not None else int(h)), source
+
+
+def _encoder_warnings(ff: FeatureFile, encoder: Encoder) -> list[str]:
+    made_by = ff.features_attrs.get("encoder")
+    if not isinstance(made_by, str) or made_by in ("", "None"):
+        return []
+    if made_by in _UNPROJECTED:
+        return [f"{ff.name} was made by '{made_by}': {_UNPROJECTED[made_by]}; otherwise the scores are meaningless"]
+    if made_by.lower() != encoder.name.lower():
+        return [f"{ff.name} was made by '{made_by}', scored with model {encoder.name}: the features must come "
+                "from the same model's image tower, in its text-aligned space"]
+    return []
+
+
+def score_features(
+    h5_path: str | Path,
+    encoder: Encoder,
+    prompts: PromptSet,
+    *,
+    patch_size: int | None = None,
+    stride: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    mpp: float | None = None,
+    screening_k: int | None = None,
+) -> PatchScores:
+    """Score the patch features of ``h5_path`` against ``encoder``'s prototypes of ``prompts``.
+
+    Sizes are level-0 px. Refuses (one-line ZeusError/ModelError) a malformed file, a feature
+    dimension other than ``encoder.embed_dim``, and coordinates not on one grid anchored at (0, 0).
+    Notes for the user (e.g. the slide size was taken from the patches' bounding box) are in
+    ``meta["warnings"]``.
+    """
+    ff = read_feature_file(h5_path)
+    n, dim = ff.features.shape
+    if n and dim != encoder.embed_dim:
+        raise ModelError(
+            f"{ff.name}: the features are {dim}-d but model {encoder.name} embeds images and texts in "
+            f"{encoder.embed_dim}-d; zeus scores features in the model's text-aligned space, from the same model "
+            "(e.g. CONCH: encode_image(x, proj_contrast=True); the conch_v1 of CLAM and Trident leaves that out)"
+        )
+    warnings = _encoder_warnings(ff, encoder)
+    psize, psize_from = _patch_size(ff, patch_size)
+    step, step_from = _stride(ff, psize, stride)
+    w, h, size_from = _slide_size(ff, psize, width, height, warnings)
+    if n:
+        outside = (ff.coords[:, 0] >= w) | (ff.coords[:, 1] >= h)
+        if np.any(outside):
+            x, y = ff.coords[np.argmax(outside)]
+            raise ZeusError(f"{ff.name}: patch ({x}, {y}) lies outside the slide ({w} x {h} px)")
+    # the file's array is ours alone: normalise it in place (features are the largest array here)
+    feats = unit_features(ff.features, ff.name, inplace=True) if n else np.zeros((0, encoder.embed_dim), np.float32)
+    scores, score_meta = slide_scores([feats], [encoder], prompts, screening_k=screening_k)
+    meta = {
+        **score_meta,
+        "source": "features file",
+        "features_file": ff.name,
+        "layout": ff.layout,
+        "features_encoder": ff.features_attrs.get("encoder"),
+        "level0_magnification": ff.number("level0_magnification"),
+        "patch_size_from": psize_from,
+        "stride_from": step_from,
+        "size_from": size_from,
+        "model": encoder.name,
+        "embed_dim": encoder.embed_dim,
+        "logit_scale": encoder.logit_scale,
+        "prompts": prompts.source,
+        "zeus_version": __version__,
+        "warnings": warnings,
+    }
+    return PatchScores(
+        coords=ff.coords,
+        scores=scores,
+        classes=tuple(prompts.class_names),
+        positive_class=prompts.positive_class,
+        patch_size=psize,
+        stride=step,
+        width=w,
+        height=h,
+        mpp=mpp,
+        meta=meta,
+    )
