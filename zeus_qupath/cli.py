@@ -56,7 +56,7 @@ def _add_polygon_options(p: argparse.ArgumentParser) -> None:
                    help="drop regions smaller than this (um^2; px^2 when the pixel size is unknown)")
     p.add_argument("--min-hole-area", type=float, default=0.0, metavar="UM2", help="fill holes smaller than this")
     p.add_argument("--tolerance", type=float, default=None, metavar="PX",
-                   help="outline simplification tolerance in level-0 px (default: half a mask pixel)")
+                   help="outline simplification tolerance in level-0 px (default: 2, or half a mask pixel if larger)")
 
 
 def _segment_params(args: argparse.Namespace):

@@ -20,12 +20,14 @@ from shapely.geometry.base import BaseGeometry
 from .reconstruct import Mask
 from .tissue import TissueMask
 
+DEFAULT_TOLERANCE_PX = 2.0  # removes the pixel staircase; ZEUS outlines are smooth on a ~100 px scale
+
 
 @dataclass(frozen=True)
 class PolygonParams:
     min_area: float = 0.0  # level-0 px^2 (the CLI converts um^2)
     min_hole_area: float = 0.0  # level-0 px^2
-    tolerance: float | None = None  # level-0 px; None: half a mask pixel
+    tolerance: float | None = None  # level-0 px; None: DEFAULT_TOLERANCE_PX or half a mask pixel if larger
 
 
 def raster_polygons(mask: np.ndarray, pixel_size: float, origin: tuple[float, float] = (0.0, 0.0)) -> list[Polygon]:
@@ -65,7 +67,7 @@ def tissue_geometry(tissue: TissueMask) -> BaseGeometry:
 def mask_polygons(mask: Mask, params: PolygonParams = PolygonParams(),
                   clip: BaseGeometry | None = None) -> list[Polygon]:
     """Valid polygons of ``mask`` in level-0 px, clipped to the image (and ``clip``), filtered and simplified."""
-    tolerance = mask.pixel_size / 2 if params.tolerance is None else params.tolerance
+    tolerance = max(mask.pixel_size / 2, DEFAULT_TOLERANCE_PX) if params.tolerance is None else params.tolerance
     region = box(0, 0, mask.width, mask.height)
     if clip is not None:
         region = region.intersection(clip)
