@@ -317,14 +317,36 @@ def _read_project(root: Path, backend: str) -> tuple[list[SlideSource], str, lis
                                 f"(no {EXPORT_FOLDER}/{safe_name(image_name)}.geojson)")
             continue
         objs, where_from = corrected[entry_id]
-        original_path = root / "data" / entry_id / ZEUS_GEOJSON
-        original = read_qupath_geojson(original_path) if original_path.is_file() else None
+        original = _original_seen_by_annotator(root / "data" / entry_id, objs)
         width, height, mpp = _entry_dimensions(e)
         name = _unique(safe_name(_slide_stem(image_name)), names, entry_id)
         sources.append(SlideSource(name, image_name, objs, where_from, original, width, height, mpp))
     if not sources:
         raise ProjectError(f"{root}: no image of the project has corrected annotations to export")
     return sources, "paquo" if use_paquo else "files", [export_dir], warnings
+
+
+def _original_seen_by_annotator(entry_dir: Path, corrected: list[QuPathObject]) -> list[QuPathObject] | None:
+    """The ZEUS result the annotator worked on: the current ``zeus_annotations.geojson`` or a backup of it.
+
+    A later ``zeus segment`` into the project replaces the file (backing it up first) while the annotator's
+    image still holds the objects of the version that was imported. That version is the one whose object ids
+    the corrected annotations share most; with no shared ids (all deleted, or a v0.2 export without ids)
+    the current file is taken.
+    """
+    current = entry_dir / ZEUS_GEOJSON
+    candidates = [current] if current.is_file() else []
+    candidates += sorted(entry_dir.glob(f"{ZEUS_GEOJSON}.bak-*"), reverse=True)  # newest backup first
+    if not candidates:
+        return None
+    ids = {o.id for o in corrected if o.id}
+    best, best_shared = None, -1
+    for path in candidates:
+        objs = read_qupath_geojson(path)
+        shared = len(ids & {o.id for o in objs if o.id})
+        if shared > best_shared:
+            best, best_shared = objs, shared
+    return best
 
 
 def _paquo_hierarchies(root: Path, entry_ids: set[str]) -> dict[str, tuple[list[QuPathObject], str]]:

@@ -160,3 +160,54 @@ def test_score_command_from_clam_features(tmp_path, tiny_args, tiny_encoder):
         h5["features"] = np.ones((len(grid), 7), np.float32)
     res = _run_cli("score", str(bad), *model_args, "--patch-size", "448", "--out", str(tmp_path / "o2"))
     assert res.returncode == 2 and "7-d" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_qupath_round_trip_keeps_edits_and_reports_corrections(tmp_path, tiny_args, capsys):
+    """Segment into a QuPath-free project, correct like an annotator, re-run, export: the issue's walk-through."""
+    import uuid
+
+    from shapely.geometry import box, mapping
+
+    from zeus_qupath.samples.synthetic import make_synthetic_slide
+
+    slide = make_synthetic_slide(tmp_path / "case.tif", 3072, 2048, seed=11, tumor_fraction=0.4)
+    project, out = tmp_path / "project", tmp_path / "out"
+    args = ["segment", str(slide.path), *tiny_args, "--out", str(out), "--project", str(project), "--backend", "files"]
+    assert main(args) == 0
+    qpproj = json.loads((project / "project.qpproj").read_text())
+    (entry,) = qpproj["images"]
+    assert entry["imageName"] == "case.tif" and entry["metadata"]["zeus.status"]
+    zeus_file = project / "data" / str(entry["entryID"]) / "zeus_annotations.geojson"
+    zeus = json.loads(zeus_file.read_text())["features"]
+    assert zeus and (project / "scripts" / "import_zeus_annotations.groovy").is_file()
+
+    # the annotator, in QuPath: moves part of the first outline, deletes the others, draws one more;
+    # the export script then writes export/<image>.geojson
+    first = zeus[0]
+    g = shape(first["geometry"])
+    minx, miny, maxx, maxy = g.bounds
+    first["geometry"] = mapping(g.difference(box(minx, miny, (minx + maxx) / 2, maxy)))
+    drawn = {"type": "Feature", "id": str(uuid.uuid4()), "geometry": mapping(box(10, 10, 410, 310)),
+             "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}}
+    (project / "export").mkdir()
+    corrected = {"type": "FeatureCollection", "features": [first, drawn]}
+    (project / "export" / "case.tif.geojson").write_text(json.dumps(corrected))
+    data_qp = project / "data" / str(entry["entryID"]) / "data.qpdata"
+    data_qp.write_bytes(b"QuPath's own file with the annotator's work")
+
+    assert main([*args, "--threshold", "argmax"]) == 0  # re-run into the same project, other parameters
+    again = json.loads((project / "project.qpproj").read_text())
+    assert [e["entryID"] for e in again["images"]] == [entry["entryID"]]
+    assert data_qp.read_bytes() == b"QuPath's own file with the annotator's work"
+    assert json.loads((project / "export" / "case.tif.geojson").read_text()) == json.loads(json.dumps(corrected))
+    assert list((project / "data" / str(entry["entryID"])).glob("zeus_annotations.geojson.bak-*"))
+
+    capsys.readouterr()
+    assert main(["export", str(project), "--out", str(tmp_path / "exported")]) == 0
+    table = capsys.readouterr().out
+    import csv
+
+    (row,) = csv.DictReader((tmp_path / "exported" / "corrections.csv").open())
+    assert int(row["created"]) == 1 and int(row["edited"]) == 1 and int(row["deleted"]) == len(zeus) - 1
+    assert 0 < float(row["dice"]) < 1 and float(row["added_area"]) > 0 and float(row["removed_area"]) > 0
+    assert "case" in table and (tmp_path / "exported" / "labels.json").is_file()
