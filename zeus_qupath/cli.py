@@ -71,16 +71,26 @@ def _segment_params(args: argparse.Namespace):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle model threads must not spin on the readers' cores
     from .run import RunConfig, run_segment
+    from .screening import parse_screening
 
     if not args.slides and not args.manifest:
         raise ZeusError("no slides given: name slide files, folders or patterns, or pass --manifest FILE")
+    if args.workers is None:  # a GPU needs many decoding threads; on the CPU the model needs the cores
+        from .models.base import resolve_device
+
+        gpu = args.executor == "local" and resolve_device(args.device).type == "cuda"
+        args.workers = max(2, min(16, (os.cpu_count() or 2) - 2)) if gpu else 2
     config = RunConfig(
         slides=tuple(args.slides), prompts=args.prompts, out_dir=args.out, model=args.model,
         pretrained=args.pretrained, positive_class=args.positive_class, device=args.device,
         precision=args.precision, params=_segment_params(args), progress=not args.quiet,
         manifest=args.manifest, cache_dir=args.cache, use_cache=not args.no_cache, resume=not args.redo,
         skip_errors=args.skip_errors, executor=args.executor, ray_address=args.ray_address, prefetch=args.prefetch,
+        screening_k=parse_screening(args.prompt_screening),
     )
     report = run_segment(config)
     if args.project and report.slides:
@@ -249,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--batch-size", type=_positive_int, default=64, help="patches per model call (default 64)")
-    p.add_argument("--workers", type=_positive_int, default=2, help="slide-reading threads (default 2)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="slide-reading threads (default: 2 on the CPU; with a GPU, the cores less two, at most 16)")
     p.add_argument("--prefetch", type=int, default=2, metavar="N",
                    help="decoded regions read ahead beyond one per worker (bounds memory; default 2)")
     p.add_argument("--no-tissue", action="store_true", help="embed every patch, not only those touching tissue")
@@ -264,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run slides in this process (default) or as Ray tasks (needs: pip install ray)")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="Ray cluster to use (default: start a local one on the loopback interface)")
+    p.add_argument("--prompt-screening", default=None, metavar="top-K",
+                   help="KEEP's prompt screening per slide (off by default: every prompt, as ZEUS)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--project", default=None, metavar="DIR", help="also add the results to this QuPath project")
     _add_project_options(p)

@@ -1,5 +1,12 @@
-"""A segmentation run over one or more slides: load the model and prompts once, segment each slide,
-write ``run.json`` (parameters, model, prompt hash, versions, per-slide timings and patch counts)."""
+"""A segmentation run over a cohort of slides: validate everything, skip what is done, segment the rest.
+
+The models (one, or an ensemble: ``--model a,b``) and prompts are loaded and checked before the
+first slide is read. Each slide's state hash covers every parameter that decides its outputs; a
+slide whose state matches and whose outputs are intact is skipped (``status: skipped``), the others
+run through an executor (:mod:`zeus_qupath.executors`: this process, or Ray tasks). ``run.json``
+(parameters, models, prompt hash, versions, every slide's report, the failures) is rewritten
+atomically after each slide, so it is current even if the run is killed.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,9 @@ import importlib.metadata
 import json
 import platform
 import sys
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +25,32 @@ from tqdm import tqdm
 
 from . import __version__
 from .atomic import atomic_open
-from .errors import SlideError
-from .models import load_encoder
-from .prompts import class_prototypes, load_prompts
-from .segment import SegmentParams, SlideReport, segment_slide
+from .cohort import (
+    SLIDE_SUFFIXES,
+    STATE_VERSION,
+    SlideFailure,
+    StateStore,
+    collect_slides,
+    format_summary,
+    report_from_state,
+)
+from .errors import ZeusError
+from .executors import (
+    RunModels,
+    RunSettings,
+    SlideJob,
+    load_run_models,
+    parse_model_specs,
+    run_local,
+    run_ray,
+)
+from .identity import file_fingerprint, stable_hash
+from .segment import SegmentParams, SlideReport
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".jpg", ".jpeg", ".png", ".bmp", ".qptiff")
+__all__ = ["SLIDE_SUFFIXES", "RunConfig", "RunReport", "expand_slides", "run_parameters", "run_segment", "versions"]
+
+CACHE_DIR = ".cache"
+EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -30,43 +58,52 @@ class RunConfig:
     slides: tuple[str, ...]
     prompts: str
     out_dir: str
-    model: str = "quiltnet-b32"
-    pretrained: str | None = None
+    model: str = "quiltnet-b32"  # one spec, or several joined by commas (an ensemble)
+    pretrained: str | None = None  # one per model, comma-separated, when there are several
     positive_class: str | None = None
     device: str = "auto"
     precision: str = "auto"
     params: SegmentParams = field(default_factory=SegmentParams)
     progress: bool = True
+    manifest: str | None = None  # CSV with columns slide[,mpp]
+    cache_dir: str | None = None  # embedding cache (default: <out_dir>/.cache)
+    use_cache: bool = True
+    resume: bool = True  # skip slides done before with the same parameters
+    skip_errors: bool = False  # continue past a broken slide (the run still reports it and fails)
+    executor: str = "local"  # local or ray
+    ray_address: str | None = None
+    prefetch: int = 2  # decoded regions read ahead beyond one per worker
+    screening_k: int | None = None  # --prompt-screening top-K (KEEP's), None: every prompt (ZEUS)
 
 
 @dataclass
 class RunReport:
-    config: dict[str, Any]
-    slides: list[SlideReport]
+    config: dict[str, Any]  # what run.json holds
+    slides: list[SlideReport]  # done and skipped slides, in cohort order
     path: str
+    failures: list[SlideFailure] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def done(self) -> list[SlideReport]:
+        return [r for r in self.slides if r.status == "done"]
+
+    @property
+    def skipped(self) -> list[SlideReport]:
+        return [r for r in self.slides if r.status == "skipped"]
+
+    def summary(self) -> str:
+        return format_summary(self.slides, self.failures, self.seconds)
 
 
 def expand_slides(items: Sequence[str]) -> list[str]:
-    """Slide files from files and folders (a folder contributes its slide files, sorted)."""
-    out: list[str] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.iterdir() if f.is_file() and f.name.lower().endswith(SLIDE_SUFFIXES)
-                           and not f.name.startswith("."))
-            if not found:
-                raise SlideError(f"no slide files in folder {p}")
-            out.extend(found)
-        elif p.exists():
-            out.append(str(p))
-        else:
-            raise SlideError(f"slide not found: {p}")
-    return out
+    """Slide files from files, folders (their slide files, sorted) and glob patterns."""
+    return [e.path for e in collect_slides(tuple(items))]
 
 
 def versions() -> dict[str, str]:
     out = {"zeus-qupath": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "open_clip_torch", "tiffslide", "shapely", "rasterio", "numpy"):
+    for pkg in ("torch", "open_clip_torch", "tiffslide", "shapely", "rasterio", "numpy", "ray"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -74,65 +111,134 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _progress_factory(enabled: bool, name: str) -> tuple[Callable[[int, int], Callable[[int], None]], list[tqdm]]:
-    bars: list[tqdm] = []
+def run_parameters(config: RunConfig, models: RunModels) -> dict[str, Any]:
+    """Every parameter that decides a slide's outputs (hashed into its state; batch size and workers are not)."""
+    p = config.params
+    return {
+        "state_version": STATE_VERSION,
+        "models": [ident.to_dict() for ident in models.identities],
+        "precision": config.precision,
+        "prompts_sha256": models.prompts.sha256,
+        "positive_class": models.prompts.positive_class,
+        "prompt_screening": config.screening_k,
+        "segment": {"patch_size": p.patch_size, "stride": p.stride, "target_mpp": p.target_mpp, "mpp": p.mpp,
+                    "threshold": str(p.threshold), "min_area_um2": p.min_area_um2,
+                    "min_hole_area_um2": p.min_hole_area_um2, "tolerance_px": p.tolerance_px,
+                    "detect_tissue": p.detect_tissue},
+    }
 
-    def factory(total: int, _: int = 0) -> Callable[[int], None]:
-        bar = tqdm(total=total, desc=name, unit="patch", disable=not enabled, file=sys.stderr, dynamic_ncols=True,
-                   leave=True)
-        bars.append(bar)
-        return bar.update
 
-    return factory, bars
+def _settings(config: RunConfig) -> RunSettings:
+    if config.executor not in EXECUTORS:
+        raise ZeusError(f"--executor must be one of {', '.join(EXECUTORS)}, got {config.executor!r}")
+    cache = None
+    if config.use_cache:
+        cache = str(Path(config.cache_dir) if config.cache_dir else Path(config.out_dir) / CACHE_DIR)
+    return RunSettings(models=parse_model_specs(config.model, config.pretrained), prompts=config.prompts,
+                       positive_class=config.positive_class, out_dir=config.out_dir, params=config.params,
+                       device=config.device, precision=config.precision, cache_dir=cache, prefetch=config.prefetch,
+                       progress=config.progress, screening_k=config.screening_k)
+
+
+def _model_info(spec: str, pretrained: str | None, encoder: Any, ident: Any) -> dict[str, Any]:
+    return {"spec": spec, "pretrained": pretrained, "name": encoder.name, "embed_dim": encoder.embed_dim,
+            "logit_scale": encoder.logit_scale, "input_size": encoder.preprocess.size,
+            "device": str(encoder.device), "weights_sample_sha256": ident.weights}
 
 
 def run_segment(config: RunConfig, on_slide: Callable[[SlideReport], None] | None = None) -> RunReport:
     """Segment every slide of ``config``; everything is validated before the first slide is read."""
-    slides = expand_slides(config.slides)
-    prompts = load_prompts(config.prompts, config.positive_class)
-    encoder = load_encoder(config.model, config.pretrained, config.device, config.precision)
-    prototypes = class_prototypes(encoder, prompts)
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    entries = collect_slides(config.slides, config.manifest)
+    settings = _settings(config)
+    # Ray workers load their own models; here they are loaded on the CPU only to validate and identify them
+    models = load_run_models(replace(settings, device="cpu") if config.executor == "ray" else settings)
+    parameters = run_parameters(config, models)
+    run_hash = stable_hash(parameters)
+    prompts = models.prompts
     meta = {
         "model": config.model,
-        "pretrained": Path(config.pretrained).name if config.pretrained else None,
-        "embed_dim": encoder.embed_dim,
+        "pretrained": ",".join(Path(m.pretrained).name if m.pretrained else "" for m in settings.models)
+        if any(m.pretrained for m in settings.models) else None,
+        "embed_dim": models.encoders[0].embed_dim,
         "prompts": Path(config.prompts).name,
         "prompts_sha256": prompts.sha256,
         "threshold": str(config.params.threshold),
         "zeus_version": __version__,
     }
+    settings = replace(settings, meta=meta, parameters=parameters)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = StateStore(out)
+
+    jobs: list[SlideJob] = []
+    reports: dict[str, SlideReport] = {}
+    for entry in entries:
+        fingerprint = file_fingerprint(entry.path)
+        state_hash = stable_hash({"run": run_hash, "slide": fingerprint, "mpp": entry.mpp})
+        record = store.completed(entry.stem, state_hash) if config.resume else None
+        if record is not None:
+            reports[entry.stem] = report_from_state(record, out)
+            store.clean_partial(entry.stem)
+        else:
+            jobs.append(SlideJob(entry, fingerprint, state_hash))
+
+    model_infos = [_model_info(m.spec, m.pretrained, e, i)
+                   for m, e, i in zip(settings.models, models.encoders, models.identities, strict=True)]
     run_info: dict[str, Any] = {
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "segment",
-        "model": {"spec": config.model, "pretrained": config.pretrained, "name": encoder.name,
-                  "embed_dim": encoder.embed_dim, "logit_scale": encoder.logit_scale,
-                  "input_size": encoder.preprocess.size, "device": str(encoder.device)},
+        "model": {**model_infos[0], "spec": config.model, "pretrained": config.pretrained},
+        "models": model_infos,
         "prompts": {"file": config.prompts, "sha256": prompts.sha256, "classes": prompts.class_names,
                     "positive_class": prompts.positive_class,
                     "texts_per_class": {c.name: len(c.texts()) for c in prompts.classes}},
         "parameters": {**{k: v for k, v in vars(config.params).items() if k != "threshold"},
-                       "threshold": str(config.params.threshold)},
+                       "threshold": str(config.params.threshold), "precision": config.precision,
+                       "prompt_screening": config.screening_k},
+        "parameters_sha256": run_hash,
+        "executor": config.executor,
+        "cache": settings.cache_dir,
         "versions": versions(),
     }
-    reports: list[SlideReport] = []
+    failures: list[SlideFailure] = []
     run_path = out / "run.json"
-    try:
-        for slide in slides:
-            factory, bars = _progress_factory(config.progress, Path(slide).name)
-            try:
-                report = segment_slide(slide, encoder, prompts, prototypes, config.params, out, meta, factory)
-            finally:
-                for bar in bars:
-                    bar.close()
-            reports.append(report)
-            if on_slide:
-                on_slide(report)
-    finally:
-        run_info["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        run_info["slides"] = [r.to_dict() for r in reports]
-        run_info["complete"] = len(reports) == len(slides)
+
+    def write_run_json(final: bool) -> None:
+        ordered = [reports[e.stem] for e in entries if e.stem in reports]
+        run_info["slides"] = [r.to_dict() for r in ordered]
+        run_info["failed"] = [f.to_dict() for f in failures]
+        run_info["summary"] = {"slides": len(entries), "done": sum(r.status == "done" for r in ordered),
+                               "skipped": sum(r.status == "skipped" for r in ordered), "failed": len(failures)}
+        run_info["complete"] = len(ordered) == len(entries)
+        if final:
+            run_info["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            run_info["seconds"] = round(time.perf_counter() - t_start, 3)
         with atomic_open(run_path) as fh:
             json.dump(run_info, fh, indent=2, default=str)
-    return RunReport(run_info, reports, str(run_path))
+
+    bar = tqdm(total=len(entries), initial=len(reports), desc="slides", unit="slide", disable=not config.progress,
+               file=sys.stderr, dynamic_ncols=True, position=0)
+    outcomes = run_local(jobs, settings, models) if config.executor == "local" else \
+        run_ray(jobs, settings, config.ray_address)
+    try:
+        for outcome in outcomes:
+            bar.update(1)
+            if outcome.report is not None:
+                reports[outcome.job.entry.stem] = outcome.report
+                if on_slide:
+                    on_slide(outcome.report)
+            else:
+                assert outcome.failure is not None
+                failures.append(outcome.failure)
+                if not config.skip_errors:
+                    if outcome.error is not None:
+                        raise outcome.error
+                    raise ZeusError(f"{Path(outcome.failure.slide).name}: {outcome.failure.reason}")
+            write_run_json(final=False)
+    finally:
+        outcomes.close()
+        bar.close()
+        write_run_json(final=True)
+    ordered = [reports[e.stem] for e in entries if e.stem in reports]
+    return RunReport(run_info, ordered, str(run_path), failures, time.perf_counter() - t_start)

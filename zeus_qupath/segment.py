@@ -1,6 +1,10 @@
 """One slide, end to end: tissue -> grid -> embeddings -> scores -> mask -> polygons -> outputs.
 
-``segment_slide`` writes ``<stem>.geojson``, ``<stem>.scores.npz`` and ``<stem>.overlay.png`` into the
+The stages are separate so that a cohort run can overlap them across slides (see
+:mod:`zeus_qupath.executors`): :func:`prepare_slide` (tissue mask, patch grid, thumbnail, from one
+low-resolution read), the embedding (:mod:`zeus_qupath.embed`), and :func:`finish_slide` (scores,
+polygons, outputs). :func:`segment_slide` runs all three for one slide.
+``finish_slide`` writes ``<stem>.scores.npz``, ``<stem>.overlay.png`` and ``<stem>.geojson`` into the
 output folder, each atomically, and returns a :class:`SlideReport` for ``run.json``.
 ``polygons_from_scores`` is the model-free second half (``zeus polygons``).
 """
@@ -10,7 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,19 +25,20 @@ from PIL import Image
 from shapely.geometry.base import BaseGeometry
 
 from .annotations import build_annotations
-from .embed import embed_grid
+from .embed import StreamEncoder, pin_region, wants_device_cut
 from .errors import SlideError
 from .geojson import feature_collection, write_geojson
-from .grid import PatchGeometry, make_grid
+from .grid import PatchGeometry, PatchGrid, make_grid
 from .models.base import Encoder
 from .overlay import render_overlay, write_png
 from .polygons import PolygonParams, mask_polygons, tissue_geometry
 from .prompts import PromptSet
+from .reader import ReadPlan, RegionStream, SlideFailed
 from .reconstruct import Threshold, zeus_mask
 from .scores import PatchScores
-from .scoring import cosine_scores
-from .slide import Slide
-from .tissue import TissueMask, detect_tissue, full_tissue
+from .scoring import slide_scores
+from .slide import Slide, SlideInfo
+from .tissue import DEFAULT_MAX_SIDE, TissueMask, full_tissue, segment_tissue
 
 OVERLAY_MAX_SIDE = 2048
 
@@ -68,6 +73,8 @@ class SlideReport:
     patches_per_s: float
     outputs: dict[str, str]
     warnings: list[str] = field(default_factory=list)
+    status: str = "done"  # done (computed by this run) or skipped (done before with the same parameters)
+    cache: str = "off"  # embedding cache: hit (no model ran), miss, partial (some models), off
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,43 +134,86 @@ def geojson_from_scores(scores: PatchScores, threshold: Threshold, params: Segme
     return feature_collection(build_annotations(polygons_from_scores(scores, threshold, params, clip), scores))
 
 
-def segment_slide(
-    slide_path: str | Path,
-    encoder: Encoder,
+@dataclass
+class PreparedSlide:
+    """What a slide needs before its patches are embedded (all of it O(grid) or thumbnail-sized)."""
+
+    path: str
+    stem: str
+    info: SlideInfo
+    geometry: PatchGeometry
+    tissue: TissueMask
+    grid: PatchGrid
+    thumbnail: np.ndarray
+    seconds: dict[str, float]
+    warnings: list[str]
+
+
+def prepare_slide(slide: Slide, params: SegmentParams, known: tuple[TissueMask, PatchGrid] | None = None,
+                  stem: str | None = None) -> PreparedSlide:
+    """Tissue mask, patch grid and overlay thumbnail of an open slide, from one low-resolution read.
+
+    ``known`` (a cached tissue mask and grid) skips tissue detection.
+    """
+    t0 = time.perf_counter()
+    info = slide.info
+    geometry = patch_geometry(params, info.mpp)
+    thumb_ds = max(1.0, max(info.width, info.height) / OVERLAY_MAX_SIDE)
+    view = slide.read_downsampled(thumb_ds)
+    if known is not None:
+        tissue, grid = known
+    else:
+        if not params.detect_tissue:
+            tissue = full_tissue(info.width, info.height)
+        elif OVERLAY_MAX_SIDE == DEFAULT_MAX_SIDE:  # the thumbnail is the view tissue detection reads
+            tissue = TissueMask(mask=segment_tissue(view), downsample=info.width / view.shape[1])
+        else:  # pragma: no cover - only if the two sizes ever differ
+            from .tissue import detect_tissue
+
+            tissue = detect_tissue(slide)
+        grid = make_grid(info.width, info.height, geometry, tissue)
+    warnings = []
+    if len(grid) == 0:
+        warnings.append(f"{slide.path.name}: no tissue found; writing an empty FeatureCollection")
+    return PreparedSlide(str(slide.path), stem or output_stem(slide.path), info, geometry, tissue, grid, view,
+                         {"tissue": time.perf_counter() - t0}, warnings)
+
+
+def output_paths(out_dir: str | Path, stem: str) -> dict[str, str]:
+    out = Path(out_dir)
+    return {
+        "geojson": str(out / f"{stem}.geojson"),
+        "scores": str(out / f"{stem}.scores.npz"),
+        "overlay": str(out / f"{stem}.overlay.png"),
+    }
+
+
+def finish_slide(
+    prepared: PreparedSlide,
+    features: Sequence[np.ndarray],
+    encoders: Sequence[Encoder],
     prompts: PromptSet,
-    prototypes: np.ndarray,
+    prototypes: Sequence[np.ndarray],
     params: SegmentParams,
     out_dir: str | Path,
     meta: dict[str, Any] | None = None,
-    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    seconds: dict[str, float] | None = None,
+    score_options: dict[str, Any] | None = None,
 ) -> SlideReport:
-    """Segment one slide and write its three outputs; ``progress(total, ...)`` makes a per-patch callback."""
-    out = Path(out_dir)
-    stem = output_stem(slide_path)
-    seconds: dict[str, float] = {}
-    warnings: list[str] = []
-    t0 = time.perf_counter()
-    with Slide(slide_path, mpp=params.mpp) as slide:
-        info = slide.info
-        geometry = patch_geometry(params, info.mpp)
-        tissue = detect_tissue(slide) if params.detect_tissue else full_tissue(info.width, info.height)
-        thumb_ds = max(1.0, max(info.width, info.height) / OVERLAY_MAX_SIDE)
-        thumbnail = slide.read_downsampled(thumb_ds)
-    seconds["tissue"] = time.perf_counter() - t0
-    grid = make_grid(info.width, info.height, geometry, tissue)
-    if len(grid) == 0:
-        warnings.append(f"{Path(slide_path).name}: no tissue found; writing an empty FeatureCollection")
+    """Score the features (one array per encoder), outline the positive class and write the outputs.
 
-    t1 = time.perf_counter()
-    callback = progress(len(grid), 0) if progress else None
-    features = embed_grid(str(slide_path), grid, encoder, mpp=params.mpp, batch_size=params.batch_size,
-                          workers=params.workers, progress=callback)
-    seconds["embed"] = time.perf_counter() - t1
-
+    ``score_options`` go to :func:`~zeus_qupath.scoring.slide_scores` (``screening_k``,
+    ``text_embeddings``, ``model_specs``). Outputs are written atomically: ``scores.npz``,
+    ``overlay.png``, then ``geojson``.
+    """
+    secs = {**prepared.seconds, **(seconds or {})}
     t2 = time.perf_counter()
+    info, geometry = prepared.info, prepared.geometry
+    values, score_meta = slide_scores(list(features), list(encoders), prompts, prototypes=list(prototypes),
+                                      **(score_options or {}))
     scores = PatchScores(
-        coords=grid.coords,
-        scores=cosine_scores(features, prototypes),
+        coords=prepared.grid.coords,
+        scores=values,
         classes=tuple(prompts.class_names),
         positive_class=prompts.positive_class,
         patch_size=geometry.patch_size_l0,
@@ -171,36 +221,71 @@ def segment_slide(
         width=info.width,
         height=info.height,
         mpp=info.mpp,
-        meta={**(meta or {}), "slide": Path(slide_path).name, "logit_scale": encoder.logit_scale,
-              "tissue": encode_tissue(tissue)},
+        meta={**(meta or {}), **score_meta, "slide": Path(prepared.path).name,
+              "logit_scale": float(np.mean([e.logit_scale for e in encoders])),
+              "tissue": encode_tissue(prepared.tissue)},
     )
-    clip = tissue_geometry(tissue)
+    clip = tissue_geometry(prepared.tissue)
     polygons = polygons_from_scores(scores, params.threshold, params, clip=clip)
     collection = feature_collection(build_annotations(polygons, scores))
-    seconds["polygons"] = time.perf_counter() - t2
-
-    outputs = {
-        "geojson": str(out / f"{stem}.geojson"),
-        "scores": str(out / f"{stem}.scores.npz"),
-        "overlay": str(out / f"{stem}.overlay.png"),
-    }
+    outputs = output_paths(out_dir, prepared.stem)
     scores.save(outputs["scores"])
-    write_png(outputs["overlay"], render_overlay(thumbnail, scores, polygons))
+    write_png(outputs["overlay"], render_overlay(prepared.thumbnail, scores, polygons))
     write_geojson(outputs["geojson"], collection)  # last: its presence marks a finished slide
-    seconds["total"] = time.perf_counter() - t0
+    secs["polygons"] = time.perf_counter() - t2
+    secs.setdefault("embed", 0.0)
+    secs["total"] = secs.get("total", 0.0) + sum(secs[k] for k in ("tissue", "embed", "polygons"))
     area = float(sum(p.area for p in polygons))
+    n = len(prepared.grid)
     return SlideReport(
-        slide=str(Path(slide_path).resolve()),
-        stem=stem,
+        slide=str(Path(prepared.path).resolve()),
+        stem=prepared.stem,
         width=info.width,
         height=info.height,
         mpp=info.mpp,
-        patches=len(grid),
-        tissue_fraction=tissue.fraction,
+        patches=n,
+        tissue_fraction=prepared.tissue.fraction,
         regions=len(polygons),
         tumor_area_um2=area * info.mpp**2 if info.mpp else None,
-        seconds={k: round(v, 3) for k, v in seconds.items()},
-        patches_per_s=round(len(grid) / seconds["embed"], 1) if seconds["embed"] > 0 and len(grid) else 0.0,
+        seconds={k: round(v, 3) for k, v in secs.items()},
+        patches_per_s=round(n / secs["embed"], 1) if secs["embed"] > 0 and n else 0.0,
         outputs=outputs,
-        warnings=warnings,
+        warnings=list(prepared.warnings),
     )
+
+
+def segment_slide(
+    slide_path: str | Path,
+    encoder: Encoder | Sequence[Encoder],
+    prompts: PromptSet,
+    prototypes: np.ndarray | Sequence[np.ndarray],
+    params: SegmentParams,
+    out_dir: str | Path,
+    meta: dict[str, Any] | None = None,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+) -> SlideReport:
+    """Segment one slide with one encoder (or an ensemble, with one prototype array each) and write its outputs.
+
+    ``progress(total, ...)`` makes a per-patch callback.
+    """
+    encoders = [encoder] if isinstance(encoder, Encoder) else list(encoder)
+    protos = [prototypes] if isinstance(prototypes, np.ndarray) else list(prototypes)
+    with Slide(slide_path, mpp=params.mpp) as slide:
+        prepared = prepare_slide(slide, params)
+    t1 = time.perf_counter()
+    plan = ReadPlan.for_grid(0, str(slide_path), prepared.grid)
+    stream = RegionStream([plan], workers=params.workers,
+                          transform=pin_region if wants_device_cut(encoders) else None)
+    runner = StreamEncoder(encoders, batch_size=params.batch_size,
+                           progress=lambda p: progress(len(p.grid), 0) if progress else None)
+    features: list[np.ndarray] | None = None
+    try:
+        for result in runner.run(stream):
+            if isinstance(result, SlideFailed):
+                raise result.error
+            features = [result.features[i] for i in range(len(encoders))]
+    finally:
+        stream.close()
+    assert features is not None
+    return finish_slide(prepared, features, encoders, prompts, protos, params, out_dir, meta,
+                        {"embed": time.perf_counter() - t1})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ class ImagePreprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
+    _constants: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, pixels: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
         x = torch.as_tensor(pixels)
@@ -50,8 +51,10 @@ class ImagePreprocess:
             x = TF.resize(x, [new_h, new_w], interpolation=_INTERP[self.interpolation], antialias=True)
             x = TF.center_crop(x, [self.size, self.size])
         x = x.float().div_(255.0)
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        if device not in self._constants:  # made once per device: creating them per batch syncs a CUDA stream
+            self._constants[device] = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
+                                       torch.tensor(self.std, device=device).view(1, 3, 1, 1))
+        mean, std = self._constants[device]
         return (x - mean) / std
 
 

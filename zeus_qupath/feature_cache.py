@@ -1,0 +1,217 @@
+"""Patch embeddings on disk, so that a slide is embedded once per model and patch geometry.
+
+An entry is keyed by what its features depend on (:class:`CacheKey`): the slide's content
+fingerprint (not its path), the model's identity (spec, weights, preprocessing) and the precision it
+ran in, the patch geometry (patch size, stride, target pixel size, resulting scale) and the tissue
+setting. It holds the features of every grid patch, the grid itself and the tissue mask, so a run
+with other prompts or another threshold skips tissue detection and the model and only re-scores.
+
+Entries are ``<root>/<xx>/<digest>.npz``. They are written to a temporary file named after the
+writer (``.<name>.<host>.<pid>.<random>.tmp``), flushed to disk and renamed, and carry a checksum
+of their arrays: a corrupt or truncated entry is detected on load, removed and recomputed, never
+used. :meth:`FeatureCache.clean_stale` removes temporary files left by writers that died.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .grid import PatchGeometry, PatchGrid
+from .identity import stable_hash
+from .tissue import DEFAULT_MAX_SIDE, TissueMask, TissueParams
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+READER_VERSION = 1  # bump when the way regions are read or resampled changes
+_ARRAYS = ("features", "index", "grid_info", "tissue_bits", "tissue_shape", "tissue_downsample")
+_FOREIGN_TEMP_AGE_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What one slide's features for one model depend on."""
+
+    slide: str  # content fingerprint of the slide file
+    model: str  # ModelIdentity.digest
+    precision: str  # fp32, bf16 or fp16 (what the model really ran in)
+    patch_size: int
+    stride: int
+    scale: float  # level-0 px per model px
+    target_mpp: float | None
+    tissue: bool  # patches restricted to detected tissue
+
+    @classmethod
+    def make(cls, slide: str, model: str, precision: str, geometry: PatchGeometry, target_mpp: float | None,
+             tissue: bool) -> CacheKey:
+        return cls(slide, model, precision, geometry.patch_size, geometry.stride, float(geometry.scale),
+                   target_mpp, tissue)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(vars(self))
+        d["scale"] = repr(self.scale)
+        d["versions"] = {"cache": CACHE_VERSION, "reader": READER_VERSION}
+        if self.tissue:
+            d["tissue_method"] = {"params": repr(TissueParams()), "max_side": DEFAULT_MAX_SIDE}
+        return d
+
+    @property
+    def digest(self) -> str:
+        return stable_hash(self.to_dict())
+
+
+@dataclass(frozen=True)
+class CachedEmbeddings:
+    """One slide's grid, tissue mask and the features of every grid patch (grid order)."""
+
+    features: np.ndarray  # (N, D) float32 unit vectors
+    index: np.ndarray  # (N, 2) int64 grid (row, col)
+    rows: int
+    cols: int
+    width: int
+    height: int
+    tissue: TissueMask
+
+    def grid(self, geometry: PatchGeometry) -> PatchGrid:
+        return PatchGrid(geometry, self.width, self.height, self.rows, self.cols, self.index)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        mask = np.asarray(self.tissue.mask, dtype=bool)
+        return {
+            "features": np.ascontiguousarray(self.features, dtype=np.float32),
+            "index": np.ascontiguousarray(self.index, dtype=np.int64).reshape(-1, 2),
+            "grid_info": np.array([self.rows, self.cols, self.width, self.height], dtype=np.int64),
+            "tissue_bits": np.packbits(mask, axis=None),
+            "tissue_shape": np.array(mask.shape, dtype=np.int64),
+            "tissue_downsample": np.array(self.tissue.downsample, dtype=np.float64),
+        }
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> CachedEmbeddings:
+        rows, cols, width, height = (int(v) for v in a["grid_info"])
+        shape = tuple(int(v) for v in a["tissue_shape"])
+        mask = np.unpackbits(a["tissue_bits"], count=shape[0] * shape[1]).reshape(shape).astype(bool)
+        features, index = a["features"], a["index"]
+        if features.ndim != 2 or index.shape != (features.shape[0], 2) or features.dtype != np.float32:
+            raise ValueError("inconsistent array shapes")
+        return cls(features, index, rows, cols, width, height,
+                   TissueMask(mask=mask, downsample=float(a["tissue_downsample"])))
+
+
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+    """blake2b over the arrays' names, dtypes, shapes and bytes, in a fixed order."""
+    h = hashlib.blake2b(digest_size=32)
+    for name in _ARRAYS:
+        arr = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{arr.dtype.str}:{arr.shape};".encode())
+        h.update(arr.tobytes() if arr.size == 0 else memoryview(arr.reshape(-1)).cast("B"))
+    return h.hexdigest()
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_") or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class FeatureCache:
+    """A folder of embedding entries; safe for several processes to share."""
+
+    root: Path
+    hits: int = field(default=0, init=False)
+    misses: int = field(default=0, init=False)
+    corrupt: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    def entry_path(self, key: CacheKey) -> Path:
+        d = key.digest
+        return self.root / d[:2] / f"{d}.npz"
+
+    def load(self, key: CacheKey) -> CachedEmbeddings | None:
+        """The entry for ``key``; None when absent, or when corrupt (then it is removed)."""
+        path = self.entry_path(key)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                arrays = {name: z[name] for name in _ARRAYS}
+            if meta.get("version") != CACHE_VERSION or meta.get("key") != key.digest:
+                raise ValueError("entry written for another key or version")
+            if meta.get("checksum") != checksum(arrays):
+                raise ValueError("checksum mismatch")
+            entry = CachedEmbeddings.from_arrays(arrays)
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        except Exception as exc:  # truncated zip, bad checksum, missing arrays: never use it
+            log.warning("embedding cache entry %s is unusable (%s); recomputing", path.name, exc)
+            self.corrupt += 1
+            self.misses += 1
+            path.unlink(missing_ok=True)
+            return None
+        self.hits += 1
+        return entry
+
+    def store(self, key: CacheKey, entry: CachedEmbeddings) -> Path:
+        """Write ``entry`` atomically (temporary file, fsync, rename); returns its path."""
+        path = self.entry_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = entry.arrays()
+        meta = {"version": CACHE_VERSION, "key": key.digest, "key_parts": key.to_dict(),
+                "checksum": checksum(arrays), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp = path.with_name(f".{path.name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    def clean_stale(self) -> int:
+        """Remove temporary files of writers that are gone (this host: dead pid; others: a day old)."""
+        if not self.root.is_dir():
+            return 0
+        host = _host()
+        removed = 0
+        for tmp in self.root.glob("*/.*.tmp"):
+            parts = tmp.name.rsplit(".", 4)  # .<name>.<host>.<pid>.<token>.tmp -> [.., host, pid, token, tmp]
+            try:
+                writer_host, pid = parts[1], int(parts[2])
+                if writer_host == host:
+                    stale = not _pid_alive(pid)
+                else:
+                    stale = time.time() - tmp.stat().st_mtime > _FOREIGN_TEMP_AGE_S
+            except (IndexError, ValueError, OSError):
+                continue
+            if stale:
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        return removed
