@@ -16,7 +16,7 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from .executors import (
 from .identity import file_fingerprint, stable_hash
 from .segment import SegmentParams, SlideReport
 
-__all__ = ["SLIDE_SUFFIXES", "RunConfig", "RunReport", "expand_slides", "run_parameters", "run_segment", "versions"]
+__all__ = ["SLIDE_SUFFIXES", "RunConfig", "RunReport", "run_parameters", "run_segment", "versions"]
 
 CACHE_DIR = ".cache"
 EXECUTORS = ("local", "ray")
@@ -94,11 +94,6 @@ class RunReport:
 
     def summary(self) -> str:
         return format_summary(self.slides, self.failures, self.seconds)
-
-
-def expand_slides(items: Sequence[str]) -> list[str]:
-    """Slide files from files, folders (their slide files, sorted) and glob patterns."""
-    return [e.path for e in collect_slides(tuple(items))]
 
 
 def versions() -> dict[str, str]:
