@@ -86,6 +86,14 @@ class Encoder(abc.ABC):
     device: torch.device
     precision: str = "auto"
 
+    def __init__(self, name: str, model: torch.nn.Module, tokenizer, device: torch.device, precision: str) -> None:
+        """Hold the frozen ``model`` (moved to ``device``, eval mode); subclasses set preprocess, dims, scale."""
+        self.name = name
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.precision = precision
+
     @abc.abstractmethod
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         """Text-aligned image embeddings of a preprocessed batch (not necessarily normalised)."""

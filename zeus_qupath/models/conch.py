@@ -89,11 +89,7 @@ class ConchEncoder(Encoder):
     """CONCH's CoCa model in its zero-shot configuration."""
 
     def __init__(self, name: str, model: torch.nn.Module, transform, device: torch.device, precision: str) -> None:
-        self.name = name
-        self.model = model.to(device).eval()
-        self.tokenizer = conch_tokenizer()
-        self.device = device
-        self.precision = precision
+        super().__init__(name, model, conch_tokenizer(), device, precision)
         self.preprocess = preprocess_from_transform(transform)
         self.logit_scale = float(model.logit_scale.exp().item())
         self.embed_dim = int(model.embed_dim)

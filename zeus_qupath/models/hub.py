@@ -45,3 +45,17 @@ def local_file(path: str | os.PathLike[str], model: str) -> Path:
     if not p.is_file():
         raise ModelError(f"model {model}: weights file not found: {p}")
     return p
+
+
+def weights_folder(preset, pretrained: str | None, marker: str, contents: str, patterns: Sequence[str]) -> Path:
+    """``--pretrained DIR`` (a copy of the preset's Hub folder, recognised by its ``marker`` file), or the
+    preset's snapshot in the Hugging Face cache; ``contents`` tells the user what the folder must hold."""
+    if not pretrained:
+        return hf_snapshot(preset.hf_repo, patterns, preset.name, preset.gated)
+    folder = Path(pretrained).expanduser()
+    if not (folder / marker).is_file():
+        raise ModelError(
+            f"model {preset.name}: --pretrained must be a folder holding {contents} (a copy of {preset.hf_repo}); "
+            f"not found: {folder / marker}"
+        )
+    return folder

@@ -32,11 +32,7 @@ class KeepEncoder(Encoder):
     """KEEP's ``encode_image`` / ``encode_text``."""
 
     def __init__(self, name: str, model: torch.nn.Module, tokenizer, device: torch.device, precision: str) -> None:
-        self.name = name
-        self.model = model.to(device).eval()
-        self.tokenizer = tokenizer
-        self.device = device
-        self.precision = precision
+        super().__init__(name, model, tokenizer, device, precision)
         self.preprocess = ImagePreprocess(size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic")
         scale = getattr(model, "logit_scale", None)
         self.logit_scale = float(scale.exp().item()) if scale is not None else 100.0
@@ -85,18 +81,10 @@ def load(preset, pretrained: str | None, device: torch.device, precision: str) -
         from transformers import AutoConfig, AutoModel, AutoTokenizer
     except ImportError as exc:
         raise ModelError(f"model {preset.name}: its code is not installed ({exc.name or exc}); {EXTRA_HINT}") from exc
-    from .hub import hf_snapshot
+    from .hub import weights_folder
 
-    if pretrained:
-        folder = Path(pretrained).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ModelError(
-                f"model {preset.name}: --pretrained must be a folder holding config.json, the modelling .py files, "
-                f"the tokenizer files and model.safetensors (a copy of {preset.hf_repo}); "
-                f"not found: {folder / 'config.json'}"
-            )
-    else:
-        folder = hf_snapshot(preset.hf_repo, HF_FILES, preset.name, preset.gated)
+    folder = weights_folder(preset, pretrained, "config.json",
+                            "config.json, the modelling .py files, the tokenizer files and model.safetensors", HF_FILES)
     try:
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
         model = AutoModel.from_config(config, trust_remote_code=True)

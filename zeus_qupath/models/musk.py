@@ -63,11 +63,7 @@ class MuskEncoder(Encoder):
     """MUSK's retrieval heads (``with_head=True``), the configuration the authors use for zero-shot."""
 
     def __init__(self, name: str, model: torch.nn.Module, tokenizer, device: torch.device, precision: str) -> None:
-        self.name = name
-        self.model = model.to(device).eval()
-        self.tokenizer = tokenizer
-        self.device = device
-        self.precision = precision
+        super().__init__(name, model, tokenizer, device, precision)
         self.preprocess = ImagePreprocess(size=384, mean=HALF_MEAN, std=HALF_STD, interpolation="bicubic")
         self.logit_scale = float(model.logit_scale.exp().item())
         self.embed_dim = int(model.vision_head.weight.shape[0])

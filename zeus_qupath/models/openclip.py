@@ -18,11 +18,7 @@ class OpenClipEncoder(Encoder):
     """An open_clip ``CLIP``/``CustomTextCLIP``: ``encode_image`` and ``encode_text``."""
 
     def __init__(self, name: str, model: torch.nn.Module, tokenizer, device: torch.device, precision: str) -> None:
-        self.name = name
-        self.model = model.to(device).eval()
-        self.tokenizer = tokenizer
-        self.device = device
-        self.precision = precision
+        super().__init__(name, model, tokenizer, device, precision)
         cfg = model.visual.preprocess_cfg
         size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
         if cfg.get("resize_mode", "shortest") != "shortest":
@@ -87,15 +83,11 @@ def load_open_clip(
 
 def load(preset, pretrained: str | None, device: torch.device, precision: str) -> OpenClipEncoder:
     """Load an open_clip preset from a local copy of its Hub folder (``--pretrained DIR``) or the HF cache."""
-    from .hub import hf_snapshot
+    from .hub import weights_folder
 
-    if pretrained:
-        folder = Path(pretrained).expanduser()
-        if not (folder / "open_clip_config.json").is_file():
-            raise ModelError(
-                f"model {preset.name}: --pretrained must be a folder holding open_clip_config.json and the weights "
-                f"(a copy of {preset.hf_repo}); for a bare checkpoint use --model open_clip:ARCH --pretrained FILE"
-            )
-    else:
-        folder = hf_snapshot(preset.hf_repo, OPEN_CLIP_FILES, preset.name, preset.gated)
+    folder = weights_folder(
+        preset, pretrained, "open_clip_config.json",
+        "open_clip_config.json and the weights (for a bare checkpoint use --model open_clip:ARCH --pretrained FILE)",
+        OPEN_CLIP_FILES,
+    )
     return load_open_clip(f"local-dir:{folder}", None, device, precision, display_name=preset.name)

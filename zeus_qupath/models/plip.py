@@ -8,7 +8,6 @@ Texts: the checkpoint's CLIP tokenizer (padding, truncation to 77) and ``get_tex
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -72,11 +71,7 @@ class HFClipEncoder(Encoder):
     def __init__(
         self, name: str, model: torch.nn.Module, image_processor, tokenizer, device: torch.device, precision: str
     ) -> None:
-        self.name = name
-        self.model = model.to(device).eval()
-        self.tokenizer = tokenizer
-        self.device = device
-        self.precision = precision
+        super().__init__(name, model, tokenizer, device, precision)
         self.preprocess = preprocess_from_processor(image_processor)
         self.context_length = int(model.config.text_config.max_position_embeddings)
         self.logit_scale = float(model.logit_scale.exp().item())
@@ -102,17 +97,10 @@ def load(preset, pretrained: str | None, device: torch.device, precision: str) -
         from transformers import CLIPModel, CLIPProcessor
     except ImportError as exc:
         raise ModelError(f"model {preset.name}: its code is not installed ({exc.name or exc}); {EXTRA_HINT}") from exc
-    from .hub import hf_snapshot
+    from .hub import weights_folder
 
-    if pretrained:
-        folder = Path(pretrained).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ModelError(
-                f"model {preset.name}: --pretrained must be a folder holding config.json, preprocessor_config.json, "
-                f"the tokenizer files and the weights (a copy of {preset.hf_repo}); not found: {folder / 'config.json'}"
-            )
-    else:
-        folder = hf_snapshot(preset.hf_repo, HF_FILES, preset.name, preset.gated)
+    folder = weights_folder(preset, pretrained, "config.json",
+                            "config.json, preprocessor_config.json, the tokenizer files and the weights", HF_FILES)
     try:
         model = CLIPModel.from_pretrained(str(folder))
         processor = CLIPProcessor.from_pretrained(str(folder))
