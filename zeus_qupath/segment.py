@@ -38,9 +38,7 @@ from .reconstruct import Threshold, zeus_mask
 from .scores import PatchScores
 from .scoring import slide_scores
 from .slide import Slide, SlideInfo
-from .tissue import DEFAULT_MAX_SIDE, TissueMask, full_tissue, segment_tissue
-
-OVERLAY_MAX_SIDE = 2048
+from .tissue import TissueMask, full_tissue, tissue_from_view, view_downsample
 
 
 @dataclass(frozen=True)
@@ -158,19 +156,11 @@ def prepare_slide(slide: Slide, params: SegmentParams, known: tuple[TissueMask, 
     t0 = time.perf_counter()
     info = slide.info
     geometry = patch_geometry(params, info.mpp)
-    thumb_ds = max(1.0, max(info.width, info.height) / OVERLAY_MAX_SIDE)
-    view = slide.read_downsampled(thumb_ds)
+    view = slide.read_downsampled(view_downsample(info.width, info.height))  # overlay thumbnail and tissue view
     if known is not None:
         tissue, grid = known
     else:
-        if not params.detect_tissue:
-            tissue = full_tissue(info.width, info.height)
-        elif OVERLAY_MAX_SIDE == DEFAULT_MAX_SIDE:  # the thumbnail is the view tissue detection reads
-            tissue = TissueMask(mask=segment_tissue(view), downsample=info.width / view.shape[1])
-        else:  # pragma: no cover - only if the two sizes ever differ
-            from .tissue import detect_tissue
-
-            tissue = detect_tissue(slide)
+        tissue = tissue_from_view(view, info.width) if params.detect_tissue else full_tissue(info.width, info.height)
         grid = make_grid(info.width, info.height, geometry, tissue)
     warnings = []
     if len(grid) == 0:

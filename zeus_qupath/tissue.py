@@ -74,14 +74,23 @@ def segment_tissue(rgb: np.ndarray, params: TissueParams = TissueParams()) -> np
     return mask
 
 
-def detect_tissue(slide: Slide, max_side: int = DEFAULT_MAX_SIDE, params: TissueParams = TissueParams()) -> TissueMask:
+def view_downsample(width: int, height: int, max_side: int = DEFAULT_MAX_SIDE) -> float:
+    """Downsample of the low-resolution view that tissue detection (and the overlay) read."""
+    return max(1.0, max(width, height) / max_side)
+
+
+def tissue_from_view(view: np.ndarray, width: int, params: TissueParams = TissueParams()) -> TissueMask:
+    """Tissue mask from an RGB view of the whole slide (level-0 ``width`` px wide)."""
+    # the view's size is rounded: use the exact per-pixel scale so coordinates stay true
+    return TissueMask(mask=segment_tissue(view, params), downsample=width / view.shape[1])
+
+
+def detect_tissue(
+    slide: Slide, max_side: int = DEFAULT_MAX_SIDE, params: TissueParams = TissueParams()
+) -> TissueMask:
     """Tissue mask of ``slide`` computed on a view whose longest side is at most ``max_side``."""
     width, height = slide.dimensions
-    downsample = max(1.0, max(width, height) / max_side)
-    view = slide.read_downsampled(downsample)
-    # the view's size is rounded: use the exact per-pixel scale so coordinates stay true
-    exact = width / view.shape[1]
-    return TissueMask(mask=segment_tissue(view, params), downsample=exact)
+    return tissue_from_view(slide.read_downsampled(view_downsample(width, height, max_side)), width, params)
 
 
 def full_tissue(width: int, height: int) -> TissueMask:
