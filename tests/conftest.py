@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTDATA = ROOT.parent / "shared" / "testdata"
+TESTDATA = ROOT / "tests" / "data"  # real test files shipped with the repository (tests/data/SOURCES.md)
 
 
 def shared_file(*parts: str) -> Path:
-    """A file from ../shared/testdata; skips the test when it is absent."""
+    """A file from tests/data; a missing one is a broken checkout, so the test fails (it does not skip)."""
     path = TESTDATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"test data not found: {path} (expected ../shared/testdata beside the checkout)")
+        pytest.fail(f"test data missing from the repository: {path} (see tests/data/SOURCES.md)")
     return path
 
 

@@ -44,7 +44,7 @@ from zeus_qupath.geojson import (
     write_geojson,
 )
 
-TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
+TESTDATA = Path(__file__).resolve().parent / "data"
 SVS = TESTDATA / "wsi" / "CMU-1-Small-Region.svs"  # 2220 x 2967, 0.499 um/px
 OME = TESTDATA / "wsi" / "OS-1-detail.ome.tif"  # 1101 x 1101, 0.2271 um/px
 MPP = 0.499
@@ -65,7 +65,7 @@ DICE = 2 * (200_000 + 90_000) / (ORIGINAL_PX + CORRECTED_PX)
 
 needs_slides = pytest.mark.skipif(
     not (SVS.is_file() and OME.is_file()),
-    reason=f"real test slides not found in {TESTDATA / 'wsi'} (../shared/testdata)",
+    reason=f"real test slides not found in {TESTDATA / 'wsi'} (tests/data)",
 )
 
 

@@ -27,7 +27,7 @@ from zeus_qupath.bridge.project import open_project
 from zeus_qupath.bridge.uris import same_file_uri
 from zeus_qupath.geojson import MEAS_AREA_PX, MEAS_VERTICES, Annotation, annotation_feature, vertex_count
 
-SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "wsi" / "CMU-1-Small-Region.svs"
+SLIDE = Path(__file__).resolve().parent / "data" / "wsi" / "CMU-1-Small-Region.svs"
 
 
 def _qupath_dir() -> Path | None:
@@ -40,7 +40,7 @@ def _qupath_dir() -> Path | None:
 
 
 def requires_qupath(test):
-    test = pytest.mark.skipif(not SLIDE.is_file(), reason=f"test slide not found at {SLIDE} (../shared/testdata)")(test)
+    test = pytest.mark.skipif(not SLIDE.is_file(), reason=f"test slide not found at {SLIDE} (tests/data)")(test)
     test = pytest.mark.skipif(
         _qupath_dir() is None,
         reason="needs a QuPath install: set PAQUO_QUPATH_DIR to a QuPath folder (and pip install paquo)",

@@ -36,13 +36,13 @@ from zeus_qupath.errors import ProjectError
 from zeus_qupath.geojson import Annotation, annotation_feature
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTDATA = ROOT.parent / "shared" / "testdata"
+TESTDATA = ROOT / "tests" / "data"
 REAL_PROJECT = TESTDATA / "qupath-project-0.6"
 SLIDE = TESTDATA / "wsi" / "CMU-1-Small-Region.svs"
 
 needs_real_project = pytest.mark.skipif(
     not (REAL_PROJECT / "project.qpproj").is_file(),
-    reason=f"the real QuPath 0.6 project is not at {REAL_PROJECT} (../shared/testdata)",
+    reason=f"the real QuPath 0.6 project is not at {REAL_PROJECT} (tests/data)",
 )
 
 

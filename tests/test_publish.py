@@ -1,7 +1,7 @@
 """Publishing ZEUS outputs (GeoJSON + scores file + run.json, as ``zeus segment`` writes them) into a project.
 
 The outputs are written here by hand with the engine's own writers (``feature_collection``,
-``PatchScores.save``, ``SlideReport``) for the real test slides in ../shared/testdata/wsi.
+``PatchScores.save``, ``SlideReport``) for the real test slides in tests/data/wsi.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from zeus_qupath.geojson import Annotation, feature_collection, write_geojson
 from zeus_qupath.scores import PatchScores
 from zeus_qupath.segment import SlideReport, output_stem
 
-TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
+TESTDATA = Path(__file__).resolve().parent / "data"
 SVS = TESTDATA / "wsi" / "CMU-1-Small-Region.svs"  # 2220 x 2967, 0.499 um/px
 OME = TESTDATA / "wsi" / "OS-1-detail.ome.tif"  # 1101 x 1101, 0.2271 um/px
 SLIDES = {SVS: (2220, 2967, 0.499), OME: (1101, 1101, 0.2271)}
 
 needs_slides = pytest.mark.skipif(
     not (SVS.is_file() and OME.is_file()),
-    reason=f"real test slides not found in {TESTDATA / 'wsi'} (../shared/testdata)",
+    reason=f"real test slides not found in {TESTDATA / 'wsi'} (tests/data)",
 )
 
 

@@ -20,11 +20,11 @@ from zeus_qupath.bridge.qupath_geojson import (
 from zeus_qupath.errors import GeoJSONError
 from zeus_qupath.geojson import vertex_count
 
-TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "geojson"
+TESTDATA = Path(__file__).resolve().parent / "data" / "geojson"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "geojson"
 
 needs_testdata = pytest.mark.skipif(
-    not TESTDATA.is_dir(), reason=f"real QuPath exports not found at {TESTDATA} (../shared/testdata)"
+    not TESTDATA.is_dir(), reason=f"real QuPath exports not found at {TESTDATA} (tests/data)"
 )
 
 
