@@ -25,16 +25,18 @@ import math
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import __version__
 from .errors import ModelError, ZeusError
-from .models.base import Encoder
 from .prompts import PromptSet
 from .scores import PatchScores
 from .scoring import slide_scores
+
+if TYPE_CHECKING:
+    from .models.base import Encoder  # for annotations only: importing it imports torch
 
 __all__ = ["FeatureFile", "read_feature_file", "score_features", "unit_features"]
 

@@ -16,11 +16,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import PromptError
-from .models.base import Encoder
+
+if TYPE_CHECKING:
+    from .models.base import Encoder  # for annotations only: importing it imports torch
 
 PLACEHOLDER = "CLASSNAME"
 POSITIVE_GUESSES = ("tumor", "tumour", "cancer", "neoplasm", "malignant", "carcinoma")

@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .models.base import Encoder
 from .prompts import PromptSet, class_prototypes
 from .screening import PromptEmbeddings, screen_prompts
+
+if TYPE_CHECKING:
+    from .models.base import Encoder  # for annotations only: importing it imports torch
 
 __all__ = ["cosine_scores", "prototype_sha256", "slide_scores"]
 

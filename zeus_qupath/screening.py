@@ -26,13 +26,15 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import PromptError, ZeusError
-from .models.base import Encoder
 from .prompts import PromptSet
+
+if TYPE_CHECKING:
+    from .models.base import Encoder  # for annotations only: importing it imports torch
 
 KEEP_TOPN = 50  # KEEP's scripts keep the best 50 classifiers
 MAX_CLASSIFIERS = 200_000
