@@ -9,6 +9,10 @@ What it writes (the layout QuPath 0.4 to 0.7 reads; entries as QuPath 0.5/0.6 wr
 - ``scripts/import_zeus_annotations.groovy``: the script that brings them into the image's
   hierarchy inside QuPath, applying the keep-edits rule (``bridge/edits.py``).
 
+A slide's existing entry is found by what identifies the image (``bridge.entry_match``: its URI,
+ZEUS's ``zeus.slide`` / ``zeus.uri`` metadata, its name), so an image the annotator relocated (QuPath
+rewrote its URI) is updated, never added twice; an existing entry keeps its URI.
+
 It never writes ``data.qpdata`` (QuPath writes it when an annotator saves), so annotators' edits
 cannot be lost here. Existing entries and every key this module does not know are written back
 unchanged. Before ``save()`` changes anything it copies the files it replaces to
@@ -36,7 +40,8 @@ from zeus_qupath.errors import ProjectError
 from zeus_qupath.geojson import class_color
 
 from .edits import MergeResult
-from .uris import UriMap, path_to_file_uri, same_file_uri
+from .entry_match import META_SLIDE, META_URI, EntryInfo, SlideKey, match_entry, next_entry_id
+from .uris import UriMap, map_path, path_to_file_uri, same_file_uri
 
 PROJECT_FILE = "project.qpproj"
 ZEUS_GEOJSON = "zeus_annotations.geojson"
@@ -212,6 +217,46 @@ def zeus_entry_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
+def entry_uri(entry: Mapping[str, Any]) -> str | None:
+    """The image URI of a ``project.qpproj`` entry (``serverBuilder.uri``; ``None`` when it has none)."""
+    builder = entry.get("serverBuilder")
+    for _ in range(8):  # wrapped builders (e.g. a rotated image) keep the image server builder inside
+        if not isinstance(builder, Mapping):
+            return None
+        if isinstance(builder.get("uri"), str):
+            return builder["uri"]
+        builder = builder.get("builder")
+    return None
+
+
+def entry_info(entry: Mapping[str, Any]) -> EntryInfo:
+    """What identifies a ``project.qpproj`` entry, for ``bridge.entry_match``."""
+    meta = entry.get("metadata") if isinstance(entry.get("metadata"), Mapping) else {}
+    builder = entry.get("serverBuilder")
+    image_meta = builder.get("metadata") if isinstance(builder, Mapping) else None
+    width = height = None
+    if isinstance(image_meta, Mapping):
+        width, height = _int_or_none(image_meta.get("width")), _int_or_none(image_meta.get("height"))
+    if width is None or height is None:
+        width, height = _int_or_none(meta.get("zeus.width")), _int_or_none(meta.get("zeus.height"))
+    return EntryInfo(
+        key=str(entry.get("entryID")),
+        uri=entry_uri(entry),
+        image_name=str(entry["imageName"]) if isinstance(entry.get("imageName"), str) else None,
+        metadata={str(k): str(v) for k, v in meta.items() if v is not None},
+        width=width,
+        height=height,
+    )
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        v = int(str(value))
+    except (TypeError, ValueError):
+        return None
+    return v if v > 0 else None
+
+
 class FilesProject:
     """A QuPath project folder written without QuPath (see the module docstring).
 
@@ -233,6 +278,7 @@ class FilesProject:
         self._pending_geojson: dict[str, list[dict[str, Any]]] = {}
         self._dirty = False
         self._uri_map: UriMap = ()
+        self._claimed: set[str] = set()  # entries matched to a slide in this session
         self.updates: list[ImageUpdate] = []
 
     # ----------------------------------------------------------------------------------- reading
@@ -265,14 +311,21 @@ class FilesProject:
     def find_entry(self, uri: str) -> dict[str, Any] | None:
         """The entry whose server URI names the same file as ``uri``, if any."""
         for entry in self.entries:
-            builder = entry.get("serverBuilder") if isinstance(entry, dict) else None
-            if isinstance(builder, dict) and isinstance(builder.get("uri"), str) and same_file_uri(builder["uri"], uri):
+            if isinstance(entry, dict) and (u := entry_uri(entry)) is not None and same_file_uri(u, uri):
                 return entry
         return None
 
+    def match_entry(self, slide: SlideKey) -> dict[str, Any] | None:
+        """The entry that is ``slide`` by the rules of ``bridge.entry_match`` (not one matched earlier)."""
+        infos = [entry_info(e) for e in self.entries if isinstance(e, dict) and "entryID" in e]
+        found = match_entry(infos, slide, self._claimed)
+        if found is None:
+            return None
+        return next(e for e in self.entries if isinstance(e, dict) and str(e.get("entryID")) == found.key)
+
     def _next_id(self) -> int:
-        ids = [int(e["entryID"]) for e in self.entries if isinstance(e, dict) and isinstance(e.get("entryID"), int)]
-        return max([int(self._data.get("lastID") or 0), *ids]) + 1
+        ids = [e.get("entryID") for e in self.entries if isinstance(e, dict)]
+        return next_entry_id(ids, self._data.get("lastID"), self.path / "data")
 
     def _load_classes(self) -> list[dict[str, Any]]:
         if self._classes is None:
@@ -320,9 +373,11 @@ class FilesProject:
             raise ProjectError(f"unknown image provider {provider!r} (choose from {', '.join(PROVIDERS)})")
         features = _check_features(geojson_features, str(slide_path))
         uri = path_to_file_uri(slide_path, uri_map)
-        entry = self.find_entry(uri)
-        created = entry is None
         name = image_name or Path(os.fspath(slide_path)).name
+        slide_key = SlideKey(path=map_path(slide_path), uris=(uri, path_to_file_uri(slide_path)), name=name,
+                             width=int(width), height=int(height))
+        entry = self.match_entry(slide_key)
+        created = entry is None
         if entry is None:
             entry_id = self._next_id()
             provider_class, args = PROVIDERS[provider]
@@ -342,10 +397,14 @@ class FilesProject:
             }
             self.entries.append(entry)
             self._data["lastID"] = entry_id
+        # an existing entry keeps its URI: QuPath may have rewritten it to where the annotator found the image
+        self._claimed.add(str(entry["entryID"]))
         self._uri_map = uri_map
         if not isinstance(entry.get("metadata"), dict):
             entry["metadata"] = {}
         entry["metadata"].update(zeus_entry_metadata(metadata))
+        entry["metadata"][META_SLIDE] = slide_key.path
+        entry["metadata"][META_URI] = uri
         entry_key = str(entry["entryID"])
         self._pending_geojson[entry_key] = features
         classes = self._load_classes()

@@ -8,7 +8,9 @@ only inside this module's functions, so the package works without it. Notes:
 - QuPath must be able to read the slide on this machine (``add_image`` opens it, and paquo saves an
   image's data only while its file is readable). With a URI map, an image is added and saved under
   its local path and its URI is rewritten for the annotators' machines afterwards; a later run maps
-  it back to the local path while it works on the image.
+  it back to the local path while it works on the image, then restores the URI the entry had (the
+  annotator's, if QuPath rewrote it after they relocated the image);
+- an existing entry is found by the rules of ``bridge.entry_match`` (URI, ZEUS metadata, name).
 
 Annotators' edits live in each image's ``data.qpdata``; the keep-edits rule (``bridge/edits.py``)
 is applied to the existing hierarchy here, in Python, before new ZEUS annotations are added.
@@ -37,9 +39,10 @@ from zeus_qupath.geojson import (
 )
 
 from .edits import MergeResult, merge_annotations
+from .entry_match import META_SLIDE, META_URI, EntryInfo, SlideKey, match_entry
 from .project_files import PROJECT_FILE, ImageUpdate, zeus_entry_metadata
 from .qupath_geojson import QuPathObject, feature_to_object, repair_geometry
-from .uris import UriMap, path_to_file_uri, same_file_uri
+from .uris import UriMap, map_path, path_to_file_uri, same_file_uri
 
 
 def paquo_annotation_to_object(annotation: Any) -> QuPathObject | None:
@@ -89,6 +92,7 @@ class PaquoProject:
         except (ValueError, OSError) as exc:
             raise ProjectError(f"{self.path}: paquo cannot open or create the QuPath project ({exc})") from None
         self.updates: list[ImageUpdate] = []
+        self._claimed: set[str] = set()  # entries matched to a slide in this session
 
     # ----------------------------------------------------------------------------------- helpers
 
@@ -98,15 +102,24 @@ class PaquoProject:
         shutil.copy2(path, path.with_name(f"{path.name}.bak-{self._stamp}"))
         self._backed_up.add(path)
 
-    def _find_entry(self, *uris: str) -> Any | None:
-        for entry in self._qp.images:
-            try:
-                entry_uri = entry.uri
-            except Exception:  # entries with several or no URIs are not ours
-                continue
-            if any(same_file_uri(entry_uri, u) for u in uris):
-                return entry
-        return None
+    def _entry_info(self, entry: Any) -> EntryInfo | None:
+        try:
+            uri = str(entry.uri)
+        except Exception:  # entries with several or no URIs are not ours
+            return None
+        try:
+            width, height = int(entry.width), int(entry.height)
+        except Exception:  # the image metadata cannot be read: matched by URI and ZEUS metadata only
+            width = height = None
+        return EntryInfo(key=str(entry.entry_id), uri=uri, image_name=str(entry.image_name),
+                         metadata={str(k): str(v) for k, v in dict(entry.metadata).items()},
+                         width=width, height=height)
+
+    def _match_entry(self, slide: SlideKey) -> Any | None:
+        entries = list(self._qp.images)
+        infos = [(e, self._entry_info(e)) for e in entries]
+        found = match_entry([i for _, i in infos if i is not None], slide, self._claimed)
+        return None if found is None else next(e for e, i in infos if i is not None and i.key == found.key)
 
     def _path_classes(self, wanted: Mapping[str, Sequence[int]]) -> dict[str, Any]:
         from paquo.classes import QuPathPathClass
@@ -146,7 +159,10 @@ class PaquoProject:
         features = [dict(f) for f in geojson_features]
         local_uri = path_to_file_uri(slide_path)
         mapped_uri = path_to_file_uri(slide_path, uri_map)
-        entry = self._find_entry(local_uri, mapped_uri)
+        name = image_name or Path(os.fspath(slide_path)).name
+        slide_key = SlideKey(path=map_path(slide_path), uris=(mapped_uri, local_uri), name=name,
+                             width=int(width), height=int(height))
+        entry = self._match_entry(slide_key)
         created = entry is None
         if entry is None:
             try:
@@ -156,8 +172,12 @@ class PaquoProject:
                 raise ProjectError(f"{slide_path}: QuPath cannot add the image ({exc})") from None
             if image_name:
                 entry.image_name = image_name
-        elif not same_file_uri(entry.uri, local_uri):
-            self._qp.update_image_paths(uri2uri={entry.uri: local_uri})  # work on the local file
+            keep_uri = mapped_uri
+        else:
+            keep_uri = str(entry.uri)  # the annotator's: QuPath may have rewritten it where they found the image
+            if not same_file_uri(keep_uri, local_uri):
+                self._qp.update_image_paths(uri2uri={keep_uri: local_uri})  # work on the local file
+        self._claimed.add(str(entry.entry_id))
         if (width, height) != (int(entry.width), int(entry.height)):
             raise ProjectError(
                 f"{slide_path}: QuPath reads {entry.width}x{entry.height} px, ZEUS read {width}x{height}"
@@ -193,9 +213,11 @@ class PaquoProject:
                 annotation.measurements[MEAS_CENTROID_Y] = float(roi.centroid.y)
         for key, value in zeus_entry_metadata(metadata).items():
             entry.metadata[key] = value
+        entry.metadata[META_SLIDE] = slide_key.path
+        entry.metadata[META_URI] = mapped_uri
         entry.save()
-        if not same_file_uri(mapped_uri, local_uri):
-            self._qp.update_image_paths(uri2uri={entry.uri: mapped_uri})
+        if not same_file_uri(str(entry.uri), keep_uri):
+            self._qp.update_image_paths(uri2uri={str(entry.uri): keep_uri})
         self._qp.save(images=False)
         entry_id = str(entry.entry_id)
         self.updates.append(ImageUpdate(entry_id, str(entry.image_name), created, len(features), merge))

@@ -357,3 +357,129 @@ def test_open_project_backends(tmp_path: Path) -> None:
     with pytest.raises(ProjectError, match="paquo backend is not available") as info:
         open_project(tmp_path / "d", backend="paquo")
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------- finding entries
+
+
+def _entries(project_dir: Path) -> list[dict[str, Any]]:
+    return json.loads((project_dir / "project.qpproj").read_text(encoding="utf-8"))["images"]
+
+
+def _rewrite(project_dir: Path, change: Any) -> None:
+    path = project_dir / "project.qpproj"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    change(data)
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def _publish(project_dir: Path, slide: Path, *, width: int = 800, height: int = 600, uri_map: Any = ()) -> Any:
+    with FilesProject(project_dir) as project:
+        project.add_or_update_image(slide, features("Tumor"), width=width, height=height, uri_map=uri_map)
+    return project.updates[-1]
+
+
+def test_an_image_the_annotator_relocated_is_updated_not_added_again(tmp_path: Path) -> None:
+    project_dir, slide = tmp_path / "p", tmp_path / "server" / "a.svs"
+    uri_map = [(str(tmp_path / "server"), "Z:\\slides")]
+    first = _publish(project_dir, slide, uri_map=uri_map)
+    (entry,) = _entries(project_dir)
+    assert entry["metadata"]["zeus.uri"] == "file:/Z:/slides/a.svs"
+    assert entry["metadata"]["zeus.slide"] == str(slide)
+
+    # QuPath could not find Z:\slides\a.svs; the annotator pointed it at C:\Users\ann\wsi\a.svs and renamed it
+    annotators_uri = "file:/C:/Users/ann/wsi/a.svs"
+
+    def relocate(data: dict) -> None:
+        data["images"][0]["serverBuilder"]["uri"] = annotators_uri
+        data["images"][0]["imageName"] = "case 7"
+
+    _rewrite(project_dir, relocate)
+    again = _publish(project_dir, slide, uri_map=uri_map)
+    (entry,) = _entries(project_dir)
+    assert again.entry_id == first.entry_id and again.created is False
+    assert entry["serverBuilder"]["uri"] == annotators_uri and entry["imageName"] == "case 7"  # kept
+    assert len(read_qupath_geojson(project_dir / "data" / first.entry_id / ZEUS_GEOJSON)) == 1
+
+
+def test_entries_written_before_zeus_recorded_its_slide_are_found_by_name(tmp_path: Path) -> None:
+    project_dir, slide = tmp_path / "p", tmp_path / "a.svs"
+    slide.write_bytes(b"slide")
+    _publish(project_dir, slide)
+
+    def legacy(data: dict) -> None:  # an older zeus: no zeus.slide / zeus.uri; the annotator relocated it
+        meta = data["images"][0]["metadata"]
+        del meta["zeus.slide"], meta["zeus.uri"]
+        data["images"][0]["serverBuilder"]["uri"] = "file:/Volumes/usb/a.svs"
+
+    _rewrite(project_dir, legacy)
+    update = _publish(project_dir, slide)
+    assert update.created is False and len(_entries(project_dir)) == 1
+    assert _entries(project_dir)[0]["metadata"]["zeus.slide"] == str(slide)  # recorded from now on
+
+    # the same name at another size is another image
+    other = tmp_path / "other" / "a.svs"
+    assert _publish(project_dir, other, width=1000, height=600).created is True
+    assert len(_entries(project_dir)) == 2
+
+
+def test_a_slide_moved_on_the_server_keeps_its_entry(tmp_path: Path) -> None:
+    project_dir = tmp_path / "p"
+    old, new = tmp_path / "old" / "a.svs", tmp_path / "new" / "a.svs"
+    for path in (old, new):
+        path.parent.mkdir()
+    old.write_bytes(b"slide")
+    _publish(project_dir, old)
+    old.rename(new)
+    update = _publish(project_dir, new)
+    assert update.created is False and len(_entries(project_dir)) == 1
+
+
+def test_same_name_other_slides_get_their_own_entries(tmp_path: Path) -> None:
+    project_dir = tmp_path / "p"
+    a, b = tmp_path / "case1" / "slide.svs", tmp_path / "case2" / "slide.svs"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(b"slide")
+    with FilesProject(project_dir) as project:  # in one run: the first entry is not matched twice
+        ids = [project.add_or_update_image(p, features("Tumor"), width=800, height=600) for p in (a, b)]
+    assert ids == ["1", "2"]
+    # a later run: each finds its own entry (by URI, and ZEUS's record names the other slide for the other)
+    assert _publish(project_dir, b).entry_id == "2" and _publish(project_dir, a).entry_id == "1"
+    assert len(_entries(project_dir)) == 2
+
+
+def test_two_entries_that_could_both_be_the_slide_are_refused(tmp_path: Path) -> None:
+    project_dir = tmp_path / "p"
+    with FilesProject(project_dir) as project:
+        for folder in ("x", "y"):
+            project.add_or_update_image(tmp_path / folder / "a.svs", features("Tumor"), width=800, height=600)
+
+    def legacy(data: dict) -> None:
+        for e in data["images"]:
+            del e["metadata"]["zeus.slide"], e["metadata"]["zeus.uri"]
+
+    _rewrite(project_dir, legacy)
+    before = (project_dir / "project.qpproj").read_text(encoding="utf-8")
+    with pytest.raises(ProjectError, match="entries 1, 2 of the project could all be this slide") as info:
+        _publish(project_dir, tmp_path / "z" / "a.svs")
+    assert "\n" not in str(info.value)
+    assert (project_dir / "project.qpproj").read_text(encoding="utf-8") == before
+
+
+def test_string_entry_ids_and_used_data_folders_are_never_reused(tmp_path: Path) -> None:
+    project_dir = tmp_path / "p"
+    _publish(project_dir, tmp_path / "a.svs")
+
+    def stringify(data: dict) -> None:  # as some tools write it; QuPath reads "1" as entry 1
+        data["images"][0]["entryID"] = "1"
+        del data["lastID"]
+
+    _rewrite(project_dir, stringify)
+    assert _publish(project_dir, tmp_path / "a.svs").entry_id == "1"  # found, not added
+    (project_dir / "data" / "5").mkdir()  # a folder of an entry removed from the project
+    update = _publish(project_dir, tmp_path / "b.svs")
+    assert update.created is True and update.entry_id == "6"
+    assert [str(e["entryID"]) for e in _entries(project_dir)] == ["1", "6"]
+    assert len(read_qupath_geojson(project_dir / "data" / "1" / ZEUS_GEOJSON)) == 1
+    assert json.loads((project_dir / "project.qpproj").read_text(encoding="utf-8"))["lastID"] == 6
