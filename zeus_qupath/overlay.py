@@ -10,21 +10,22 @@ from PIL import Image
 from shapely.geometry import Polygon
 
 from .atomic import atomic_path
-from .reconstruct import cell_sums
+from .reconstruct import sample_sums
 from .scores import PatchScores
 
 POSITIVE_RGB = (230, 20, 20)
 NEGATIVE_RGB = (30, 90, 230)
 
 
-def score_margin_map(scores: PatchScores) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-cell mean margin (positive score minus best other), the covered cells, and the cell size."""
+def score_margin_map(scores: PatchScores, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean margin (positive score minus best other) of the patches covering each level-0 pixel (ys x xs),
+    and which of those pixels any patch covers (patches anywhere: any grid)."""
     pos = scores.positive_index
     margin = scores.scores[:, pos] - np.delete(scores.scores, pos, axis=1).max(axis=1)
-    cs = cell_sums(scores, margin[:, None])
-    covered = cs.counts > 0
-    mean = np.divide(cs.sums[..., 0], cs.counts, out=np.zeros(cs.counts.shape), where=covered)
-    return mean, covered, cs.cell
+    sums, counts = sample_sums(scores, margin[:, None], xs, ys)
+    covered = counts > 0
+    mean = np.divide(sums[..., 0], counts, out=np.zeros(counts.shape), where=covered)
+    return mean, covered
 
 
 def render_overlay(
@@ -35,13 +36,12 @@ def render_overlay(
     scale = tw / scores.width  # thumbnail px per level-0 px
     out = thumbnail.copy()
     if len(scores.coords):
-        mean, covered, cell = score_margin_map(scores)
-        lim = float(np.abs(mean[covered]).max()) or 1.0
-        t = np.clip((mean / lim + 1) / 2, 0, 1)[..., None]  # 0: most negative margin .. 1: most positive
+        ys = np.minimum(((np.arange(th) + 0.5) * scores.height / th).astype(np.int64), scores.height - 1)
+        xs = np.minimum(((np.arange(tw) + 0.5) / scale).astype(np.int64), scores.width - 1)
+        mean, cov = score_margin_map(scores, xs, ys)  # at the level-0 pixel under each thumbnail pixel's centre
+        lim = float(np.abs(mean[cov]).max()) if cov.any() else 1.0
+        t = np.clip((mean / (lim or 1.0) + 1) / 2, 0, 1)[..., None]  # 0: most negative margin .. 1: most positive
         heat = (t * np.array(POSITIVE_RGB) + (1 - t) * np.array(NEGATIVE_RGB)).astype(np.uint8)
-        ys = np.minimum(((np.arange(th) + 0.5) * scores.height / th / cell).astype(np.int64), mean.shape[0] - 1)
-        xs = np.minimum(((np.arange(tw) + 0.5) / scale / cell).astype(np.int64), mean.shape[1] - 1)
-        heat, cov = heat[np.ix_(ys, xs)], covered[np.ix_(ys, xs)]
         blend = (out.astype(np.float32) * (1 - alpha) + heat.astype(np.float32) * alpha).astype(np.uint8)
         out[cov] = blend[cov]
     thickness = max(2, int(round(max(th, tw) / 500)))

@@ -1,34 +1,44 @@
-"""From patch scores to a mask, with memory proportional to the patch grid.
+"""From patch scores to a mask, with memory proportional to the number of patches.
 
 The ZEUS rule (its public code, at full resolution): every pixel sums the scores of the patches
 covering it, one map per class; pixel-wise argmax (ties go to the non-positive classes); Gaussian
 blur with kernel k = 2 * patch + 1 (OpenCV's sigma for sigma=0); keep pixels whose blurred value is
-above 0.1. Pixels inside one stride cell are covered by exactly the same patches, so the sums and
-the argmax are computed once per cell (cell = gcd(patch, stride)). The blur of a cell-constant image
-is separable and linear, so its value at any pixel is ``Ky @ cells @ Kx.T`` with small per-axis weight
-matrices (:func:`blur_matrix`): exact at every sampled pixel. The mask is sampled every pixel when the
-slide has at most ``MAX_FINE_PIXELS`` pixels (identical to the full-resolution rule), otherwise every
-``step`` px (:func:`sample_step`), so memory never grows with the slide beyond that cap.
+above 0.1.
+
+Patches may sit anywhere (integer top-lefts >= 0): one lattice from (0, 0), CLAM's and ZEUS's
+per-contour lattices, or no lattice at all. Between two consecutive distinct patch edges (every
+``x`` and ``x + patch``, clipped to the slide, and likewise in y) the set of covering patches does
+not change, so the plane splits into at most (2N + 1) x (2N + 1) rectangular *cells* on which the
+sums, the argmax and the coverage are constant (:class:`Cells`). The blur of a cell-constant image
+is separable and linear, so its value at a pixel is ``Ky @ winner @ Kx.T`` with sparse per-axis
+weight matrices (:func:`blur_weights`), exact at every sampled pixel. The mask is computed in bands
+of sample rows, each needing only the cell rows within one kernel radius, so no array ever has the
+slide's size or (cells x cells) size: memory follows the patches and the sample grid. The mask is
+sampled every pixel when the slide has at most ``MAX_FINE_PIXELS`` pixels (identical to the
+full-resolution rule), otherwise every ``step`` px (:func:`sample_step`).
 (:func:`zeus_mask_fullres` is the straightforward reference, for tests and benchmarks only.)
 
-Other rules: ``argmax`` (the per-cell argmax, no smoothing) and ``prob:P`` (softmax over classes with
-the model's logit scale, averaged over the covering patches, positive class above P).
+Other rules, sampled the same way and exact at each sample: ``argmax`` (the per-pixel argmax, no
+smoothing) and ``prob:P`` (softmax over classes with the model's logit scale, averaged over the
+covering patches, positive class above P).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import scipy.sparse
 
 from .errors import ZeusError
 from .scores import PatchScores
 
 ZEUS_BLUR_THRESHOLD = 0.1
 MAX_FINE_PIXELS = 32_000_000
-MAX_CELLS = 64_000_000
+BLOCK_SAMPLES = 2_000_000  # mask samples computed at once (rows x columns of one band)
 
 
 @dataclass(frozen=True)
@@ -68,34 +78,59 @@ class Mask:
 
 
 @dataclass(frozen=True)
-class CellSums:
-    """Per-cell sums of the covering patches' values, and how many patches cover each cell."""
+class Cells:
+    """The rectangles between consecutive distinct patch edges, and the cells each patch covers.
 
-    sums: np.ndarray  # (rows, cols, C) float64
-    counts: np.ndarray  # (rows, cols) int32
-    cell: int  # level-0 px per cell
+    Cell (i, j) is level-0 ``[x_edges[j], x_edges[j+1]) x [y_edges[i], y_edges[i+1])``; patch k covers
+    cell columns ``[col0[k], col1[k])`` and rows ``[row0[k], row1[k])``.
+    """
+
+    x_edges: np.ndarray  # (nx + 1,) int64, 0 .. width
+    y_edges: np.ndarray  # (ny + 1,) int64, 0 .. height
+    col0: np.ndarray
+    col1: np.ndarray
+    row0: np.ndarray
+    row1: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.y_edges) - 1, len(self.x_edges) - 1
 
 
-def cell_sums(scores: PatchScores, values: np.ndarray | None = None) -> CellSums:
-    """Sum ``values`` (default: the scores) of every patch over the cells it covers (2-D difference arrays)."""
-    values = scores.scores if values is None else values
-    cell = math.gcd(scores.patch_size, scores.stride)
-    rows, cols = math.ceil(scores.height / cell), math.ceil(scores.width / cell)
-    if rows * cols > MAX_CELLS:
-        raise ZeusError(
-            f"patch size {scores.patch_size} and stride {scores.stride} give {rows * cols:,} cells; "
-            "use a patch size that is a multiple of the stride"
-        )
-    k = scores.patch_size // cell
+def _axis(starts: np.ndarray, patch: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lo = np.clip(starts, 0, size)
+    hi = np.clip(starts + patch, 0, size)
+    edges = np.unique(np.concatenate([[0, size], lo, hi]).astype(np.int64))
+    return edges, np.searchsorted(edges, lo), np.searchsorted(edges, hi)
+
+
+def patch_cells(scores: PatchScores) -> Cells:
+    """The cells of ``scores``' patches (at most 2N + 1 per axis; patches are clipped to the slide)."""
+    if len(scores.coords) and scores.coords.min() < 0:
+        raise ZeusError("patch coordinates must be non-negative level-0 px")
+    xe, c0, c1 = _axis(scores.coords[:, 0], scores.patch_size, scores.width)
+    ye, r0, r1 = _axis(scores.coords[:, 1], scores.patch_size, scores.height)
+    return Cells(xe, ye, c0, c1, r0, r1)
+
+
+def band_sums(cells: Cells, values: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell sums of ``values`` (N, C) over the covering patches, and their counts, for cell rows [lo, hi).
+
+    Returns float64 (hi - lo, nx, C) and int64 (hi - lo, nx); 2-D difference arrays over the patches
+    that reach the band only.
+    """
+    nx = cells.shape[1]
     n_cls = values.shape[1]
-    diff = np.zeros((rows + k + 1, cols + k + 1, n_cls + 1), dtype=np.float64)
-    r0 = scores.coords[:, 1] // cell
-    c0 = scores.coords[:, 0] // cell
-    vals = np.concatenate([values.astype(np.float64), np.ones((len(values), 1))], axis=1)
-    for dr, dc, sign in ((0, 0, 1), (k, 0, -1), (0, k, -1), (k, k, 1)):
-        np.add.at(diff, (r0 + dr, c0 + dc), sign * vals)
-    acc = diff.cumsum(axis=0).cumsum(axis=1)[:rows, :cols]
-    return CellSums(sums=acc[..., :n_cls], counts=np.rint(acc[..., n_cls]).astype(np.int32), cell=cell)
+    hit = (cells.row0 < hi) & (cells.row1 > lo) & (cells.col1 > cells.col0)
+    r0 = np.maximum(cells.row0[hit], lo) - lo
+    r1 = np.minimum(cells.row1[hit], hi) - lo
+    c0, c1 = cells.col0[hit], cells.col1[hit]
+    vals = np.concatenate([values[hit].astype(np.float64), np.ones((int(hit.sum()), 1))], axis=1)
+    diff = np.zeros((hi - lo + 1, nx + 1, n_cls + 1), dtype=np.float64)
+    for rows, cols, sign in ((r0, c0, 1), (r1, c0, -1), (r0, c1, -1), (r1, c1, 1)):
+        np.add.at(diff, (rows, cols), sign * vals)
+    acc = diff.cumsum(axis=0).cumsum(axis=1)[: hi - lo, :nx]
+    return acc[..., :n_cls], np.rint(acc[..., n_cls]).astype(np.int64)
 
 
 def positive_argmax(sums: np.ndarray, positive: int) -> np.ndarray:
@@ -109,58 +144,125 @@ def opencv_sigma(ksize: int) -> float:
     return 0.3 * ((ksize - 1) / 2 - 1) + 0.8
 
 
-def blur_matrix(n_px: int, cell: int, n_cells: int, step: int, patch: int) -> np.ndarray:
-    """(samples, cells) weights: the blur, along one axis, of a cell-constant image, sampled every ``step`` px.
-
-    Row i holds, for the level-0 pixel at the centre of sample i, the weight of each cell in OpenCV's
-    Gaussian kernel of size 2 * patch + 1 (sigma from OpenCV's rule), with OpenCV's default border
-    (reflect-101 at the image edge). So ``Ky @ cells @ Kx.T`` is exactly the full-resolution blur at the
-    sampled pixels.
-    """
-    n_s = math.ceil(n_px / step)
-    centres = np.minimum(np.arange(n_s, dtype=np.int64) * step + step // 2, n_px - 1)
-    kernel = cv2.getGaussianKernel(2 * patch + 1, 0).ravel()
-    weights = np.zeros((n_s, n_cells), dtype=np.float64)
-    for start in range(0, n_s, 1024):  # chunks keep the (samples x kernel) index arrays small
-        px = centres[start : start + 1024, None] + np.arange(-patch, patch + 1)[None, :]
-        px = np.abs(px)
-        px = np.where(px > n_px - 1, 2 * (n_px - 1) - px, px)  # reflect-101
-        rows = np.arange(px.shape[0])[:, None] * n_cells + px // cell
-        flat = np.bincount(rows.ravel(), weights=np.broadcast_to(kernel, px.shape).ravel(),
-                           minlength=px.shape[0] * n_cells)
-        weights[start : start + px.shape[0]] = flat.reshape(px.shape[0], n_cells)
-    return weights
-
-
 def sample_step(width: int, height: int, max_pixels: int = MAX_FINE_PIXELS) -> int:
     """Level-0 px between mask samples: 1 (exact) when the slide fits ``max_pixels``, else the smallest that does."""
     return max(1, math.ceil(math.sqrt(width * height / max_pixels)))
 
 
+def sample_centres(n_px: int, step: int) -> np.ndarray:
+    """Level-0 px sampled along an axis of ``n_px`` pixels: the centre pixel of every ``step``-px mask pixel."""
+    n_s = math.ceil(n_px / step)
+    return np.minimum(np.arange(n_s, dtype=np.int64) * step + step // 2, n_px - 1)
+
+
+def reflect101(px: np.ndarray, n_px: int) -> np.ndarray:
+    """OpenCV's default border (BORDER_REFLECT_101, ``gfedcb|abcdefgh|gfedcba``), repeated as far as needed."""
+    if n_px == 1:
+        return np.zeros_like(px)
+    period = 2 * (n_px - 1)
+    q = np.mod(px, period)
+    return np.where(q >= n_px, period - q, q)
+
+
+def blur_weights(centres: np.ndarray, n_px: int, edges: np.ndarray, patch: int) -> scipy.sparse.csr_matrix:
+    """Sparse (samples, cells) weights: the blur, along one axis, of a cell-constant image at ``centres``.
+
+    Row i holds, for level-0 pixel ``centres[i]``, the weight of each cell (``edges``) in OpenCV's
+    Gaussian kernel of size 2 * patch + 1 (sigma from OpenCV's rule) with OpenCV's default border. So
+    ``Ky @ cells @ Kx.T`` is exactly the full-resolution blur at the sampled pixels.
+    """
+    kernel = cv2.getGaussianKernel(2 * patch + 1, 0).ravel()
+    offsets = np.arange(-patch, patch + 1)
+    parts = []
+    for start in range(0, len(centres), 1024):  # chunks keep the (samples x kernel) index arrays small
+        px = reflect101(centres[start : start + 1024, None] + offsets[None, :], n_px)
+        cell = np.searchsorted(edges, px, side="right") - 1
+        rows = np.broadcast_to(np.arange(px.shape[0])[:, None], px.shape)
+        weights = np.broadcast_to(kernel, px.shape)
+        parts.append(scipy.sparse.csr_matrix((weights.ravel(), (rows.ravel(), cell.ravel())),
+                                             shape=(px.shape[0], len(edges) - 1)))  # duplicates are summed
+    if not parts:
+        return scipy.sparse.csr_matrix((0, len(edges) - 1))
+    return scipy.sparse.vstack(parts, format="csr")
+
+
+def _bands(n_rows: int, n_cols: int) -> Iterator[tuple[int, int]]:
+    rows = max(1, BLOCK_SAMPLES // max(n_cols, 1))
+    for start in range(0, n_rows, rows):
+        yield start, min(start + rows, n_rows)
+
+
+def _cell_index(edges: np.ndarray, px: np.ndarray) -> np.ndarray:
+    return np.searchsorted(edges, px, side="right") - 1
+
+
+def _sampled_bands(scores: PatchScores, values: np.ndarray, xs: np.ndarray,
+                   ys: np.ndarray) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """(a, b, sums, counts) for bands of sample rows ``ys[a:b]``: per-pixel sums of ``values`` at (ys x xs)."""
+    cells = patch_cells(scores)
+    cols = _cell_index(cells.x_edges, np.clip(xs, 0, scores.width - 1))
+    for a, b in _bands(len(ys), len(xs)):
+        rows = _cell_index(cells.y_edges, np.clip(ys[a:b], 0, scores.height - 1))
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        band, n = band_sums(cells, values, lo, hi)
+        yield a, b, band[np.ix_(rows - lo, cols)], n[np.ix_(rows - lo, cols)]
+
+
+def sample_sums(scores: PatchScores, values: np.ndarray, xs: np.ndarray,
+                ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel sums of ``values`` (N, C) over the patches covering each level-0 pixel (ys x xs), and the counts.
+
+    Exact at every given pixel; memory follows the patches and ``len(ys) * len(xs)``, not the slide.
+    """
+    sums = np.zeros((len(ys), len(xs), values.shape[1]))
+    counts = np.zeros((len(ys), len(xs)), dtype=np.int64)
+    for a, b, band, n in _sampled_bands(scores, values, xs, ys):
+        sums[a:b], counts[a:b] = band, n
+    return sums, counts
+
+
+def _probabilities(scores: PatchScores, logit_scale: float | None) -> np.ndarray:
+    if logit_scale is None:
+        logit_scale = float(scores.meta.get("logit_scale", 100.0))
+    z = logit_scale * scores.scores.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    probs = np.exp(z)
+    probs /= probs.sum(axis=1, keepdims=True)
+    return probs[:, [scores.positive_index]]
+
+
 def zeus_mask(scores: PatchScores, logit_scale: float | None = None, threshold: Threshold = Threshold(),
               max_pixels: int = MAX_FINE_PIXELS) -> Mask:
-    """The mask of ``threshold``'s rule, with memory proportional to the grid (and at most ``max_pixels``)."""
-    if threshold.method == "prob":
-        if logit_scale is None:
-            logit_scale = float(scores.meta.get("logit_scale", 100.0))
-        z = logit_scale * scores.scores.astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(axis=1, keepdims=True)
-        cs = cell_sums(scores, probs[:, [scores.positive_index]])
-        mean = np.divide(cs.sums[..., 0], cs.counts, out=np.zeros(cs.counts.shape), where=cs.counts > 0)
-        return Mask(mean > threshold.value, float(cs.cell), scores.width, scores.height)
-    cs = cell_sums(scores)
-    winner = positive_argmax(cs.sums, scores.positive_index) & (cs.counts > 0)
-    if threshold.method == "argmax":
-        return Mask(winner, float(cs.cell), scores.width, scores.height)
+    """The mask of ``threshold``'s rule, sampled every ``sample_step`` px, with memory bounded by the patches."""
     step = sample_step(scores.width, scores.height, max_pixels)
-    ky = blur_matrix(scores.height, cs.cell, winner.shape[0], step, scores.patch_size).astype(np.float32)
-    kx = blur_matrix(scores.width, cs.cell, winner.shape[1], step, scores.patch_size).astype(np.float32)
-    right = winner.astype(np.float32) @ kx.T  # (cell rows, sample cols)
-    mask = np.empty((ky.shape[0], kx.shape[0]), dtype=bool)
-    for start in range(0, ky.shape[0], 2048):  # row chunks: never a full float raster
-        mask[start : start + 2048] = (ky[start : start + 2048] @ right) > ZEUS_BLUR_THRESHOLD
+    xs, ys = sample_centres(scores.width, step), sample_centres(scores.height, step)
+    mask = np.zeros((len(ys), len(xs)), dtype=bool)
+    if len(scores.coords) == 0:
+        return Mask(mask, float(step), scores.width, scores.height)
+    if threshold.method in ("argmax", "prob"):
+        prob = threshold.method == "prob"
+        values = _probabilities(scores, logit_scale) if prob else scores.scores
+        for a, b, sums, counts in _sampled_bands(scores, values, xs, ys):
+            if prob:
+                mean = np.divide(sums[..., 0], counts, out=np.zeros(counts.shape), where=counts > 0)
+                mask[a:b] = mean > threshold.value
+            else:
+                mask[a:b] = positive_argmax(sums, scores.positive_index) & (counts > 0)
+        return Mask(mask, float(step), scores.width, scores.height)
+    cells = patch_cells(scores)
+    kx = blur_weights(xs, scores.width, cells.x_edges, scores.patch_size).astype(np.float32)
+    ky = blur_weights(ys, scores.height, cells.y_edges, scores.patch_size).astype(np.float32)
+    for a, b in _bands(len(ys), len(xs)):  # bands of sample rows: never a full float raster
+        rows = ky[a:b]
+        if rows.nnz == 0:
+            continue
+        lo, hi = int(rows.indices.min()), int(rows.indices.max()) + 1  # the cell rows within the kernel
+        sums, counts = band_sums(cells, scores.scores, lo, hi)
+        winner = positive_argmax(sums, scores.positive_index) & (counts > 0)
+        if not winner.any():
+            continue
+        right = np.asarray(kx @ winner.T.astype(np.float32)).T  # (band cell rows, sample columns)
+        mask[a:b] = np.asarray(rows[:, lo:hi] @ right) > ZEUS_BLUR_THRESHOLD
     return Mask(mask, float(step), scores.width, scores.height)
 
 
