@@ -29,13 +29,13 @@ import numpy as np
 
 from .grid import PatchGeometry, PatchGrid
 from .identity import stable_hash
-from .tissue import DEFAULT_MAX_SIDE, TissueMask, TissueParams
+from .tissue import TissueMask, tissue_method
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: patch lattice origins (per-contour grids, --tissue zeus)
 READER_VERSION = 1  # bump when the way regions are read or resampled changes
-_ARRAYS = ("features", "index", "grid_info", "tissue_bits", "tissue_shape", "tissue_downsample")
+_ARRAYS = ("features", "index", "origin", "grid_info", "tissue_bits", "tissue_shape", "tissue_downsample")
 _FOREIGN_TEMP_AGE_S = 24 * 3600
 
 
@@ -50,11 +50,11 @@ class CacheKey:
     stride: int
     scale: float  # level-0 px per model px
     target_mpp: float | None
-    tissue: bool  # patches restricted to detected tissue
+    tissue: bool | str  # False: every patch; "zeus" or "coarse" (True): the tissue rule (--tissue)
 
     @classmethod
     def make(cls, slide: str, model: str, precision: str, geometry: PatchGeometry, target_mpp: float | None,
-             tissue: bool) -> CacheKey:
+             tissue: bool | str) -> CacheKey:
         return cls(slide, model, precision, geometry.patch_size, geometry.stride, float(geometry.scale),
                    target_mpp, tissue)
 
@@ -63,7 +63,7 @@ class CacheKey:
         d["scale"] = repr(self.scale)
         d["versions"] = {"cache": CACHE_VERSION, "reader": READER_VERSION}
         if self.tissue:
-            d["tissue_method"] = {"params": repr(TissueParams()), "max_side": DEFAULT_MAX_SIDE}
+            d["tissue_method"] = tissue_method("zeus" if self.tissue == "zeus" else "coarse")
         return d
 
     @property
@@ -82,15 +82,18 @@ class CachedEmbeddings:
     width: int
     height: int
     tissue: TissueMask
+    origin: np.ndarray | None = None  # (N, 2) int64 lattice origins (PatchGrid.origin); None: all (0, 0)
 
     def grid(self, geometry: PatchGeometry) -> PatchGrid:
-        return PatchGrid(geometry, self.width, self.height, self.rows, self.cols, self.index)
+        return PatchGrid(geometry, self.width, self.height, self.rows, self.cols, self.index, self.origin)
 
     def arrays(self) -> dict[str, np.ndarray]:
         mask = np.asarray(self.tissue.mask, dtype=bool)
         return {
             "features": np.ascontiguousarray(self.features, dtype=np.float32),
             "index": np.ascontiguousarray(self.index, dtype=np.int64).reshape(-1, 2),
+            "origin": (np.zeros((0, 2), np.int64) if self.origin is None
+                       else np.ascontiguousarray(self.origin, dtype=np.int64).reshape(-1, 2)),
             "grid_info": np.array([self.rows, self.cols, self.width, self.height], dtype=np.int64),
             "tissue_bits": np.packbits(mask, axis=None),
             "tissue_shape": np.array(mask.shape, dtype=np.int64),
@@ -105,8 +108,12 @@ class CachedEmbeddings:
         features, index = a["features"], a["index"]
         if features.ndim != 2 or index.shape != (features.shape[0], 2) or features.dtype != np.float32:
             raise ValueError("inconsistent array shapes")
+        origin = a["origin"]
+        if origin.shape not in ((0, 2), index.shape):
+            raise ValueError("inconsistent array shapes")
         return cls(features, index, rows, cols, width, height,
-                   TissueMask(mask=mask, downsample=float(a["tissue_downsample"])))
+                   TissueMask(mask=mask, downsample=float(a["tissue_downsample"])),
+                   origin if len(origin) == len(index) and len(index) else None)
 
 
 def checksum(arrays: dict[str, np.ndarray]) -> str:
