@@ -66,14 +66,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` (auto: bf16 on CUDA when supported, none on CPU)."""
-    if precision == "fp32" or device.type != "cuda":
+    """The autocast dtype for ``precision``; ``auto`` is fp32 (no autocast) on every device.
+
+    bf16 moves a cosine score by up to ~2e-3 and flips ZEUS's per-pixel argmax where classes are that
+    close (bench/RESULTS.md, "Precision"), so reduced precision is only used when asked for, and on CUDA.
+    """
+    if precision in ("auto", "fp32") or device.type != "cuda":
         return None
-    if precision == "fp16":
+    if precision == "fp16" or (precision == "bf16" and not torch.cuda.is_bf16_supported()):
         return torch.float16
-    if precision == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    return torch.bfloat16
 
 
 class Encoder(abc.ABC):
