@@ -1,0 +1,1 @@
+"""Real-QuPath test harness (``harness.py``) and its Java sources (``java/``); see harness.py."""

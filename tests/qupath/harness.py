@@ -1,0 +1,378 @@
+"""Real QuPath in the tests: qupath-core 0.4.4, 0.5.1 and 0.6.0 driven from Python.
+
+``../shared/qupath/<version>/`` (beside the checkout; ``ZEUS_TEST_QUPATH_DIR`` overrides the folder that
+holds the version folders) has QuPath's own ``qupath-core`` jar, compiled unchanged from the release
+tag, with its libraries, and ``qp-stub.jar``, a small stand-in for ``qupath.lib.scripting.QP`` (the real
+class needs OpenCV). This module compiles, once per test session and version, the Java sources in
+``tests/qupath/java/`` against that version:
+
+- ``QpHarness``: loads projects (``ProjectIO.loadProject``), reads GeoJSON (``PathIO.readObjects``), runs
+  a Groovy script the way *Run for project* does and makes annotator edits through QuPath's API, saving
+  with ``saveImageData``; it writes what QuPath returned as JSON, which this module turns into
+  ``QuPathObject`` values (geometry from JTS's WKB, so coordinates are exactly QuPath's);
+- ``ZeusTestImageServerBuilder``: a TEST-ONLY STAND-IN for Bio-Formats/OpenSlide (not available here)
+  that serves level 0 of the test slides through the JDK's ImageIO TIFF reader, registered through
+  ``META-INF/services``; ``route_images_to_test_server`` points a project's entries at it, as the
+  annotator's QuPath would open them with Bio-Formats.
+
+Java: 0.4.4 and 0.5.1 run on Java 17, 0.6.0 on Java 21 or newer (``ZEUS_TEST_JAVA17_HOME``,
+``ZEUS_TEST_JAVA21_HOME``; defaults: the JDK folders of Debian and Temurin packages, then ``JAVA_HOME``).
+Groovy: Debian's ``groovy`` package (Groovy 2.4, ``/usr/share/java/groovy-all.jar``; ``ZEUS_TEST_GROOVY_JAR``)
+runs on both; QuPath ships Groovy 4, so the scripts stay within syntax both accept. QuPath, the stand-ins
+and Groovy go on the SYSTEM class path (QuPath's object-input filter rejects ``data.qpdata`` otherwise).
+
+Everything compiled goes into a folder given by the caller (a pytest temp folder; ``ZEUS_TEST_QUPATH_BUILD``
+keeps it between runs), never into the repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import shapely
+
+from zeus_qupath.bridge.qupath_geojson import QuPathObject
+
+VERSIONS = ("0.4.4", "0.5.1", "0.6.0")
+REPO = Path(__file__).resolve().parents[2]
+JAVA_SOURCES = Path(__file__).resolve().parent / "java"
+TEST_SERVER_CLASS = "ZeusTestImageServerBuilder"
+SERVICE_FILE = "META-INF/services/qupath.lib.images.servers.ImageServerBuilder"
+#: the image readers of a QuPath installation, which this machine lacks (``route_images_to_test_server``)
+REAL_PROVIDERS = (
+    "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder",
+    "qupath.lib.images.servers.openslide.OpenslideServerBuilder",
+)
+_JAVA_CANDIDATES = {
+    17: ("ZEUS_TEST_JAVA17_HOME", ("/usr/lib/jvm/java-17-openjdk-amd64", "/usr/lib/jvm/java-17-openjdk-arm64",
+                                   "/usr/lib/jvm/temurin-17-jdk-amd64")),
+    21: ("ZEUS_TEST_JAVA21_HOME", ("/usr/lib/jvm/temurin-25-jdk-amd64", "/usr/lib/jvm/temurin-21-jdk-amd64",
+                                   "/usr/lib/jvm/java-21-openjdk-amd64", "/usr/lib/jvm/java-25-openjdk-amd64",
+                                   "/usr/lib/jvm/java-21-openjdk-arm64")),
+}
+
+
+class QuPathUnavailable(RuntimeError):
+    """Why a QuPath version cannot run here (tests skip with this message)."""
+
+
+class HarnessError(RuntimeError):
+    """QuPath or the harness failed; the message has the command and its output."""
+
+
+def qupath_root() -> Path:
+    """The folder holding ``0.4.4/``, ``0.5.1/``, ``0.6.0/``: ``ZEUS_TEST_QUPATH_DIR`` or ``../shared/qupath``."""
+    env = os.environ.get("ZEUS_TEST_QUPATH_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "qupath"
+
+
+def required_java(version: str) -> int:
+    """17 for QuPath 0.4/0.5, 21 for 0.6 and later (its jars are compiled for Java 21)."""
+    major, minor = (int(p) for p in version.split(".")[:2])
+    return 21 if (major, minor) >= (0, 6) else 17
+
+
+def _java_version(home: Path) -> int | None:
+    release = home / "release"
+    try:
+        for line in release.read_text(encoding="utf-8").splitlines():
+            if line.startswith("JAVA_VERSION="):
+                return int(line.split("=", 1)[1].strip('"').split(".")[0])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def find_java(minimum: int) -> Path:
+    """A JDK home (with ``javac``) of at least ``minimum``; 17 prefers a Java 17 (QuPath 0.4/0.5's own)."""
+    env_name, candidates = _JAVA_CANDIDATES[17 if minimum <= 17 else 21]
+    homes = [os.environ.get(env_name), *candidates, os.environ.get("JAVA_HOME")]
+    tried = []
+    for home in homes:
+        if not home:
+            continue
+        path = Path(home)
+        version = _java_version(path)
+        tried.append(f"{home} ({version or 'absent'})")
+        if version and version >= minimum and (path / "bin" / "javac").exists():
+            return path
+    raise QuPathUnavailable(f"no JDK {minimum}+ found (set {env_name}); tried: {', '.join(tried) or 'nothing'}")
+
+
+def find_groovy_jar() -> Path:
+    path = Path(os.environ.get("ZEUS_TEST_GROOVY_JAR", "/usr/share/java/groovy-all.jar"))
+    if not path.exists():
+        raise QuPathUnavailable(f"Groovy not found at {path} (Debian: apt-get install groovy; or set ZEUS_TEST_GROOVY_JAR)")
+    return path
+
+
+def _sources_hash(extra: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for path in sorted(JAVA_SOURCES.rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(JAVA_SOURCES)).encode())
+            h.update(path.read_bytes())
+    for path in extra:
+        h.update(str(path).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ScriptRun:
+    """One image of a *Run for project*: what the script printed, and the error if any."""
+
+    name: str
+    entry_id: str
+    output: str = ""
+    error: str | None = None
+    saved: bool = False
+
+
+@dataclass(frozen=True)
+class ProjectEntryView:
+    """One project entry as QuPath loaded it."""
+
+    id: str
+    name: str
+    original_name: str | None
+    uris: list[str]
+    metadata: dict[str, str]
+    entry_path: Path
+    has_image_data: bool
+    objects: list[QuPathObject] = field(default_factory=list)  # the saved hierarchy (readHierarchy)
+    error: str | None = None
+
+    @property
+    def annotations(self) -> list[QuPathObject]:
+        return [o for o in self.objects if o.object_type == "annotation"]
+
+
+@dataclass(frozen=True)
+class ProjectView:
+    """A project as ``ProjectIO.loadProject`` returned it."""
+
+    version: str | None
+    classes: dict[str, int | None]  # name -> 0xRRGGBB
+    entries: list[ProjectEntryView]
+
+    def entry(self, name: str) -> ProjectEntryView:
+        matches = [e for e in self.entries if e.name == name]
+        if len(matches) != 1:
+            raise KeyError(f"{len(matches)} entries named {name!r}: {[e.name for e in self.entries]}")
+        return matches[0]
+
+
+def object_from_json(data: Mapping[str, Any]) -> QuPathObject:
+    """A ``QuPathObject`` from ``QpHarness``'s JSON (geometry exactly as QuPath holds it, through WKB)."""
+    wkb = data.get("wkb")
+    geometry = shapely.from_wkb(bytes.fromhex(wkb)) if wkb else shapely.Point()
+    color = data.get("color")
+    return QuPathObject(
+        geometry=geometry,
+        object_type=str(data["type"]),
+        class_name=data.get("class"),
+        color=tuple(color) if color else None,
+        name=data.get("name"),
+        measurements={str(k): float(v) for k, v in (data.get("measurements") or {}).items()},
+        id=data.get("id"),
+        is_locked=bool(data.get("locked")),
+    )
+
+
+@dataclass(frozen=True)
+class QuPath:
+    """One QuPath version, ready to run: its jars, a Java for it and the compiled harness."""
+
+    version: str
+    folder: Path
+    java_home: Path
+    groovy_jar: Path
+    build: Path  # compiled QpHarness + stand-in classes; test_server_jar inside
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    @classmethod
+    def prepare(cls, version: str, build_root: Path) -> QuPath:
+        """Find the version's folder and a Java for it, compile the harness; ``QuPathUnavailable`` if impossible."""
+        folder = qupath_root() / version
+        core = folder / f"qupath-core-{version}.jar"
+        if not core.exists():
+            raise QuPathUnavailable(f"QuPath {version} not found: {core} is missing "
+                                    f"(expected ../shared/qupath/{version} beside the checkout, or set ZEUS_TEST_QUPATH_DIR)")
+        java_home = find_java(required_java(version))
+        groovy = find_groovy_jar()
+        cached = os.environ.get("ZEUS_TEST_QUPATH_BUILD")
+        root = Path(cached) if cached else build_root
+        build = root / f"{version}-{_sources_hash([core, java_home])}"
+        qupath = cls(version, folder, java_home, groovy, build)
+        if not (build / "done").exists():
+            qupath._compile()
+        return qupath
+
+    @property
+    def core_jar(self) -> Path:
+        return self.folder / f"qupath-core-{self.version}.jar"
+
+    @property
+    def java(self) -> Path:
+        return self.java_home / "bin" / "java"
+
+    @property
+    def test_server_jar(self) -> Path:
+        """The stand-in image server as a jar with its ``META-INF/services`` entry (e.g. for paquo's lib/app)."""
+        return self.build / "zeus-test-image-server.jar"
+
+    def classpath(self, *, with_harness: bool = True) -> str:
+        """QuPath core + its libraries + the QP stub + Groovy (+ the harness and the stand-in server)."""
+        parts = [str(self.core_jar), str(self.folder / "lib" / "*"), str(self.folder / "qp-stub.jar"),
+                 str(self.groovy_jar)]
+        if with_harness:
+            parts = [str(self.build / "classes"), str(self.test_server_jar), *parts]
+        return os.pathsep.join(parts)
+
+    def _compile(self) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=f"compile-{self.version}-", dir=self.build.parent
+                                    if self.build.parent.exists() else None))
+        classes = tmp / "classes"
+        classes.mkdir(parents=True)
+        release = str(required_java(self.version))
+        sources = [str(p) for p in sorted(JAVA_SOURCES.glob("*.java"))]
+        cmd = [str(self.java_home / "bin" / "javac"), "--release", release, "-Xlint:-options", "-nowarn",
+               "-encoding", "UTF-8", "-cp", self.classpath(with_harness=False), "-d", str(classes), *sources]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise HarnessError(f"javac failed for QuPath {self.version}:\n{result.stdout}{result.stderr}")
+        jar = tmp / self.test_server_jar.name
+        with zipfile.ZipFile(jar, "w") as zf:
+            for path in sorted(classes.glob(f"{TEST_SERVER_CLASS}*.class")):
+                zf.write(path, path.name)
+                path.unlink()  # only in the jar, so the service entry and the classes travel together
+            zf.write(JAVA_SOURCES / SERVICE_FILE, SERVICE_FILE)
+        (tmp / "done").write_text(self.version, encoding="utf-8")
+        self.build.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(self.build)
+        except OSError:  # another session built it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ running
+
+    def java_command(self, main: str, *args: str, class_path_extra: Sequence[str] = ()) -> list[str]:
+        cp = os.pathsep.join([*class_path_extra, self.classpath()])
+        return [str(self.java), "-Djava.awt.headless=true", "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+                "-cp", cp, main, *args]
+
+    def _harness(self, *args: str) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="qpharness-") as tmp:
+            out = Path(tmp) / "result.json"
+            cmd = self.java_command("QpHarness", args[0], str(out), *args[1:])
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0 or not out.exists():
+                raise HarnessError(f"QuPath {self.version}: {' '.join(args[:1])} failed (exit {result.returncode}):\n"
+                                   f"{result.stdout[-4000:]}{result.stderr[-4000:]}")
+            data = json.loads(out.read_text(encoding="utf-8"))
+        data["stdout"], data["stderr"] = result.stdout, result.stderr
+        return data
+
+    def read_geojson(self, path: str | os.PathLike[str]) -> list[QuPathObject]:
+        """Read one GeoJSON file with QuPath's ``PathIO.readObjects``; ``HarnessError`` if QuPath rejects it."""
+        files = self._harness("geojson", str(Path(path).absolute()))["files"]
+        if "error" in files[0]:
+            raise HarnessError(f"QuPath {self.version} cannot read {path}: {files[0]['error']}")
+        return [object_from_json(o) for o in files[0]["objects"]]
+
+    def load_project(self, project: str | os.PathLike[str]) -> ProjectView:
+        """``ProjectIO.loadProject`` (a folder or its ``project.qpproj``): classes, entries, saved hierarchies."""
+        path = Path(project)
+        if path.is_dir():
+            path = path / "project.qpproj"
+        data = self._harness("project", str(path.absolute()))
+        if "error" in data:
+            raise HarnessError(f"QuPath {self.version} cannot load {path}: {data['error']}")
+        entries = [
+            ProjectEntryView(
+                id=str(e["id"]), name=e["name"], original_name=e.get("originalName"), uris=list(e.get("uris") or []),
+                metadata=dict(e.get("metadata") or {}), entry_path=Path(e["entryPath"]),
+                has_image_data=bool(e["hasImageData"]), objects=[object_from_json(o) for o in e.get("objects", [])],
+                error=e.get("error"),
+            )
+            for e in data["entries"]
+        ]
+        return ProjectView(data.get("version"), {c["name"]: c.get("rgb") for c in data["classes"]}, entries)
+
+    def run_for_project(
+        self,
+        project: str | os.PathLike[str],
+        script: str | os.PathLike[str],
+        *,
+        images: Sequence[str] | None = None,
+        save: bool = True,
+    ) -> list[ScriptRun]:
+        """Run a Groovy script as QuPath's *Run for project* does (``images``: only these; ``save=False``:
+        *Run for project (without save)*). A failing image is recorded in its ``ScriptRun``; the run goes on."""
+        path = Path(project)
+        if path.is_dir():
+            path = path / "project.qpproj"
+        args = ["run", str(path.absolute()), str(Path(script).absolute())]
+        for name in images or ():
+            args += ["--image", name]
+        if not save:
+            args.append("--no-save")
+        data = self._harness(*args)
+        return [ScriptRun(r["name"], str(r["id"]), r.get("output", ""), r.get("error"), bool(r.get("saved")))
+                for r in data["runs"]]
+
+    def edit(self, project: str | os.PathLike[str], edits: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Annotator edits through QuPath's API, each image saved with ``saveImageData``.
+
+        Each edit is ``{"image": NAME, "op": OP, ...}``; OP is ``move_vertices`` (``id``, ``vertices``: indices
+        in the ring, ``dx``, ``dy``, optional ``part``, ``ring``: 0 shell, 1.. holes), ``translate`` (``id``,
+        ``dx``, ``dy``: the whole object), ``reshape`` (``id``, ``wkt``), ``fill_holes`` (``id``), ``cut_hole``
+        (``id``, ``wkt``), ``delete`` (``id``), ``reclassify`` (``id``, ``class`` or None), ``rename`` (``id``,
+        ``name`` or None), ``lock`` (``id``), ``draw`` (``wkt``, ``class``, optional ``name``). Returns the IDs
+        QuPath gave the drawn objects, in order."""
+        path = Path(project)
+        if path.is_dir():
+            path = path / "project.qpproj"
+        with tempfile.TemporaryDirectory(prefix="qpedits-") as tmp:
+            edits_file = Path(tmp) / "edits.json"
+            edits_file.write_text(json.dumps(list(edits)), encoding="utf-8")
+            data = self._harness("edit", str(path.absolute()), str(edits_file))
+        return list(data["drawn"])
+
+    def run_groovy(self, script: str | os.PathLike[str], *args: str) -> subprocess.CompletedProcess[str]:
+        """Run a Groovy script with QuPath on the system class path (``groovy.ui.GroovyMain``)."""
+        cmd = self.java_command("groovy.ui.GroovyMain", str(script), *args)
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def route_images_to_test_server(project: str | os.PathLike[str]) -> int:
+    """Point a project's Bio-Formats/OpenSlide entries at the test-only image server (a STAND-IN step).
+
+    On an annotator's machine QuPath opens the slides with Bio-Formats; here neither exists, so the
+    entries' ``providerClassName`` is set to ``ZeusTestImageServerBuilder``. Nothing else of the project
+    changes. Returns how many entries were changed.
+    """
+    path = Path(project)
+    if path.is_dir():
+        path = path / "project.qpproj"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    changed = 0
+    for entry in data.get("images", []):
+        builder = entry.get("serverBuilder") or {}
+        if builder.get("builderType") == "uri" and builder.get("providerClassName", REAL_PROVIDERS[0]) in REAL_PROVIDERS:
+            builder["providerClassName"] = TEST_SERVER_CLASS
+            builder["args"] = []
+            changed += 1
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return changed
