@@ -112,7 +112,8 @@ def find_java(minimum: int) -> Path:
 def find_groovy_jar() -> Path:
     path = Path(os.environ.get("ZEUS_TEST_GROOVY_JAR", "/usr/share/java/groovy-all.jar"))
     if not path.exists():
-        raise QuPathUnavailable(f"Groovy not found at {path} (Debian: apt-get install groovy; or set ZEUS_TEST_GROOVY_JAR)")
+        raise QuPathUnavailable(f"Groovy not found at {path} (Debian: apt-get install groovy; "
+                                "or set ZEUS_TEST_GROOVY_JAR)")
     return path
 
 
@@ -207,8 +208,8 @@ class QuPath:
         folder = qupath_root() / version
         core = folder / f"qupath-core-{version}.jar"
         if not core.exists():
-            raise QuPathUnavailable(f"QuPath {version} not found: {core} is missing "
-                                    f"(expected ../shared/qupath/{version} beside the checkout, or set ZEUS_TEST_QUPATH_DIR)")
+            raise QuPathUnavailable(f"QuPath {version} not found: {core} is missing (expected "
+                                    f"../shared/qupath/{version} beside the checkout, or set ZEUS_TEST_QUPATH_DIR)")
         java_home = find_java(required_java(version))
         groovy = find_groovy_jar()
         cached = os.environ.get("ZEUS_TEST_QUPATH_BUILD")
@@ -370,7 +371,8 @@ def route_images_to_test_server(project: str | os.PathLike[str]) -> int:
     changed = 0
     for entry in data.get("images", []):
         builder = entry.get("serverBuilder") or {}
-        if builder.get("builderType") == "uri" and builder.get("providerClassName", REAL_PROVIDERS[0]) in REAL_PROVIDERS:
+        provider = builder.get("providerClassName", REAL_PROVIDERS[0])  # none: QuPath picks a reader
+        if builder.get("builderType") == "uri" and provider in REAL_PROVIDERS:
             builder["providerClassName"] = TEST_SERVER_CLASS
             builder["args"] = []
             changed += 1
