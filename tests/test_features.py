@@ -123,18 +123,37 @@ def test_clam_patch_attributes(tmp_path, tiny_encoder, prompts, raw_features, ex
     assert score_features(path, tiny_encoder, prompts, width=8000, height=6000).patch_size == 512
 
 
-def test_coordinates_not_on_one_grid_are_refused(tmp_path, tiny_encoder, prompts, raw_features):
-    # CLAM patches each tissue region from its own bounding box: a grid offset from the slide origin
-    path = write_clam(tmp_path / "offset.h5", raw_features[1], grid_coords(256, origin=(1000, 37)))
-    with pytest.raises(ZeusError, match="anchored at"):
-        score_features(path, tiny_encoder, prompts, patch_size=256)
-    with pytest.raises(ZeusError, match="not on the --stride 256 grid"):
-        score_features(path, tiny_encoder, prompts, patch_size=256, stride=256)
-    coords = grid_coords(256)
-    coords[3] += (3, 5)
-    path = write_clam(tmp_path / "ragged.h5", raw_features[1], coords)
-    with pytest.raises(ZeusError, match="not on one regular grid"):
-        score_features(path, tiny_encoder, prompts, patch_size=256)
+def contour_lattices(step: int, anchors: list[tuple[int, int]], n_per_row: int = 3) -> np.ndarray:
+    """CLAM's and ZEUS's patches: one lattice per tissue contour, anchored at the contour's bounding box."""
+    out = []
+    for ax, ay in anchors:
+        gx, gy = np.meshgrid(ax + np.arange(n_per_row) * step, ay + np.arange(2) * step)
+        out.append(np.stack([gx.ravel(), gy.ravel()], axis=1))
+    return np.concatenate(out)
+
+
+def test_per_contour_lattices_rescore(tmp_path, tiny_encoder, prompts):
+    """CLAM/ZEUS feature files (a lattice per contour, anchors off the slide origin) re-score with ZEUS's rule."""
+    from zeus_qupath.reconstruct import zeus_mask, zeus_mask_fullres
+
+    coords = contour_lattices(112, [(37, 1000), (530, 15), (1301, 777)], n_per_row=4)  # 24 patches
+    n = len(coords)
+    feats = np.random.default_rng(7).normal(size=(n, tiny_encoder.embed_dim)).astype(np.float32)
+    path = write_clam(tmp_path / "contours.h5", feats, coords)
+    ps = score_features(path, tiny_encoder, prompts, patch_size=448, width=2200, height=1700)
+    np.testing.assert_array_equal(ps.coords, coords)  # kept as written: no snapping to a grid
+    assert ps.stride == 112 and ps.meta["stride_from"] == "most common gap between neighbouring patches"
+    expected = cosine_scores(unit_features(feats), class_prototypes(tiny_encoder, prompts))
+    np.testing.assert_allclose(ps.scores, expected, atol=1e-6)
+    # the mask of the re-scored file is ZEUS's per-pixel rule on those very patches
+    assert np.array_equal(zeus_mask(ps).mask, zeus_mask_fullres(ps))
+    ps.save(tmp_path / "contours.scores.npz")
+    np.testing.assert_array_equal(PatchScores.load(tmp_path / "contours.scores.npz").coords, coords)
+    # a given --stride is recorded as given; one patch alone has no neighbour: its stride is the patch size
+    size = {"patch_size": 448, "width": 2200, "height": 1700}
+    assert score_features(path, tiny_encoder, prompts, stride=100, **size).stride == 100
+    one = write_clam(tmp_path / "one.h5", feats[:1], coords[:1])
+    assert score_features(one, tiny_encoder, prompts, **size).stride == 448
 
 
 def test_dimension_mismatch_says_which_space(tmp_path, tiny_encoder, prompts):

@@ -8,10 +8,11 @@ What the patch geometry comes from, first match wins:
   ``patch_size`` x ``level0_magnification / target_magnification`` (Trident); CLAM's patch-file
   attributes ``patch_size`` at ``patch_level`` 0, or times ``downsample``. CLAM's feature files carry
   no attributes at all: pass ``--patch-size``.
-- stride: ``--stride``; Trident's ``patch_size_level0`` minus its ``overlap`` (scaled to level 0)
-  when the coordinates lie on that grid; else the greatest common divisor of the coordinates. The
-  patches must lie on one grid anchored at the slide origin (every x and y a multiple of the stride),
-  as Trident's and zeus's own grids do; CLAM's per-tissue-region grids do not and are refused.
+- stride: ``--stride``; Trident's ``patch_size_level0`` minus its ``overlap`` (scaled to level 0);
+  else the most common gap between neighbouring patches. The patches may lie on any grid: one
+  lattice from the slide origin (Trident, zeus), one lattice per tissue contour anchored at its
+  bounding box (CLAM, ZEUS), or none; the mask follows ZEUS's per-pixel rule whatever the grid
+  (:mod:`zeus_qupath.reconstruct`), and the stride is only recorded.
 - slide size: ``--width``/``--height``; Trident's ``level0_width``/``level0_height``; CLAM's
   ``level_dim`` at ``patch_level`` 0; else the bounding box of the patches (recorded as a warning).
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import reduce
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FeatureFile", "read_feature_file", "score_features", "unit_features"]
 
-MAX_OVERLAP = 16  # patches overlapping along one axis; a finer "grid" means the coords are not on one grid
 _CHUNK = 65536  # rows read at a time
 
 # Trident's encoders whose default output leaves out the projection into the text space
@@ -176,45 +175,39 @@ def _patch_size(ff: FeatureFile, given: int | None) -> tuple[int, str]:
     )
 
 
-def _gcd(values: np.ndarray) -> int:
-    return int(reduce(math.gcd, (int(v) for v in np.unique(values)), 0))
+def _lattice_step(coords: np.ndarray) -> int | None:
+    """The most common gap between neighbouring patches in a row (same y) or a column (same x); None if none.
+
+    On CLAM's and ZEUS's per-contour lattices, as on one lattice from (0, 0), that is the step of each
+    lattice; gaps between contours are rarer (ties go to the smaller gap).
+    """
+    gaps = []
+    for along, across in ((0, 1), (1, 0)):
+        order = np.lexsort((coords[:, along], coords[:, across]))
+        a, c = coords[order, along], coords[order, across]
+        d = np.diff(a)
+        gaps.append(d[(np.diff(c) == 0) & (d > 0)])
+    all_gaps = np.concatenate(gaps)
+    if all_gaps.size == 0:
+        return None
+    values, counts = np.unique(all_gaps, return_counts=True)
+    return int(values[np.argmax(counts)])
 
 
 def _stride(ff: FeatureFile, patch_size: int, given: int | None) -> tuple[int, str]:
-    coords = ff.coords
+    """The step between neighbouring patches of one lattice (recorded; the reconstruction needs no lattice)."""
     if given is not None:
-        if coords.size and np.any(coords % int(given)):
-            x, y = coords[np.argmax(np.any(coords % int(given), axis=1))]
-            raise ZeusError(
-                f"{ff.name}: patch ({x}, {y}) is not on the --stride {given} grid; zeus needs every x and y "
-                "to be a multiple of the stride (one grid anchored at the slide origin)"
-            )
         return int(given), "argument"
     overlap, src, dst = ff.number("overlap"), ff.number("level0_magnification"), ff.number("target_magnification")
     size0 = ff.number("patch_size_level0")
     if size0 and overlap is not None and src and dst:
         step = int(round(size0)) - int(round(overlap * src / dst))
-        if step > 0 and not np.any(coords % step):
+        if step > 0:
             return step, "attributes patch_size_level0 - overlap"
-    if len(coords) == 0:
-        return patch_size, "patch size (no patches)"
-    offsets = coords - coords.min(axis=0)
-    # one patch (or all at one place): the coarsest step, up to the patch size, that fits its position
-    step = _gcd(offsets) or math.gcd(patch_size, _gcd(coords))
-    anchored = math.gcd(step, _gcd(coords))
-    if anchored != step:
-        x0, y0 = coords.min(axis=0)
-        raise ZeusError(
-            f"{ff.name}: the patches lie on a {step}-px grid offset from the slide origin (first patch at "
-            f"({x0}, {y0})); zeus needs one grid anchored at (0, 0), as Trident and zeus patch "
-            "(CLAM's per-region grids are not)"
-        )
-    if step * MAX_OVERLAP < patch_size:
-        raise ZeusError(
-            f"{ff.name}: the coordinates imply a stride of {step} px for {patch_size}-px patches; they are not on "
-            "one regular grid (pass --stride if they are)"
-        )
-    return step, "greatest common divisor of the coordinates"
+    step = _lattice_step(ff.coords) if len(ff.coords) > 1 else None
+    if step is None:
+        return patch_size, "patch size (no neighbouring patches)"
+    return step, "most common gap between neighbouring patches"
 
 
 def _slide_size(ff: FeatureFile, patch_size: int, width: int | None, height: int | None,
@@ -270,7 +263,7 @@ def score_features(
     """Score the patch features of ``h5_path`` against ``encoder``'s prototypes of ``prompts``.
 
     Sizes are level-0 px. Refuses (one-line ZeusError/ModelError) a malformed file, a feature
-    dimension other than ``encoder.embed_dim``, and coordinates not on one grid anchored at (0, 0).
+    dimension other than ``encoder.embed_dim``, and patches outside the slide.
     Notes for the user (e.g. the slide size was taken from the patches' bounding box) are in
     ``meta["warnings"]``.
     """
