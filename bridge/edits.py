@@ -1,54 +1,63 @@
 """The keep-edits rule: which objects a new ZEUS result may replace, and which belong to the annotator.
 
 This module is the single Python source of truth for the rule; ``groovy/import_zeus_annotations.groovy``
-and ``groovy/zeus_segment_current_image.groovy`` mirror it line by line.
+mirrors it (the block between ``// >>> ZEUS keep-edits rule`` and ``// <<< ZEUS keep-edits rule``), and
+the tests run both on the same real QuPath objects and require the same answers.
 
-ZEUS writes every annotation with
+What ZEUS wrote is the record. For one image it is every feature of ``zeus_annotations.geojson`` and of
+its backups ``zeus_annotations.geojson.bak-<time>`` (``written_record``): ID, geometry, class, name.
 
-- a name ``"ZEUS <class>"`` (``ZEUS_NAME_PREFIX``, a space, the class name),
-- the measurements ``MEAS_AREA_PX`` (ROI area in level-0 px^2) and ``MEAS_VERTICES`` (vertex count,
-  counted like JTS ``Geometry.getNumPoints()``: closing points included),
-- since 0.1 also ``MEAS_CENTROID_X`` / ``MEAS_CENTROID_Y``: the centroid of the written geometry
-  (level-0 px; the area-weighted centroid that JTS ``Geometry.getCentroid()`` and shapely compute).
+*Untouched* (``is_untouched_zeus``): an annotation whose ID is one ZEUS wrote, whose class and name are
+the ones written with that ID, which is not locked, and whose geometry equals the written geometry within
+float32 precision (``same_geometry``: both normalised, same vertices in the same order, each coordinate
+within one float32 ulp of the largest coordinate, as QuPath 0.6 stores float32 coordinates and may start
+or orient rings differently). Measurements play no part: QuPath clears them whenever an ROI is set.
+Only untouched objects may be replaced; everything else (edited, moved, reclassified, renamed, locked,
+drawn by the annotator, detections, cells) is kept.
 
-An annotation is *untouched* when all of these still hold: the marker name and the area and vertex
-measurements are present, its class equals the class in its name, its area is within
-``max(1e-6 * area, 0.5 px^2)`` of the written area, its vertex count is the written one, and, when
-the centroid measurements are present, its centroid lies within ``CENTROID_TOL_PX`` (0.5 px) of the
-written one. Objects written before the centroid measurements existed (neither is present) are
-judged by the other checks alone; an object with only one of the two is not untouched.
-So an outline moved as a whole (same area, same vertex count) is the annotator's.
-Only untouched objects may be replaced. Every other object (edited, moved, reclassified, renamed,
-without the measurements, drawn by the annotator, any detection) is kept. A new feature whose id is
-already in the image (the same import run twice after the annotator edited it) is not added again.
+What the import put into an image (``ImportRecord``, ``zeus_imported.json`` in the entry's data folder,
+written by the import script after it saved the image; by the paquo backend in Python): for every ZEUS
+ID it added, ``imported``, and ``replaced`` once a later import removed it as untouched. An ``imported``
+ID that is no longer in the image was *deleted* by the annotator.
 
-``has_zeus_marker`` tells objects ZEUS wrote (name or measurements) from objects drawn by hand;
-``zeus export`` counts "edited" objects as those with the marker that are not untouched.
+A re-import (``merge_annotations``):
+
+1. untouched ZEUS objects whose ID is not in the new result are removed (``replaced``);
+2. a new feature whose ID is already in the image, or was deleted, is not added;
+3. the *protected region* is every kept annotation with an area (the annotator's corrections and
+   drawings) and the written geometry of every deleted ZEUS object; a new feature that overlaps it by
+   more than ``OVERLAP_TOL_PX2`` is SKIPPED whole (not clipped: a clipped outline would no longer be the
+   one ZEUS wrote, so it could never be recognised as untouched again);
+4. everything else is added and recorded as ``imported``.
 """
 
 from __future__ import annotations
 
-import math
+import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, shape
 from shapely.geometry.base import BaseGeometry
 
-from zeus_qupath.geojson import (
-    MEAS_AREA_PX,
-    MEAS_CENTROID_X,
-    MEAS_CENTROID_Y,
-    MEAS_VERTICES,
-    ZEUS_NAME_PREFIX,
-    vertex_count,
-)
+from zeus_qupath.atomic import atomic_open
+from zeus_qupath.geojson import MEAS_AREA_PX, MEAS_CENTROID_X, MEAS_CENTROID_Y, MEAS_VERTICES, ZEUS_NAME_PREFIX
 
-from .qupath_geojson import QuPathObject
+from .qupath_geojson import QuPathObject, feature_to_object, read_qupath_geojson
 
-AREA_REL_TOL = 1e-6
-AREA_ABS_TOL_PX2 = 0.5
-CENTROID_TOL_PX = 0.5
+#: one float32 ulp relative to the largest coordinate (QuPath 0.6 stores ROI coordinates as float32)
+FLOAT32_REL_TOL = 2.0**-23
+#: overlap (px^2) with the protected region above which a new ZEUS object is not added
+OVERLAP_TOL_PX2 = 1.0
+RECORD_FILE = "zeus_imported.json"
+RECORD_FORMAT = "zeus-imported/1"
+IMPORTED = "imported"
+REPLACED = "replaced"
+BACKUP_INFIX = ".bak-"
 #: every measurement ZEUS writes as part of its marker (``zeus export`` removes them)
 ZEUS_MARKER_MEASUREMENTS = (MEAS_AREA_PX, MEAS_VERTICES, MEAS_CENTROID_X, MEAS_CENTROID_Y)
 
@@ -61,67 +70,164 @@ def zeus_class_from_name(name: str | None) -> str | None:
     return name[len(marker):]
 
 
-def area_matches(area: float, written_area: float) -> bool:
-    """True when ``area`` is within the rule's tolerance of the area ZEUS wrote."""
-    return abs(area - written_area) <= max(AREA_REL_TOL * abs(written_area), AREA_ABS_TOL_PX2)
-
-
-def centroid_matches(geometry: BaseGeometry, measurements: Mapping[str, float]) -> bool:
-    """The centroid check: true without centroid measurements (older ZEUS output), else within 0.5 px."""
-    has_x, has_y = MEAS_CENTROID_X in measurements, MEAS_CENTROID_Y in measurements
-    if not has_x and not has_y:
-        return True
-    if not (has_x and has_y):
-        return False
-    centroid = geometry.centroid
-    if centroid.is_empty:
-        return False
-    dist = math.hypot(centroid.x - float(measurements[MEAS_CENTROID_X]),
-                      centroid.y - float(measurements[MEAS_CENTROID_Y]))
-    return dist <= CENTROID_TOL_PX  # False for NaN
-
-
 def has_zeus_marker(name: str | None, measurements: Mapping[str, float]) -> bool:
-    """True for an object ZEUS wrote: its name has the marker or it carries a ZEUS measurement."""
+    """True for an object that looks ZEUS-written (name or measurements); for counting, not for the rule."""
     return zeus_class_from_name(name) is not None or any(k in measurements for k in ZEUS_MARKER_MEASUREMENTS)
 
 
-def is_untouched_geometry(
-    geometry: BaseGeometry,
-    class_name: str | None,
-    name: str | None,
-    measurements: Mapping[str, float],
-    object_type: str = "annotation",
-) -> bool:
-    """The rule on plain values (for callers that do not hold a ``QuPathObject``)."""
-    if object_type != "annotation":
-        return False
-    zeus_class = zeus_class_from_name(name)
-    if zeus_class is None or class_name != zeus_class:
-        return False
-    if MEAS_AREA_PX not in measurements or MEAS_VERTICES not in measurements:
-        return False
-    if not area_matches(float(geometry.area), float(measurements[MEAS_AREA_PX])):
-        return False
-    written_vertices = float(measurements[MEAS_VERTICES])
-    if not math.isfinite(written_vertices) or vertex_count(geometry) != round(written_vertices):
-        return False
-    return centroid_matches(geometry, measurements)
+# --------------------------------------------------------------------------------------------- the record
 
 
-def is_untouched_zeus(obj: QuPathObject) -> bool:
-    """True when ``obj`` is a ZEUS annotation exactly as ZEUS wrote it (so it may be replaced)."""
-    return is_untouched_geometry(obj.geometry, obj.class_name, obj.name, obj.measurements, obj.object_type)
+@dataclass(frozen=True)
+class WrittenObject:
+    """One object as ZEUS wrote it (an entry of the record)."""
+
+    id: str
+    geometry: BaseGeometry
+    class_name: str | None
+    name: str | None
+
+
+def written_objects(features: Iterable[Mapping[str, Any] | QuPathObject]) -> dict[str, WrittenObject]:
+    """ID -> ``WrittenObject`` for GeoJSON features (or objects read from them); features without an ID skipped."""
+    out: dict[str, WrittenObject] = {}
+    for item in features:
+        obj = item if isinstance(item, QuPathObject) else feature_to_object(dict(item))
+        if obj is not None and obj.id:
+            out[str(obj.id)] = WrittenObject(str(obj.id), obj.geometry, obj.class_name, obj.name)
+    return out
+
+
+def record_files(geojson_path: str | os.PathLike[str]) -> list[Path]:
+    """The file and its ``.bak-<time>`` backups, oldest first and the file itself last (its entries win)."""
+    path = Path(geojson_path)
+    backups = sorted(path.parent.glob(path.name + BACKUP_INFIX + "*"), key=lambda p: p.name)
+    return [*backups, *([path] if path.exists() else [])]
+
+
+def written_record(geojson_path: str | os.PathLike[str]) -> dict[str, WrittenObject]:
+    """Everything ZEUS wrote for one image: ``zeus_annotations.geojson`` and its backups.
+
+    A file that cannot be read is left out (its objects then count as the annotator's, which keeps them).
+    """
+    record: dict[str, WrittenObject] = {}
+    for path in record_files(geojson_path):
+        try:
+            record.update(written_objects(read_qupath_geojson(path)))
+        except Exception:  # noqa: BLE001 - a damaged backup must not stop the import; see docstring
+            continue
+    return record
+
+
+def _polygonal(geometry: BaseGeometry) -> BaseGeometry:
+    """A MultiPolygon of one part as that Polygon (QuPath may store either)."""
+    if isinstance(geometry, MultiPolygon) and len(geometry.geoms) == 1:
+        return geometry.geoms[0]
+    return geometry
+
+
+def geometry_tolerance(a: BaseGeometry, b: BaseGeometry) -> float:
+    """One float32 ulp of the largest coordinate of ``a`` and ``b`` (at least of 1.0)."""
+    coords = [shapely.get_coordinates(a), shapely.get_coordinates(b)]
+    largest = max([1.0, *(float(abs(c).max()) for c in coords if c.size)])
+    return FLOAT32_REL_TOL * largest
+
+
+def same_geometry(a: BaseGeometry | None, b: BaseGeometry | None) -> bool:
+    """``a`` equals ``b`` vertex for vertex within float32 precision, whatever ring start and orientation."""
+    if a is None or b is None or a.is_empty or b.is_empty:
+        return False
+    na, nb = shapely.normalize(_polygonal(a)), shapely.normalize(_polygonal(b))
+    if shapely.get_num_coordinates(na) != shapely.get_num_coordinates(nb):
+        return False
+    return bool(shapely.equals_exact(na, nb, tolerance=geometry_tolerance(na, nb)))
+
+
+def is_untouched_zeus(obj: QuPathObject, written: Mapping[str, WrittenObject]) -> bool:
+    """True when ``obj`` is a ZEUS annotation exactly as ZEUS wrote it (so a new result may replace it)."""
+    if obj.object_type != "annotation" or not obj.id or obj.is_locked:
+        return False
+    record = written.get(str(obj.id))
+    if record is None:
+        return False
+    if obj.class_name != record.class_name or obj.name != record.name:
+        return False
+    return same_geometry(obj.geometry, record.geometry)
+
+
+# --------------------------------------------------------------------------------------------- what was imported
+
+
+@dataclass(frozen=True)
+class ImportRecord:
+    """What the import put into one image: ZEUS ID -> ``"imported"`` or ``"replaced"``."""
+
+    status: Mapping[str, str] = field(default_factory=dict)
+
+    def deleted(self, present_ids: Iterable[str | None]) -> set[str]:
+        """IDs the import added that are gone from the image: the annotator deleted them."""
+        present = {str(i) for i in present_ids if i}
+        return {i for i, s in self.status.items() if s == IMPORTED and i not in present}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": RECORD_FORMAT, "objects": dict(sorted(self.status.items()))}
+
+
+def read_import_record(entry_dir: str | os.PathLike[str]) -> ImportRecord:
+    """The record in ``<entry data folder>/zeus_imported.json``; empty when absent or unreadable."""
+    path = Path(entry_dir) / RECORD_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        objects = data["objects"]
+        return ImportRecord({str(k): str(v) for k, v in objects.items() if v in (IMPORTED, REPLACED)})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ImportRecord()
+
+
+def write_import_record(entry_dir: str | os.PathLike[str], record: ImportRecord) -> None:
+    """Write the record atomically (as the import script writes it)."""
+    with atomic_open(Path(entry_dir) / RECORD_FILE, "w") as fh:
+        json.dump(record.to_json(), fh, indent=2)
+
+
+# --------------------------------------------------------------------------------------------- the merge
+
+
+def _area_geometry(geometry: BaseGeometry | None) -> BaseGeometry | None:
+    if geometry is None or geometry.is_empty or not isinstance(geometry, (Polygon, MultiPolygon)):
+        return None
+    if not geometry.is_valid:
+        geometry = shapely.make_valid(geometry)
+    return geometry if geometry.area > 0 else None
+
+
+def overlaps(geometry: BaseGeometry, protected: Iterable[BaseGeometry]) -> bool:
+    """True when ``geometry`` shares more than ``OVERLAP_TOL_PX2`` with any protected geometry."""
+    g = _area_geometry(geometry)
+    if g is None:
+        return False
+    for p in protected:
+        try:
+            if g.intersection(p).area > OVERLAP_TOL_PX2:
+                return True
+        except shapely.errors.GEOSException:  # a broken outline: overlapping bounds count, to be safe
+            if g.envelope.intersects(p.envelope):
+                return True
+    return False
 
 
 @dataclass(frozen=True)
 class MergeResult:
-    """What a merge keeps, removes and adds."""
+    """What a merge keeps, removes and adds, and the import record after it."""
 
     kept: list[QuPathObject] = field(default_factory=list)  # the annotator's objects (and edited ZEUS ones)
     removed: list[QuPathObject] = field(default_factory=list)  # untouched ZEUS objects being replaced
     added: list[dict[str, Any]] = field(default_factory=list)  # new ZEUS features to add
-    skipped: list[dict[str, Any]] = field(default_factory=list)  # new features already present (same id)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # new features already in the image (same id)
+    deleted: list[dict[str, Any]] = field(default_factory=list)  # new features the annotator deleted (same id)
+    blocked: list[dict[str, Any]] = field(default_factory=list)  # new features over protected regions
+    deleted_ids: frozenset[str] = frozenset()  # ZEUS IDs the annotator deleted from the image
+    record: ImportRecord = field(default_factory=ImportRecord)  # the import record after this merge
 
     @property
     def n_kept(self) -> int:
@@ -137,28 +243,72 @@ class MergeResult:
 
     @property
     def n_skipped(self) -> int:
-        return len(self.skipped)
+        return len(self.skipped) + len(self.deleted) + len(self.blocked)
 
     def summary(self) -> str:
         return (f"kept {self.n_kept} annotator object(s), replaced {self.n_removed} untouched ZEUS object(s), "
-                f"added {self.n_added}, skipped {self.n_skipped} already present")
+                f"added {self.n_added}, skipped {len(self.skipped)} already present, "
+                f"{len(self.deleted)} deleted by the annotator, {len(self.blocked)} over the annotator's regions")
 
 
-def merge_annotations(existing: Iterable[QuPathObject], new_features: Iterable[Mapping[str, Any]]) -> MergeResult:
-    """Apply the keep-edits rule to the objects of one image and a new ZEUS result.
+def merge_annotations(
+    existing: Iterable[QuPathObject],
+    new_features: Iterable[Mapping[str, Any]],
+    written: Mapping[str, WrittenObject],
+    record: ImportRecord | None = None,
+) -> MergeResult:
+    """Apply the keep-edits rule to the objects of one image and a new ZEUS result (see the module docstring).
 
-    ``existing``: every object now in the image. ``new_features``: GeoJSON features written by ZEUS
-    (``zeus_qupath.geojson.annotation_feature``). Untouched ZEUS objects are removed, everything
-    else is kept, and each new feature is added unless an object with its id is kept.
+    ``existing``: every object now in the image. ``new_features``: the GeoJSON features of the new result.
+    ``written``: ``written_record`` of the image (it should include the new result). ``record``: the
+    image's ``ImportRecord`` (``read_import_record``).
     """
+    record = record or ImportRecord()
+    objects = list(existing)
+    new = [dict(f) for f in new_features]
+    new_ids = {str(f["id"]) for f in new if f.get("id")}
+    present_ids = {str(o.id) for o in objects if o.id}
+    deleted_ids = record.deleted(present_ids)
+
     kept: list[QuPathObject] = []
     removed: list[QuPathObject] = []
-    for obj in existing:
-        (removed if is_untouched_zeus(obj) else kept).append(obj)
-    kept_ids = {o.id for o in kept if o.id}
+    for obj in objects:
+        if is_untouched_zeus(obj, written) and str(obj.id) not in new_ids:
+            removed.append(obj)
+        else:
+            kept.append(obj)
+    kept_ids = {str(o.id) for o in kept if o.id}
+
+    protected = [g for o in kept if o.object_type == "annotation" and not is_untouched_zeus(o, written)
+                 for g in [_area_geometry(o.geometry)] if g is not None]
+    protected += [g for i in sorted(deleted_ids) if i in written
+                  for g in [_area_geometry(written[i].geometry)] if g is not None]
+
+    status = dict(record.status)
+    for obj in removed:
+        status[str(obj.id)] = REPLACED
     added: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    for feature in new_features:
-        fid = feature.get("id")
-        (skipped if fid and str(fid) in kept_ids else added).append(dict(feature))
-    return MergeResult(kept=kept, removed=removed, added=added, skipped=skipped)
+    deleted: list[dict[str, Any]] = []
+    blocked: list[dict[str, Any]] = []
+    for feature in new:
+        fid = str(feature.get("id") or "")
+        if fid and fid in kept_ids:
+            skipped.append(feature)
+        elif fid and fid in deleted_ids:
+            deleted.append(feature)
+        elif overlaps(_feature_geometry(feature), protected):
+            blocked.append(feature)
+        else:
+            added.append(feature)
+            if fid:
+                status[fid] = IMPORTED
+    return MergeResult(kept=kept, removed=removed, added=added, skipped=skipped, deleted=deleted, blocked=blocked,
+                       deleted_ids=frozenset(deleted_ids), record=ImportRecord(status))
+
+
+def _feature_geometry(feature: Mapping[str, Any]) -> BaseGeometry:
+    try:
+        return shape(feature["geometry"])
+    except (KeyError, TypeError, ValueError, AttributeError, shapely.errors.GEOSException):
+        return Polygon()
