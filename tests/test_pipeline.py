@@ -12,7 +12,7 @@ import torch
 from zeus_qupath.embed import StreamEncoder, cut_patches_torch, embed_grid
 from zeus_qupath.errors import SlideError
 from zeus_qupath.executors import parse_model_specs
-from zeus_qupath.grid import PatchGeometry, make_grid
+from zeus_qupath.grid import PatchGeometry, PatchGrid, make_grid
 from zeus_qupath.reader import (
     PlanFailure,
     ReadPlan,
@@ -162,12 +162,46 @@ def test_device_cut_path_gives_the_same_features(slides, tiny_encoder):
     np.testing.assert_allclose(np.linalg.norm(out[False], axis=1), 1, atol=1e-5)
 
 
-def test_embed_grid_at_target_mpp(slides, tiny_encoder):
-    geo = PatchGeometry(224, 56, scale=2.0)
-    grid = tissue_grid(slides[0], geo)
-    feats = embed_grid(str(slides[0]), grid, tiny_encoder, batch_size=32, workers=1)
-    assert feats.shape == (len(grid), tiny_encoder.embed_dim) and np.isfinite(feats).all()
-    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1, atol=1e-5)
+def test_target_mpp_scores_are_those_of_the_pyramid_level_pixels(slides, tiny_model, tiny_encoder, spindle_prompts,
+                                                                  tmp_path):
+    """``--target-mpp`` end to end: each patch's scores are those of the slide's own pyramid level, read by tiffslide.
+
+    The synthetic slide's level 1 is downsampled 4x, so at 4x the slide's pixel size a 112-px patch is
+    448 level-0 px read from level 1, with no resampling: the reference reads that patch with tiffslide
+    and embeds it with the encoder's own entry point. (A one-level-pixel shift changes the scores by
+    ~7e-3, far above the tolerance.)
+    """
+    import tiffslide
+
+    from zeus_qupath.prompts import class_prototypes, load_prompts
+
+    params = SegmentParams(patch_size=112, stride=56, target_mpp=2.0, detect_tissue=False, batch_size=16)
+    report = run_segment(RunConfig(slides=(str(slides[0]),), prompts=str(spindle_prompts), out_dir=str(tmp_path),
+                                   model=f"open_clip:{tiny_model.config_path}", device="cpu",
+                                   pretrained=str(tiny_model.checkpoint_path), progress=False, params=params))
+    assert report.done and not report.failures
+    scores = PatchScores.load(tmp_path / "p0.scores.npz")
+    assert (scores.patch_size, scores.stride, scores.width, scores.height) == (448, 224, 2560, 1792)
+    inside = (scores.coords[:, 0] + 448 <= 2560) & (scores.coords[:, 1] + 448 <= 1792)
+    pick = np.flatnonzero(inside)[:: max(1, int(inside.sum()) // 12)]
+    assert len(pick) >= 6
+    ts = tiffslide.TiffSlide(str(slides[0]))
+    try:
+        assert ts.level_downsamples[1] == pytest.approx(4.0)
+        patches = np.stack([np.asarray(ts.read_region((int(x), int(y)), 1, (112, 112)).convert("RGB"))
+                            for x, y in scores.coords[pick]])
+    finally:
+        ts.close()
+    features = tiny_encoder.encode_images(patches)
+    prompts = load_prompts(spindle_prompts)
+    np.testing.assert_allclose(scores.scores[pick], features @ class_prototypes(tiny_encoder, prompts).T, atol=1e-4)
+    # the on-demand path (zeus serve) embeds a grid through embed_grid: the same pixels, the same features
+    assert not (scores.coords[pick] % 224).any()  # one lattice from (0, 0) without tissue detection
+    index = scores.coords[pick][:, ::-1] // 224
+    grid = PatchGrid(PatchGeometry(112, 56, 4.0), 2560, 1792, int(index[:, 0].max()) + 1,
+                     int(index[:, 1].max()) + 1, index)
+    np.testing.assert_allclose(embed_grid(str(slides[0]), grid, tiny_encoder, batch_size=16, workers=1), features,
+                               atol=1e-5)
 
 
 def test_model_list_parsing():
