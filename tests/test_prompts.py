@@ -80,3 +80,49 @@ def test_prototypes_are_unit_means(tiny_encoder, spindle_prompts):
     emb = tiny_encoder.encode_texts(texts)
     expected = emb.mean(0) / np.linalg.norm(emb.mean(0))
     assert np.allclose(protos[1], expected, atol=1e-5)
+
+
+# ZEUS's inference/local_data/prompts/Templates/example_template.json (github.com/cvblab/ZEUS), sha256 of the file
+ZEUS_TEMPLATE_SHA256 = "bd6151138e9f98d445a90b50386f2707f7d6f385a20e6a29c0d2ca95c89e3c27"
+
+
+def test_default_prompt_set_is_zeus_published_file_unchanged():
+    import hashlib
+
+    from zeus_qupath.prompts import DEFAULT_PROMPT_SET, prompt_file
+
+    path = prompt_file(None)
+    assert path.stem == DEFAULT_PROMPT_SET == "zeus_spindle_cell"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == ZEUS_TEMPLATE_SHA256  # byte for byte
+    ps = load_prompts(path)
+    by = {c.name: c for c in ps.classes}
+    assert ps.positive_class == "tumor"  # the file names none: the class called tumor
+    assert len(by["normal"].classnames) == 7 and len(by["tumor"].classnames) == 12
+    assert len(by["tumor"].templates) == 15 and by["tumor"].templates[1] == "A histopathological image of CLASSNAME."
+    assert "cutaneous spindle cell neoplasm" in by["tumor"].classnames
+    notice = (path.parent / "README.md").read_text(encoding="utf-8")
+    assert "Copyright (c) 2025 Santiago Moreno" in notice and "MIT License" in notice
+
+
+def test_prompt_file_resolution(tmp_path, monkeypatch):
+    from zeus_qupath.prompts import bundled_prompt_names, prompt_file
+
+    assert {"zeus_spindle_cell", "spindle_cell", "cutaneous_metastasis"} <= set(bundled_prompt_names())
+    assert prompt_file("spindle_cell").name == "spindle_cell.json"
+    assert prompt_file("cutaneous_metastasis.json").name == "cutaneous_metastasis.json"
+    own = tmp_path / "spindle_cell"  # a file of that name in the working folder wins over the bundled set
+    own.write_text(json.dumps(ZEUS))
+    monkeypatch.chdir(tmp_path)
+    assert prompt_file("spindle_cell").resolve() == own.resolve()
+    for bad in ("no_such_set", str(tmp_path / "missing.json"), "../spindle_cell"):
+        with pytest.raises(PromptError, match="bundled sets: .*zeus_spindle_cell") as exc:
+            prompt_file(bad)
+        assert "\n" not in str(exc.value)
+
+
+def test_cli_defaults_to_zeus_prompts():
+    from zeus_qupath.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["segment", "slide.svs"], ["score", "f.h5", "--model", "conch"], ["serve", "--root", "."]):
+        assert parser.parse_args(argv).prompts is None  # resolved to zeus_spindle_cell by prompt_file(None)

@@ -74,6 +74,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle model threads must not spin on the readers' cores
+    from .prompts import prompt_file
     from .run import RunConfig, run_segment
     from .screening import parse_screening
 
@@ -85,7 +86,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         gpu = args.executor == "local" and resolve_device(args.device).type == "cuda"
         args.workers = max(2, min(16, (os.cpu_count() or 2) - 2)) if gpu else 2
     config = RunConfig(
-        slides=tuple(args.slides), prompts=args.prompts, out_dir=args.out, model=args.model,
+        slides=tuple(args.slides), prompts=str(prompt_file(args.prompts)), out_dir=args.out, model=args.model,
         pretrained=args.pretrained, positive_class=args.positive_class, device=args.device,
         precision=args.precision, params=_segment_params(args), progress=not args.quiet,
         manifest=args.manifest, cache_dir=args.cache, use_cache=not args.no_cache, resume=not args.redo,
@@ -136,12 +137,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .features import score_features
     from .geojson import write_geojson
     from .models import load_encoder
-    from .prompts import load_prompts
+    from .prompts import load_prompts, prompt_file
     from .screening import parse_screening
     from .segment import SegmentParams, geojson_from_scores, output_stem
 
     screening_k = parse_screening(args.prompt_screening)
-    prompts = load_prompts(args.prompts, args.positive_class)
+    prompts = load_prompts(prompt_file(args.prompts), args.positive_class)
     encoder = load_encoder(args.model, args.pretrained, args.device)
     scores = score_features(args.features, encoder, prompts, patch_size=args.patch_size, stride=args.stride,
                             width=args.width, height=args.height, mpp=args.mpp, screening_k=screening_k)
@@ -202,10 +203,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .bridge.service import ServiceConfig, serve
+    from .prompts import DEFAULT_PROMPT_SET
     from .segment import SegmentParams
 
     serve(ServiceConfig(host=args.host, port=args.port, token_env=args.token_env, roots=tuple(args.root or ()),
-                        model=args.model, pretrained=args.pretrained, prompts=args.prompts, device=args.device,
+                        model=args.model, pretrained=args.pretrained, prompts=args.prompts or DEFAULT_PROMPT_SET,
+                        device=args.device,
                         precision=args.precision,
                         params=SegmentParams(threshold=Threshold.parse(args.threshold), batch_size=args.batch_size)))
     return 0
@@ -244,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slide files, folders of slides, or glob patterns (quote them, e.g. 'data/**/*.svs')")
     p.add_argument("--manifest", default=None, metavar="CSV",
                    help="CSV of slides with columns slide[,mpp] (paths relative to the CSV's folder)")
-    p.add_argument("--prompts", required=True, help="prompt file (ZEUS template JSON)")
+    p.add_argument("--prompts", default=None, metavar="FILE_OR_SET",
+                   help="prompt file (ZEUS template JSON) or a bundled set's name "
+                        "(default: zeus_spindle_cell, ZEUS's published prompts)")
     p.add_argument("--positive-class", default=None, help="class to outline (default: from the prompt file)")
     p.add_argument("--model", default="quiltnet-b32",
                    help="preset name or open_clip:NAME_OR_CONFIG_JSON; several joined by commas average their scores")
@@ -293,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("features", metavar="FEATURES.h5", help="HDF5 with coords (N, 2) and features (N, D)")
     p.add_argument("--model", required=True, help="the model whose text-aligned space the features are in")
     p.add_argument("--pretrained", default=None)
-    p.add_argument("--prompts", required=True)
+    p.add_argument("--prompts", default=None, metavar="FILE_OR_SET",
+                   help="prompt file or a bundled set's name (default: zeus_spindle_cell, ZEUS's published prompts)")
     p.add_argument("--positive-class", default=None)
     p.add_argument("--out", default="zeus-out")
     p.add_argument("--patch-size", type=_positive_int, default=None, help="level-0 px (default: from the file)")
@@ -343,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="environment variable holding the token (default ZEUS_TOKEN); generated and printed if unset")
     p.add_argument("--model", default="quiltnet-b32")
     p.add_argument("--pretrained", default=None)
-    p.add_argument("--prompts", default="spindle_cell", help="bundled prompt set name or a prompt file")
+    p.add_argument("--prompts", default=None, metavar="FILE_OR_SET",
+                   help="bundled prompt set name or a prompt file "
+                        "(default: zeus_spindle_cell, ZEUS's published prompts)")
     p.add_argument("--threshold", default="zeus", help="default threshold (zeus, argmax, prob:P)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])

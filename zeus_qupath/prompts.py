@@ -7,6 +7,9 @@ per class (``"templates": {"tumor": [...], ...}``), and ``"positive_class"`` ins
 
 Prototype of a class: every (class name x template) text is encoded and L2-normalised; the prototype
 is their mean, L2-normalised again.
+
+Bundled sets (``samples/prompts/``, see its README): ``zeus_spindle_cell`` is ZEUS's published prompt
+file, unchanged (the default); the others were written for this project.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from .models.base import Encoder  # for annotations only: importing it imports torch
 
 PLACEHOLDER = "CLASSNAME"
+DEFAULT_PROMPT_SET = "zeus_spindle_cell"  # ZEUS's published prompt file (cvblab/ZEUS, MIT)
 POSITIVE_GUESSES = ("tumor", "tumour", "cancer", "neoplasm", "malignant", "carcinoma")
 
 
@@ -130,6 +134,32 @@ def load_prompts(path: str | os.PathLike[str], positive_class: str | None = None
     except json.JSONDecodeError as exc:
         raise PromptError(f"{p.name}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     return parse_prompts(data, p.name, positive_class)
+
+
+def bundled_prompt_dir() -> Path:
+    from .samples import PROMPTS_DIR
+
+    return PROMPTS_DIR
+
+
+def bundled_prompt_names() -> list[str]:
+    """Names of the bundled prompt sets (file stems in ``samples/prompts``)."""
+    return sorted(p.stem for p in bundled_prompt_dir().glob("*.json"))
+
+
+def prompt_file(value: str | os.PathLike[str] | None) -> Path:
+    """The prompt file for ``--prompts``: a file, or a bundled set's name; None is ZEUS's own set (the default)."""
+    if value is None:
+        value = DEFAULT_PROMPT_SET
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    name = str(value)
+    stem = name[:-5] if name.endswith(".json") else name
+    bundled = bundled_prompt_dir() / f"{stem}.json"
+    if stem and "/" not in stem and "\\" not in stem and bundled.is_file():
+        return bundled
+    raise PromptError(f"prompt file not found: {value} (bundled sets: {', '.join(bundled_prompt_names())})")
 
 
 def class_prototypes(encoder: Encoder, prompts: PromptSet, texts: dict[str, list[str]] | None = None) -> np.ndarray:
