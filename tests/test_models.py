@@ -7,8 +7,8 @@ No pathology weights exist in this environment. What stands in for them:
 - PLIP: a tiny ``CLIPConfig`` model saved with ``save_pretrained`` beside a ``CLIPProcessor``
   whose tokenizer files are derived from open_clip's copy of the OpenAI CLIP BPE merges;
 - open_clip: the built-in ``ViT-B-32`` config with no pretrained tag;
-- KEEP: a stand-in object for its Hub code (which cannot be downloaded here), used only to check
-  the calls our encoder makes; MUSK: error path unless the authors' package is installed.
+- KEEP: built natively from its published configuration, tested in tests/test_keep.py (error paths here);
+  MUSK: error path unless the authors' package is installed.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from zeus_qupath.models import PRESETS, load_encoder
 from zeus_qupath.models.base import (
     HALF_MEAN,
     HALF_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     OPENAI_MEAN,
     OPENAI_STD,
     ImagePreprocess,
@@ -337,50 +335,7 @@ def test_transformers_backends_missing_package_name_extra(monkeypatch, name):
         load_encoder(name, device="cpu")
 
 
-# ---------------------------------------------------------------- KEEP (code from the Hub: calls only)
-
-
-class _KeepStandIn(torch.nn.Module):
-    """Stands in for KEEP's Hub code (encode_image / encode_text), recording what it is given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = torch.nn.Linear(3, 768)
-        self.logit_scale = torch.nn.Parameter(torch.tensor(float(np.log(1 / 0.04))))
-        self.config = type("Cfg", (), {"projection_dim": 768})()
-        self.seen: dict[str, object] = {}
-
-    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen["image"] = x
-        return torch.nn.functional.normalize(self.proj(x.mean(dim=(2, 3))), dim=-1)
-
-    def encode_text(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.seen["text"] = inputs
-        return torch.nn.functional.normalize(self.proj(inputs["input_ids"][:, :3].float()), dim=-1)
-
-
-@pytest.mark.skipif(not HAS_TRANSFORMERS, reason=NO_TRANSFORMERS)
-def test_keep_encoder_calls_as_documented(tmp_path):
-    from transformers import BertTokenizer
-
-    from zeus_qupath.models.keep import KeepEncoder
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "an", "h", "&", "e", "image", "of", "tumor", "."]
-    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-    model = _KeepStandIn()
-    enc = KeepEncoder("keep", model, BertTokenizer(str(tmp_path / "vocab.txt"), do_lower_case=True), CPU, "fp32")
-    pre = enc.preprocess
-    assert (pre.size, pre.mean, pre.std, pre.interpolation) == (224, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
-    assert (PRESETS["keep"].input_size, PRESETS["keep"].context_length, PRESETS["keep"].embed_dim) == (224, 256, 768)
-    image = enc.encode_images(noise_patch()[None])
-    text = enc.encode_texts(["an H&E image of tumor.", "tumor"])
-    assert model.seen["image"].shape == (1, 3, 224, 224)
-    tokens = model.seen["text"]
-    assert tokens["input_ids"].shape == (2, 256) and tokens["attention_mask"].shape == (2, 256)
-    assert tokens["input_ids"][0, :9].tolist() == [2, 5, 6, 7, 8, 9, 10, 11, 12] and tokens["input_ids"][0, 9] == 3
-    assert image.shape == (1, 768) and text.shape == (2, 768)
-    assert_unit_rows(image)
-    assert_unit_rows(text)
+# ---------------------------------------------------------------- KEEP (built natively: tests/test_keep.py)
 
 
 def test_keep_missing_weights_names_repo(offline_empty_cache):
@@ -389,7 +344,7 @@ def test_keep_missing_weights_names_repo(offline_empty_cache):
     with pytest.raises(ModelError) as err:
         load_encoder("keep", device="cpu")
     msg = str(err.value)
-    assert "\n" not in msg and "model keep" in msg and "Astaxanthin/KEEP" in msg
+    assert "\n" not in msg and "model keep" in msg and "hf download Astaxanthin/KEEP" in msg
 
 
 def test_keep_bad_pretrained_folder(tmp_path):

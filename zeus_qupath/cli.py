@@ -179,7 +179,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import PRESETS
+    from .models import DEFAULT_MODEL, PRESETS
     from .models.availability import check_model, model_status
 
     if args.check:
@@ -189,7 +189,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     notes = []
     for name, preset in PRESETS.items():
         st = model_status(name)
-        rows.append((name, "yes" if st.code_available else "no", "yes" if st.weights_available else "no",
+        rows.append((name + (" (default)" if name == DEFAULT_MODEL else ""),
+                     "yes" if st.code_available else "no", "yes" if st.weights_available else "no",
                      preset.license, str(st.weights_location)))
         if not st.code_available:
             notes.append(f"{name}: {st.code_detail}")
@@ -251,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt file (ZEUS template JSON) or a bundled set's name "
                         "(default: zeus_spindle_cell, ZEUS's published prompts)")
     p.add_argument("--positive-class", default=None, help="class to outline (default: from the prompt file)")
-    p.add_argument("--model", default="quiltnet-b32",
-                   help="preset name or open_clip:NAME_OR_CONFIG_JSON; several joined by commas average their scores")
+    p.add_argument("--model", default="keep",  # = models.DEFAULT_MODEL (not imported: light commands load no torch)
+                   help="preset name (default: keep) or open_clip:NAME_OR_CONFIG_JSON; "
+                        "several joined by commas average their scores")
     p.add_argument("--pretrained", default=None,
                    help="open_clip tag or checkpoint file; a preset's weights folder (comma-separated, one per model)")
     p.add_argument("--out", default="zeus-out", help="output folder (default: zeus-out)")
@@ -347,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder whose slides may be segmented (repeatable; required)")
     p.add_argument("--token-env", default="ZEUS_TOKEN",
                    help="environment variable holding the token (default ZEUS_TOKEN); generated and printed if unset")
-    p.add_argument("--model", default="quiltnet-b32")
+    p.add_argument("--model", default="keep", help="preset name (default: keep) or open_clip:...")
     p.add_argument("--pretrained", default=None)
     p.add_argument("--prompts", default=None, metavar="FILE_OR_SET",
                    help="bundled prompt set name or a prompt file "

@@ -58,7 +58,7 @@ class RunConfig:
     slides: tuple[str, ...]
     prompts: str
     out_dir: str
-    model: str = "quiltnet-b32"  # one spec, or several joined by commas (an ensemble)
+    model: str = "keep"  # one spec, or several joined by commas (an ensemble); = models.DEFAULT_MODEL
     pretrained: str | None = None  # one per model, comma-separated, when there are several
     positive_class: str | None = None
     device: str = "auto"

@@ -1,6 +1,6 @@
 """A registry of model presets behind one factory, :func:`load_encoder`.
 
-``--model`` takes a preset name (``quiltnet-b32``, ``conch``, ...), ``open_clip:NAME_OR_CONFIG_JSON``
+``--model`` takes a preset name (``keep``, the default; ``conch``, ...), ``open_clip:NAME_OR_CONFIG_JSON``
 (with ``--pretrained TAG_OR_FILE`` as open_clip takes it), or several of these joined by commas for
 an ensemble (handled by the scoring stage).
 """
@@ -66,14 +66,15 @@ PRESETS: dict[str, ModelPreset] = {
             "CONCH ViT-B/16 at 448 px (Mahmood Lab)",
         ),
         ModelPreset(
-            "plip", "plip", "transformers CLIPModel vinid/plip", "vinid/plip", "OpenRAIL", False,
+            "plip", "plip", "transformers CLIPModel vinid/plip", "vinid/plip", "unstated (code: MIT)", False,
             224, OPENAI_MEAN, OPENAI_STD, 77, 512, "plip", "get_image_features(pixel_values) / get_text_features(ids)",
             "PLIP (CLIP ViT-B/32 fine-tuned on OpenPath)",
         ),
         ModelPreset(
-            "keep", "keep", "transformers AutoModel Astaxanthin/KEEP (trust_remote_code)", "Astaxanthin/KEEP", "MIT",
-            False, 224, IMAGENET_MEAN, IMAGENET_STD, 256, 768, "keep", "model.encode_image(x) / model.encode_text(tok)",
-            "KEEP (knowledge-enhanced pathology VLM)",
+            "keep", "keep", "KEEP built in zeus_qupath.models.keep_model from Astaxanthin/KEEP's config.json + weights",
+            "Astaxanthin/KEEP", "MIT", False, 224, IMAGENET_MEAN, IMAGENET_STD, 256, 768, "keep",
+            "encode_image(x): normalize(visual_head(ViT-L/16 [CLS])) / encode_text(ids): normalize(BERT pooler_output)",
+            "KEEP ViT-L/16 + PubMedBERT (knowledge-enhanced pathology VLM; evaluated by ZEUS)",
         ),
         ModelPreset(
             "musk", "musk", "timm musk_large_patch16_384 + hf_hub:xiangjx/musk", "xiangjx/musk", "CC-BY-NC-ND-4.0",
@@ -84,7 +85,8 @@ PRESETS: dict[str, ModelPreset] = {
     ]
 }
 
-DEFAULT_MODEL = "quiltnet-b32"
+# KEEP: a model ZEUS evaluated (with CONCH and MUSK), public MIT weights, built natively (no remote code)
+DEFAULT_MODEL = "keep"
 
 
 def preset_or_none(name: str) -> ModelPreset | None:

@@ -28,7 +28,7 @@ _WEIGHTS: dict[str, tuple[tuple[str, ...], ...]] = {
     "openclip": (("open_clip_config.json",), ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")),
     "conch": (("pytorch_model.bin",),),
     "plip": (("config.json",), ("model.safetensors", "pytorch_model.bin")),
-    "keep": (("config.json",), ("model.safetensors", "pytorch_model.bin")),
+    "keep": (("config.json",), ("vocab.txt",), ("model.safetensors", "pytorch_model.bin")),
     "musk": (("model.safetensors",),),
 }
 
@@ -75,7 +75,9 @@ def _note(preset: ModelPreset) -> str:
     if preset.backend == "musk":
         parts.append("code from github.com/lilab-stanford/MUSK (pip install -e a clone), not PyPI")
     if preset.backend == "keep":
-        parts.append("runs the modelling code from the model's Hub folder (trust_remote_code)")
+        parts.append("built in zeus-qupath from the folder's config.json; its modelling code is never run")
+    if preset.backend == "plip":
+        parts.append("no licence file states the weights' terms (the code's setup.py says MIT); read the model card")
     parts.append("or pass --pretrained with a local copy")
     return "; ".join(parts)
 

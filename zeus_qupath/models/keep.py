@@ -1,20 +1,23 @@
-"""KEEP (``Astaxanthin/KEEP``): the authors' remote-code model, loaded as their own loaders do.
+"""KEEP (``Astaxanthin/KEEP``) as a zeus encoder: built here, never from code downloaded at run time.
 
-The modelling code ships in the model's Hub folder (a timm ViT-L/16 with a projection MLP, and a
-BERT text tower) and runs with ``trust_remote_code``. The model is built as the authors' GitHub
-loaders build it (``AutoConfig`` -> ``AutoModel.from_config`` -> ``load_state_dict``, strict)
-rather than with ``AutoModel.from_pretrained``: the latter needs attributes that transformers 5
-sets in ``post_init()``, which KEEP's code does not call, and fails there; both ways give the
-same weights on transformers 4. Texts: ``AutoTokenizer`` (lower case) with ``max_length=256,
-padding='max_length', truncation=True``; images: resize (shortest side 224, bicubic), centre crop,
-ImageNet mean/std. ``encode_image`` and ``encode_text`` return 768-d unit vectors.
+The network comes from :mod:`.keep_model` (timm ViT-L/16 + projection MLP, transformers BERT), the
+weights from :mod:`.keep_weights` (strict), both read from a copy of the Hub folder (``--pretrained
+DIR``) or the Hugging Face cache; the folder's ``modeling_keep.py`` is not read. Text and images are
+handled as the authors' README and loaders do:
 
-Written against the authors' documentation and code: the real modelling code comes from the Hub,
-so it is not exercised without the model's folder.
+- texts: a BERT WordPiece tokenizer from the folder's ``vocab.txt`` with ``do_lower_case`` from its
+  ``tokenizer_config.json`` (published: true; the authors' GitHub loader also passes it), called with
+  ``max_length=256, padding='max_length', truncation=True``; ids, attention mask and token types go to
+  BERT, whose pooled output is the embedding;
+- images: Resize(224, bicubic) of the shortest side, CenterCrop(224), ToTensor, Normalize with the
+  ImageNet mean/std.
+
+``encode_image`` and ``encode_text`` return 768-d unit vectors.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,20 +26,56 @@ import torch
 from ..errors import ModelError
 from .base import IMAGENET_MEAN, IMAGENET_STD, Encoder, ImagePreprocess
 
-HF_FILES = ("*.json", "*.py", "*.txt", "*.safetensors", "pytorch_model.bin")
+# what zeus needs from the Hub folder (``hf download Astaxanthin/KEEP`` brings these and more)
+HF_FILES = ("config.json", "tokenizer_config.json", "vocab.txt", "model.safetensors")
 MAX_LENGTH = 256
+IMAGE_SIZE = 224
 EXTRA_HINT = "pip install 'zeus-qupath[keep]' (brings transformers and timm)"
+_TOKENIZER_CLASSES = (None, "BertTokenizer", "BertTokenizerFast")
+
+
+def keep_preprocess() -> ImagePreprocess:
+    """KEEP's image transform (Resize 224 bicubic, CenterCrop 224, ImageNet mean/std) on a uint8 batch."""
+    return ImagePreprocess(size=IMAGE_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic")
+
+
+def keep_tokenizer(folder: Path, vocab_size: int):
+    """The BERT WordPiece tokenizer of the folder (``vocab.txt`` + ``tokenizer_config.json``)."""
+    from transformers import BertTokenizer
+
+    vocab = folder / "vocab.txt"
+    if not vocab.is_file():
+        raise ModelError(f"model keep: no vocab.txt in {folder}; "
+                         "run `hf download Astaxanthin/KEEP`, or pass --pretrained DIR")
+    settings: dict = {}
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.is_file():
+        try:
+            settings = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"model keep: cannot read {cfg_path} ({exc})") from None
+    if not isinstance(settings, dict) or settings.get("tokenizer_class") not in _TOKENIZER_CLASSES:
+        raise ModelError(f"model keep: {cfg_path} does not describe KEEP's BERT tokenizer")
+    lower = bool(settings.get("do_lower_case", True))
+    lines = sum(1 for _ in vocab.open(encoding="utf-8"))
+    # from_pretrained of the class itself: no AutoTokenizer, so config.json's model type is never looked up
+    tok = BertTokenizer.from_pretrained(str(folder), do_lower_case=lower, local_files_only=True)
+    if len(tok) != lines or len(tok) > vocab_size:
+        raise ModelError(
+            f"model keep: the tokenizer has {len(tok)} tokens, vocab.txt {lines} lines and the text tower "
+            f"{vocab_size} embeddings; they must agree"
+        )
+    return tok
 
 
 class KeepEncoder(Encoder):
-    """KEEP's ``encode_image`` / ``encode_text``."""
+    """KEEP's ``encode_image`` / ``encode_text`` with the authors' preprocessing and tokenizer settings."""
 
     def __init__(self, name: str, model: torch.nn.Module, tokenizer, device: torch.device, precision: str) -> None:
         super().__init__(name, model, tokenizer, device, precision)
-        self.preprocess = ImagePreprocess(size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic")
-        scale = getattr(model, "logit_scale", None)
-        self.logit_scale = float(scale.exp().item()) if scale is not None else 100.0
-        self.embed_dim = int(getattr(model.config, "projection_dim", 768))
+        self.preprocess = keep_preprocess()
+        self.logit_scale = float(model.logit_scale.detach().exp().item())
+        self.embed_dim = int(model.config.projection_dim)
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(x)
@@ -45,54 +84,34 @@ class KeepEncoder(Encoder):
         enc = self.tokenizer(
             list(texts), max_length=MAX_LENGTH, padding="max_length", truncation=True, return_tensors="pt"
         )
-        return self.model.encode_text({k: v.to(self.device) for k, v in enc.items()})
-
-
-def _state_dict(folder: Path, model: str) -> dict[str, torch.Tensor]:
-    """The weights in ``folder``: ``model.safetensors`` or else ``pytorch_model.bin``."""
-    if (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(folder / "model.safetensors"))
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise ModelError(f"model {model}: no model.safetensors or pytorch_model.bin in {folder}")
-
-
-def _load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], name: str) -> None:
-    """``load_state_dict`` as strict as the authors', except for BERT's ``position_ids`` buffer.
-
-    Older transformers saved that buffer; newer ones do not keep it in the state dict.
-    """
-    result = model.load_state_dict(state_dict, strict=False)
-    unexpected = [k for k in result.unexpected_keys if not k.endswith("position_ids")]
-    if result.missing_keys or unexpected:
-        bad = (result.missing_keys + unexpected)[:3]
-        raise ModelError(
-            f"model {name}: the weights do not fit the model code ({len(result.missing_keys)} missing, "
-            f"{len(unexpected)} unexpected keys, e.g. {', '.join(bad)})"
+        return self.model.encode_text(
+            enc["input_ids"].to(self.device),
+            enc["attention_mask"].to(self.device),
+            enc["token_type_ids"].to(self.device) if "token_type_ids" in enc else None,
         )
 
 
 def load(preset, pretrained: str | None, device: torch.device, precision: str) -> KeepEncoder:
-    """KEEP from ``--pretrained DIR`` (a copy of the Hub folder, code included) or the HF cache."""
+    """KEEP from ``--pretrained DIR`` (a copy of the Hub folder) or the Hugging Face cache."""
     try:
-        import timm  # noqa: F401  (the remote code builds its vision tower with timm)
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        import timm  # noqa: F401  (the image tower)
+        import transformers  # noqa: F401  (the text tower and tokenizer)
     except ImportError as exc:
         raise ModelError(f"model {preset.name}: its code is not installed ({exc.name or exc}); {EXTRA_HINT}") from exc
     from .hub import weights_folder
+    from .keep_model import KeepModel, read_keep_config
+    from .keep_weights import checkpoint_path, load_keep_weights
 
-    folder = weights_folder(preset, pretrained, "config.json",
-                            "config.json, the modelling .py files, the tokenizer files and model.safetensors", HF_FILES)
+    contents = "config.json, tokenizer_config.json, vocab.txt and model.safetensors (or pytorch_model.bin)"
+    folder = weights_folder(preset, pretrained, "config.json", contents, HF_FILES)
+    config = read_keep_config(folder / "config.json")
+    weights = checkpoint_path(folder)
+    tokenizer = keep_tokenizer(folder, int(config.text.get("vocab_size", 30522)))
     try:
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
-        model = AutoModel.from_config(config, trust_remote_code=True)
-        _load_weights(model, _state_dict(folder, preset.name), preset.name)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True, do_lower_case=True)
-    except ModelError:
-        raise
-    except Exception as exc:
+        model = KeepModel(config)
+    except Exception as exc:  # a config value timm or transformers rejects
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"model {preset.name}: cannot load {folder} ({first[:200]})") from exc
+        raise ModelError(f"model {preset.name}: cannot build KEEP from {folder / 'config.json'} ({first[:200]})") \
+            from exc
+    load_keep_weights(model, weights)
     return KeepEncoder(preset.name, model, tokenizer, device, precision)
