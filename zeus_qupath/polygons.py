@@ -35,9 +35,10 @@ def raster_polygons(mask: np.ndarray, pixel_size: float, origin: tuple[float, fl
     if not mask.any():
         return []
     transform = Affine(pixel_size, 0, origin[0], 0, pixel_size, origin[1])
-    data = mask.astype(np.uint8)
-    return [shape(geom) for geom, value in rasterio.features.shapes(data, mask=data > 0, transform=transform)
-            if value == 1]
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    # the bool mask seen as 0/1 bytes (no copy) is both the values and the mask: no slide-sized temporaries
+    return [shape(geom) for geom, value in rasterio.features.shapes(mask.view(np.uint8), mask=mask,
+                                                                     transform=transform) if value == 1]
 
 
 def _polygonal(geom: BaseGeometry) -> list[Polygon]:
