@@ -66,7 +66,7 @@ def _segment_params(args: argparse.Namespace):
         patch_size=args.patch_size, stride=args.stride, target_mpp=args.target_mpp, mpp=args.mpp,
         batch_size=args.batch_size, workers=args.workers, threshold=Threshold.parse(args.threshold),
         min_area_um2=args.min_area, min_hole_area_um2=args.min_hole_area, tolerance_px=args.tolerance,
-        detect_tissue=not args.no_tissue,
+        detect_tissue=not args.no_tissue, tissue=args.tissue,
     )
 
 
@@ -271,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=int, default=2, metavar="N",
                    help="decoded regions read ahead beyond one per worker (bounds memory; default 2)")
     p.add_argument("--no-tissue", action="store_true", help="embed every patch, not only those touching tissue")
+    p.add_argument("--tissue", choices=("zeus", "coarse"), default="zeus",
+                   help="tissue and patch rule: zeus (default; CLAM's contours, per-contour grids, four-point test, "
+                        "white/black filters, as ZEUS) or coarse (earlier versions' rule: every patch touching a "
+                        "coarse tissue mask; finds tissue in small crops where CLAM's area filter finds none)")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="patch embedding cache (default: OUT/.cache); a rerun with other prompts only re-scores")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")

@@ -70,6 +70,7 @@ class SlideEmbedding:
     features: dict[int, np.ndarray]
     seconds: float
     patches: int
+    kept: np.ndarray | None = None  # (N,) bool: not dropped as white/black (None: every patch); see PatchGrid.filtered
 
 
 @dataclass
@@ -82,6 +83,7 @@ class _Current:
     batcher: PatchBatcher | None = None
     device_parts: list[tuple[np.ndarray, torch.Tensor]] = field(default_factory=list)
     device_count: int = 0
+    kept: np.ndarray | None = None
 
 
 @dataclass
@@ -170,9 +172,17 @@ class StreamEncoder:
         grid: PatchGrid = cur.plan.grid
         geo = grid.geometry
         rows, cols = event.block.local_cells(grid)
+        indices = event.block.indices
+        if event.keep is not None:  # white/black patches (CLAM's filters): not embedded, dropped later
+            if cur.kept is None:
+                cur.kept = np.ones(len(grid), dtype=bool)
+            cur.kept[indices[~event.keep]] = False
+            indices, rows, cols = indices[event.keep], rows[event.keep], cols[event.keep]
+            if not len(indices):
+                return
         if not self.cut_on_device:
             windows = patch_windows(np.asarray(event.pixels), geo)
-            for batch in cur.batcher.add(event.block.indices, windows, rows, cols):
+            for batch in cur.batcher.add(indices, windows, rows, cols):
                 self._encode(cur, batch.indices, batch.pixels)
             return
         region = torch.as_tensor(event.pixels).to(self.device, non_blocking=True)
@@ -182,8 +192,8 @@ class StreamEncoder:
         rows_t, cols_t = cells.to(self.device, non_blocking=True)
         for start in range(0, len(rows), self.batch_size):
             sl = slice(start, start + self.batch_size)
-            cur.device_parts.append((event.block.indices[sl], cut_patches_torch(region, geo, rows_t[sl], cols_t[sl])))
-            cur.device_count += len(event.block.indices[sl])
+            cur.device_parts.append((indices[sl], cut_patches_torch(region, geo, rows_t[sl], cols_t[sl])))
+            cur.device_count += len(indices[sl])
             for indices, pixels in self._device_batches(cur):
                 self._encode(cur, indices, pixels)
 
@@ -194,7 +204,7 @@ class StreamEncoder:
         for indices, pixels in self._device_batches(cur, final=True):
             self._encode(cur, indices, pixels)
         self._resolve()
-        return SlideEmbedding(cur.plan, cur.features, time.perf_counter() - cur.t0, len(cur.plan.grid))
+        return SlideEmbedding(cur.plan, cur.features, time.perf_counter() - cur.t0, len(cur.plan.grid), cur.kept)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self, events: Iterable[StreamEvent]) -> Iterator[SlideEmbedding | SlideFailed]:

@@ -39,7 +39,15 @@ from .models.base import Encoder
 from .prompts import PromptSet, class_prototypes, load_prompts
 from .reader import DEFAULT_BLOCK_CELLS, PlanFailure, ReadPlan, RegionStream, SlideFailed, plan_blocks
 from .screening import embed_prompts
-from .segment import PreparedSlide, SegmentParams, SlideReport, finish_slide, patch_geometry, prepare_slide
+from .segment import (
+    PreparedSlide,
+    SegmentParams,
+    SlideReport,
+    drop_filtered,
+    finish_slide,
+    patch_geometry,
+    prepare_slide,
+)
 from .slide import Slide
 
 MAX_PENDING_FINISH = 2
@@ -220,12 +228,14 @@ class LocalPipeline:
 
     def _finish(self, p: _Prepared, embedding: SlideEmbedding) -> SlideReport:
         n = len(self.m.encoders)
-        grid, prepared = p.prepared.grid, p.prepared
+        prepared = p.prepared
         features = [p.cached[i].features if p.cached[i] is not None else embedding.features[i] for i in range(n)]
+        features = drop_filtered(prepared, features, embedding.kept)  # white/black patches (fresh grids only)
+        grid = prepared.grid
         if self.cache is not None and p.keys is not None:
             for i in p.need:
                 self.cache.store(p.keys[i], CachedEmbeddings(features[i], grid.index, grid.rows, grid.cols,
-                                                             grid.width, grid.height, prepared.tissue))
+                                                             grid.width, grid.height, prepared.tissue, grid.origin))
         report = finish_slide(prepared, features, self.m.encoders, self.m.prompts, self.m.prototypes,
                               self.s.params, self.s.out_dir, self.s.meta, {"embed": embedding.seconds},
                               score_options=self.m.score_options)

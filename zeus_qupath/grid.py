@@ -60,6 +60,7 @@ class PatchGrid:
     cols: int
     index: np.ndarray  # (N, 2) int64 (row, col) of each patch on its lattice
     origin: np.ndarray | None = None  # (N, 2) int64 (x, y) lattice offset of each patch, in [0, stride_l0)
+    pixel_filter: bool = False  # the white/black filters are still to apply (by the reader, on its pixels)
 
     @property
     def coords(self) -> np.ndarray:
@@ -71,6 +72,11 @@ class PatchGrid:
         """The grid of the patches at ``indices`` (positions or a boolean mask), origins included."""
         return replace(self, index=self.index[indices],
                        origin=None if self.origin is None else self.origin[indices])
+
+    def filtered(self, kept: np.ndarray | None) -> PatchGrid:
+        """The grid after the white/black filters: the patches where ``kept`` (None: all) is True."""
+        grid = self if kept is None else self.take(kept)
+        return replace(grid, pixel_filter=False)
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
@@ -177,7 +183,7 @@ def contour_grid(width: int, height: int, geometry: PatchGeometry, tissue: Tissu
     rows = int(index[:, 0].max()) + 1 if len(index) else 0
     cols = int(index[:, 1].max()) + 1 if len(index) else 0
     return PatchGrid(geometry=geometry, width=width, height=height, rows=rows, cols=cols,
-                     index=np.ascontiguousarray(index), origin=origin)
+                     index=np.ascontiguousarray(index), origin=origin, pixel_filter=True)
 
 
 # --------------------------------------------------------------------------------- white / black patches

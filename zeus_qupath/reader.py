@@ -30,7 +30,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import SlideError
-from .grid import PatchGeometry, PatchGrid
+from .grid import PatchGeometry, PatchGrid, region_keep
 from .slide import PLAIN_IMAGE_SUFFIXES, WHITE, Slide
 
 DEFAULT_BLOCK_CELLS = 24
@@ -53,6 +53,8 @@ class Block:
     col0: int
     rows: int
     cols: int
+    x0: int = 0  # level-0 origin of the cells' lattice (PatchGrid.origin; per-contour grids)
+    y0: int = 0
 
     def local_cells(self, grid: PatchGrid) -> tuple[np.ndarray, np.ndarray]:
         """(rows, cols) of the block's patches relative to its top-left cell."""
@@ -69,13 +71,18 @@ def plan_blocks(grid: PatchGrid, block_cells: int = DEFAULT_BLOCK_CELLS) -> list
         return []
     b = max(1, block_cells)
     keys = (idx[:, 0] // b) * (grid.cols // b + 1) + idx[:, 1] // b
+    origins = np.zeros((1, 2), np.int64)
+    if grid.origin is not None:  # one set of blocks per lattice origin
+        origins, lattice = np.unique(grid.origin, axis=0, return_inverse=True)
+        keys = lattice.reshape(-1) * ((grid.rows // b + 1) * (grid.cols // b + 1)) + keys
     order = np.argsort(keys, kind="stable")
     bounds = np.flatnonzero(np.diff(keys[order])) + 1
     out = []
     for part in np.split(order, bounds):
         rows, cols = idx[part, 0], idx[part, 1]
         r0, c0 = int(rows.min()), int(cols.min())
-        out.append(Block(part, r0, c0, int(rows.max()) - r0 + 1, int(cols.max()) - c0 + 1))
+        x0, y0 = (int(v) for v in (origins[0] if grid.origin is None else grid.origin[part[0]]))
+        out.append(Block(part, r0, c0, int(rows.max()) - r0 + 1, int(cols.max()) - c0 + 1, x0, y0))
     return out
 
 
@@ -221,8 +228,8 @@ def read_block_region(slide: Slide | RegionSource, geometry: PatchGeometry, bloc
     p, s = geometry.patch_size, geometry.stride
     region_w = (block.cols - 1) * s + p  # in model px
     region_h = (block.rows - 1) * s + p
-    x0 = block.col0 * geometry.stride_l0
-    y0 = block.row0 * geometry.stride_l0
+    x0 = block.x0 + block.col0 * geometry.stride_l0
+    y0 = block.y0 + block.row0 * geometry.stride_l0
     if geometry.scale == 1.0:
         return slide.read_region(x0, y0, region_w, region_h, level=0)
     level = slide.best_level_for_downsample(geometry.scale)
@@ -278,6 +285,7 @@ class RegionRead:
     plan: ReadPlan
     block: Block
     pixels: Any  # (H, W, 3) uint8: numpy, or what the stream's ``transform`` made of it
+    keep: np.ndarray | None = None  # per block.indices: not white/black (when plan.grid.pixel_filter)
 
 
 @dataclass(frozen=True)
@@ -360,9 +368,12 @@ class RegionStream:
         """Most regions decoded or being decoded at once (plus the one the consumer holds)."""
         return self.workers + self.prefetch + 1
 
-    def _read(self, plan: ReadPlan, block: Block) -> Any:
+    def _read(self, plan: ReadPlan, block: Block) -> tuple[Any, np.ndarray | None]:
         region = read_block_region(self._handles.get(plan), plan.grid.geometry, block)
-        return self._transform(region) if self._transform is not None else region
+        keep = None
+        if plan.grid.pixel_filter:  # CLAM's white/black filters, on the pixels just decoded
+            keep = region_keep(region, plan.grid.geometry, *block.local_cells(plan.grid))
+        return (self._transform(region) if self._transform is not None else region), keep
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
@@ -425,12 +436,12 @@ class RegionStream:
                         _wait_quietly(fut)
                         continue
                     try:
-                        pixels = fut.result()
+                        pixels, keep = fut.result()
                     except Exception as exc:
                         self._abandoned.add(plan.key)
                         yield SlideFailed(plan.key, exc, plan.payload)
                         continue
-                    yield RegionRead(plan, block, pixels)
+                    yield RegionRead(plan, block, pixels, keep)
                     del pixels
                 elif kind == "end":
                     plan = item[1]
@@ -512,8 +523,11 @@ class RegionReader:
                     raise event.error
                 if isinstance(event, RegionRead):
                     rows, cols = event.block.local_cells(self.grid)
+                    indices = event.block.indices
+                    if event.keep is not None:  # white/black patches are dropped (not yielded)
+                        indices, rows, cols = indices[event.keep], rows[event.keep], cols[event.keep]
                     windows = patch_windows(event.pixels, self.grid.geometry)
-                    yield from batcher.add(event.block.indices, windows, rows, cols)
+                    yield from batcher.add(indices, windows, rows, cols)
             yield from batcher.flush()
         finally:
             self.close()

@@ -38,7 +38,7 @@ from .reconstruct import Threshold, zeus_mask
 from .scores import PatchScores
 from .scoring import slide_scores
 from .slide import Slide, SlideInfo
-from .tissue import TissueMask, full_tissue, tissue_from_view, view_downsample
+from .tissue import DEFAULT_TISSUE_RULE, TissueMask, clam_tissue, full_tissue, tissue_from_view, view_downsample
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class SegmentParams:
     min_hole_area_um2: float = 0.0
     tolerance_px: float | None = None
     detect_tissue: bool = True
+    tissue: str = DEFAULT_TISSUE_RULE  # tissue and patch rule: "zeus" (CLAM's, as ZEUS runs it) or "coarse"
 
 
 @dataclass
@@ -160,13 +161,32 @@ def prepare_slide(slide: Slide, params: SegmentParams, known: tuple[TissueMask, 
     if known is not None:
         tissue, grid = known
     else:
-        tissue = tissue_from_view(view, info.width) if params.detect_tissue else full_tissue(info.width, info.height)
-        grid = make_grid(info.width, info.height, geometry, tissue)
+        if not params.detect_tissue:
+            tissue = full_tissue(info.width, info.height)
+        elif params.tissue == "zeus":
+            tissue = clam_tissue(slide)
+        else:
+            tissue = tissue_from_view(view, info.width)
+        grid = make_grid(info.width, info.height, geometry, tissue, rule=params.tissue)
     warnings = []
     if len(grid) == 0:
         warnings.append(f"{slide.path.name}: no tissue found; writing an empty FeatureCollection")
     return PreparedSlide(str(slide.path), stem or output_stem(slide.path), info, geometry, tissue, grid, view,
                          {"tissue": time.perf_counter() - t0}, warnings)
+
+
+def drop_filtered(prepared: PreparedSlide, features: Sequence[np.ndarray], kept: np.ndarray | None) -> list[np.ndarray]:
+    """Drop the patches the white/black filters rejected (``kept`` False) from ``prepared.grid`` and ``features``.
+
+    Call it on every fresh embedding before its grid and features are stored or scored.
+    """
+    prepared.grid = prepared.grid.filtered(kept)
+    if kept is None:
+        return list(features)
+    if not kept.any() and len(kept):
+        prepared.warnings.append(f"{Path(prepared.path).name}: every tissue patch is white or black; "
+                                 "writing an empty FeatureCollection")
+    return [f[kept] for f in features]
 
 
 def output_paths(out_dir: str | Path, stem: str) -> dict[str, str]:
@@ -273,7 +293,7 @@ def segment_slide(
         for result in runner.run(stream):
             if isinstance(result, SlideFailed):
                 raise result.error
-            features = [result.features[i] for i in range(len(encoders))]
+            features = drop_filtered(prepared, [result.features[i] for i in range(len(encoders))], result.kept)
     finally:
         stream.close()
     assert features is not None
