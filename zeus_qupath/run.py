@@ -135,10 +135,29 @@ def _settings(config: RunConfig) -> RunSettings:
                        progress=config.progress, screening_k=config.screening_k)
 
 
+def ran_in(encoder: Any) -> dict[str, Any]:
+    """The precision a loaded model computes in: its weights' dtypes and the autocast dtype on its device.
+
+    ``computes`` is what the matrix products ran in: the autocast dtype where autocast is on (CUDA with
+    --precision auto/bf16/fp16), else the weights' dtype (fp32 on the CPU). Embeddings are stored as fp32.
+    """
+    from .models.base import autocast_dtype
+
+    weights = sorted({str(p.dtype).removeprefix("torch.") for p in encoder.model.parameters()})
+    autocast = autocast_dtype(encoder.device, encoder.precision)
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+    computes = short.get(str(autocast).removeprefix("torch."), str(autocast)) if autocast is not None else \
+        "+".join(short.get(w, w) for w in weights)
+    return {"requested": encoder.precision, "device": str(encoder.device),
+            "weights": [short.get(w, w) for w in weights],
+            "autocast": None if autocast is None else short.get(str(autocast).removeprefix("torch.")),
+            "computes": computes}
+
+
 def _model_info(spec: str, pretrained: str | None, encoder: Any, ident: Any) -> dict[str, Any]:
     return {"spec": spec, "pretrained": pretrained, "name": encoder.name, "embed_dim": encoder.embed_dim,
             "logit_scale": encoder.logit_scale, "input_size": encoder.preprocess.size,
-            "device": str(encoder.device), "weights_sample_sha256": ident.weights}
+            "device": str(encoder.device), "precision": ran_in(encoder), "weights_sample_sha256": ident.weights}
 
 
 def run_segment(config: RunConfig, on_slide: Callable[[SlideReport], None] | None = None) -> RunReport:
@@ -180,6 +199,10 @@ def run_segment(config: RunConfig, on_slide: Callable[[SlideReport], None] | Non
 
     model_infos = [_model_info(m.spec, m.pretrained, e, i)
                    for m, e, i in zip(settings.models, models.encoders, models.identities, strict=True)]
+    if config.executor == "ray":  # loaded here on the CPU only to check them; each Ray worker runs on its own device
+        for info in model_infos:
+            info["precision"] = {"requested": config.precision, "device": "each Ray worker's",
+                                 "computes": "fp32 on a CPU worker; on a CUDA worker as --precision decides there"}
     run_info: dict[str, Any] = {
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "segment",
