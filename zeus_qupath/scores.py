@@ -47,8 +47,8 @@ class PatchScores:
             raise ZeusError(f"positive class {self.positive_class!r} is not one of {list(self.classes)}")
         if min(self.patch_size, self.stride, self.width, self.height) <= 0:
             raise ZeusError("patch_size, stride, width and height must be positive")
-        if n and (np.any(self.coords % self.stride) or self.coords.min() < 0):
-            raise ZeusError("coords must be non-negative multiples of the stride")
+        if n and self.coords.min() < 0:  # any grid: one lattice, one per tissue contour (CLAM/ZEUS), or none
+            raise ZeusError("coords must be non-negative level-0 px")
         if not np.all(np.isfinite(self.scores)):
             raise ZeusError("scores contain NaN or infinite values")
 
