@@ -16,7 +16,6 @@ Coordinates are level-0 pixels in every version. Geometry that is not valid is r
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ from shapely.geometry.base import BaseGeometry
 
 from zeus_qupath.errors import GeoJSONError
 from zeus_qupath.geojson import class_color
+from zeus_qupath.json_input import MAX_DEPTH, max_depth, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ _TYPE_ALIASES: dict[str, str] = {
     "unknown": "annotation",  # QuPath itself creates an annotation for an untyped feature
 }
 _POLYGONAL = ("Polygon", "MultiPolygon")
+MAX_COORDINATE = float(1 << 31)  # level-0 px; no slide reader opens anything larger
 # properties that QuPathObject holds in normalised form; everything else is carried through as is
 _NORMALISED_KEYS = {"objectType", "object_type", "type", "name", "color", "classification", "isLocked",
                     "measurements"}
@@ -94,15 +95,18 @@ def read_qupath_geojson(path: str | os.PathLike[str]) -> list[QuPathObject]:
         raise GeoJSONError(f"{p}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise GeoJSONError(f"{p}: cannot read ({exc})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise GeoJSONError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    data = parse_json(text, str(p), GeoJSONError)
     return parse_qupath_geojson(data, source=str(p))
 
 
 def parse_qupath_geojson(data: Any, source: str = "<geojson>") -> list[QuPathObject]:
-    """Turn decoded QuPath GeoJSON (FeatureCollection, list of features or one Feature) into objects."""
+    """Turn decoded QuPath GeoJSON (FeatureCollection, list of features or one Feature) into objects.
+
+    Refuses (one-line ``GeoJSONError``) nesting deeper than JSON input allows, coordinates that are not
+    finite numbers or lie beyond ``MAX_COORDINATE`` px, and malformed coordinate arrays.
+    """
+    if max_depth(data) > MAX_DEPTH:
+        raise GeoJSONError(f"{source}: JSON nested too deeply (more than {MAX_DEPTH} levels)")
     features = _features_of(data, source)
     objects: list[QuPathObject] = []
     for index, feature in enumerate(features):
@@ -178,6 +182,7 @@ def feature_to_object(feature: Any, source: str = "<feature>") -> QuPathObject |
 def _geometry(geojson_geometry: Any, source: str) -> BaseGeometry | None:
     if not isinstance(geojson_geometry, dict) or "type" not in geojson_geometry:
         raise GeoJSONError(f"{source}: missing or malformed 'geometry'")
+    check_geometry(geojson_geometry, source)
     try:
         geom = shapely.force_2d(shape(geojson_geometry))
     except Exception as exc:  # shapely raises several types for bad coordinates
@@ -185,6 +190,48 @@ def _geometry(geojson_geometry: Any, source: str) -> BaseGeometry | None:
     if geom.is_empty:
         return None
     return repair_geometry(geom)
+
+
+# nesting of "coordinates" per geometry type: a position is depth 0
+_COORDINATE_DEPTH = {"Point": 0, "MultiPoint": 1, "LineString": 1, "MultiLineString": 2, "Polygon": 2,
+                     "MultiPolygon": 3}
+MAX_COLLECTION_DEPTH = 8
+
+
+def check_geometry(geometry: Any, source: str, _level: int = 0) -> None:
+    """Refuse a GeoJSON geometry whose coordinates are not finite numbers within ``MAX_COORDINATE`` px.
+
+    Checked before shapely sees it: shapely accepts NaN and infinite coordinates, and QuPath's pixel space
+    ends long before 1e12 (where rasterising loses every pixel to floating-point error).
+    """
+    if not isinstance(geometry, dict):
+        raise GeoJSONError(f"{source}: a geometry must be a JSON object")
+    kind = geometry.get("type")
+    if kind == "GeometryCollection":
+        parts = geometry.get("geometries")
+        if not isinstance(parts, list):
+            raise GeoJSONError(f"{source}: GeometryCollection without a 'geometries' list")
+        if _level >= MAX_COLLECTION_DEPTH:
+            raise GeoJSONError(f"{source}: GeometryCollections nested more than {MAX_COLLECTION_DEPTH} deep")
+        for part in parts:
+            check_geometry(part, source, _level + 1)
+        return
+    if kind not in _COORDINATE_DEPTH:
+        raise GeoJSONError(f"{source}: unknown geometry type {kind!r}")
+    stack: list[tuple[Any, int]] = [(geometry.get("coordinates"), _COORDINATE_DEPTH[kind])]
+    while stack:
+        value, depth = stack.pop()
+        if not isinstance(value, list):
+            raise GeoJSONError(f"{source}: {kind} coordinates must be nested lists of [x, y] positions")
+        if depth:
+            stack.extend((v, depth - 1) for v in value)
+            continue
+        if len(value) not in (2, 3) or not all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                                               for c in value):
+            raise GeoJSONError(f"{source}: a position must be [x, y] numbers, got {str(value)[:60]}")
+        if not all(math.isfinite(c) and abs(c) <= MAX_COORDINATE for c in value):
+            raise GeoJSONError(f"{source}: coordinate {str(value)[:60]} is not a finite pixel position within "
+                               f"+-{MAX_COORDINATE:.0e} px")
 
 
 def repair_geometry(geom: BaseGeometry) -> BaseGeometry | None:

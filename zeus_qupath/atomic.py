@@ -1,13 +1,17 @@
-"""Atomic file output: write to a temporary file in the same folder, then rename."""
+"""Atomic file output: write to a temporary file in the same folder, then rename; outputs as a set; folders
+checked for writing before any work."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
+
+from .errors import ZeusError
 
 
 @contextlib.contextmanager
@@ -44,3 +48,64 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | N
         yield fh
         fh.flush()
         os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def atomic_set(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]]:
+    """Temporary paths for several outputs that appear together or not at all.
+
+    Yields one temporary path per target (same folder, same suffix). When the block succeeds every
+    temporary file is renamed onto its target, in the given order (put the file whose presence marks a
+    finished result last); when it fails, or a file was not written, all of them are removed and no
+    target is touched.
+    """
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(_temp_beside(Path(p))) for p in paths]
+        yield tmps
+        missing = [str(t) for t in tmps if not t.exists()]
+        if missing:
+            raise FileNotFoundError(f"output not written: {missing[0]}")
+        for tmp, target in zip(tmps, paths, strict=True):
+            os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def _temp_beside(target: Path) -> Iterator[Path]:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
+    try:
+        yield tmp_path
+    finally:
+        tmp_path.unlink(missing_ok=True)  # renamed already on success: nothing to remove
+
+
+def writable_dir(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` checked as a folder this process can write into (or create), before any work is done.
+
+    Nothing is left behind: a folder that does not exist yet is not created; the nearest existing parent is
+    checked instead. Raises a one-line ZeusError naming ``what`` (e.g. ``--out``) for a path that is a file,
+    a read-only or foreign folder, or a folder that cannot be created.
+    """
+    p = Path(path).expanduser()
+    probe_in = p
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise ZeusError(f"{what} {p}: {probe_in} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".zeus-write-test.", dir=probe_in)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied", errno.ENOSPC: "no space left on device"}.get(
+                      exc.errno or 0, exc.strerror or str(exc))
+        raise ZeusError(f"cannot write to {what} {p}: {reason}") from None
+    return p

@@ -229,6 +229,55 @@ class StateStore:
         return self.path(stem)
 
 
+class SlideLocks:
+    """One run at a time per slide of an output folder: a lock file ``<out>/.state/<stem>.lock`` per slide.
+
+    The locks are the operating system's (``flock``/``LockFileEx`` through ``filelock``), so a run that dies,
+    even by ``kill -9``, leaves no lock behind. A second run into the same folder skips, or waits for, the
+    slides the first one is working on instead of deleting its temporary files.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(out_dir) / STATE_DIR
+        self._held: dict[str, Any] = {}
+
+    def _lock(self, stem: str) -> Any:
+        from filelock import FileLock
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.dir / f"{stem}.lock"), thread_local=False)
+
+    def try_acquire(self, stem: str) -> bool:
+        """Take the slide's lock if no other run holds it; True when this run holds it now."""
+        from filelock import Timeout
+
+        if stem in self._held:
+            return True
+        lock = self._lock(stem)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        self._held[stem] = lock
+        return True
+
+    def acquire(self, stem: str) -> None:
+        """Wait for the slide's lock."""
+        if stem not in self._held:
+            lock = self._lock(stem)
+            lock.acquire()
+            self._held[stem] = lock
+
+    def release(self, stem: str) -> None:
+        lock = self._held.pop(stem, None)
+        if lock is not None:
+            lock.release()
+
+    def release_all(self) -> None:
+        for stem in list(self._held):
+            self.release(stem)
+
+
 def report_from_state(data: dict[str, Any], out_dir: str | os.PathLike[str], status: str = "skipped") -> SlideReport:
     """A :class:`SlideReport` from a state file's record, with outputs pointing into ``out_dir``."""
     fields = set(SlideReport.__dataclass_fields__)

@@ -23,3 +23,10 @@ class GeoJSONError(ZeusError):
 
 class ProjectError(ZeusError):
     """A QuPath project cannot be read or written."""
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """The first non-empty line of ``text``, at most ``limit`` characters: what a user-facing error shows."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."

@@ -17,6 +17,7 @@ import rasterio.features
 import shapely
 from affine import Affine
 from PIL import Image
+from shapely.geometry import box
 
 from .errors import ZeusError
 from .slide import Slide
@@ -77,6 +78,10 @@ def read_geometry(path: str | os.PathLike[str], class_name: str | None) -> shape
 
 def rasterize(geom: shapely.Geometry, shape: tuple[int, int], pixel_size: float) -> np.ndarray:
     """Boolean raster (rows, cols) of ``geom``; pixel (r, c) covers level-0 [c*ps, (c+1)*ps) x [r*ps, ...)."""
+    if geom.is_empty:
+        return np.zeros(shape, dtype=bool)
+    # only the raster's extent matters; clipping first keeps far-away vertices from costing GDAL its precision
+    geom = geom.intersection(box(0, 0, shape[1] * pixel_size, shape[0] * pixel_size))
     if geom.is_empty:
         return np.zeros(shape, dtype=bool)
     transform = Affine(pixel_size, 0, 0, 0, pixel_size, 0)

@@ -1,9 +1,9 @@
 """What a result depends on, as short content hashes: slide files, model weights, parameter sets.
 
-A slide's fingerprint is taken from its content, not its path: the file size, the first and last MiB,
-and for TIFF-based slides the layout of every pyramid level (shape, compression, tile offsets and
-byte counts, which move whenever any tile's content changes size). Renaming or copying a slide keeps
-its fingerprint; rewriting it changes it. Reading costs about 2 MiB plus the TIFF tag tables.
+A slide's fingerprint is taken from its content, not its path: the sha256 of every byte, so renaming
+or copying a slide keeps its fingerprint and any edit, even in place with the same size, changes it.
+A :class:`FingerprintMemo` keeps each fingerprint with the file's stat guard (device, inode, size,
+mtime, ctime), so an unchanged slide is hashed once, not on every run.
 
 A model's identity is its spec, its weights file or folder fingerprint, its preprocessing, and a hash
 of a deterministic sample of every parameter tensor (so weights found in the Hugging Face cache are
@@ -15,21 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .errors import SlideError
 from .models.base import Encoder, autocast_dtype
 
-HEAD_TAIL_BYTES = 1 << 20
-TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _SAMPLES_PER_TENSOR = 64
+_FINGERPRINT_VERSION = "zeus-file-sha256-1"
 
 
 def stable_hash(value: Any) -> str:
@@ -37,53 +34,92 @@ def stable_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _head_tail(path: Path, h: Any) -> bytes:
-    size = path.stat().st_size
-    h.update(f"size={size};".encode())
+@dataclass(frozen=True)
+class StatGuard:
+    """What the file system says about a file; any write to it changes ``ctime_ns`` (which no user can set)."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> StatGuard:
+        st = path.stat()
+        return cls(int(st.st_dev), int(st.st_ino), int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns))
+
+
+@dataclass(frozen=True)
+class FingerprintMemo:
+    """Fingerprints computed before, each kept with the :class:`StatGuard` of the file it was computed from.
+
+    A file whose guard is unchanged (same device, inode, size, mtime and ctime) is not read again; any
+    change (an in-place edit, a rename, a copy) means the whole file is hashed again. Entries are small
+    JSON files in ``root``; an unreadable or unwritable memo only costs time.
+    """
+
+    root: Path
+
+    def _entry(self, guard: StatGuard) -> Path:
+        return Path(self.root) / f"{stable_hash([guard.dev, guard.ino])[:32]}.json"
+
+    def get(self, guard: StatGuard) -> str | None:
+        try:
+            data = json.loads(self._entry(guard).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not isinstance(data, dict) or data.get("version") != _FINGERPRINT_VERSION:
+            return None
+        if data.get("guard") != list(vars(guard).values()) or not isinstance(data.get("fingerprint"), str):
+            return None
+        return data["fingerprint"]
+
+    def put(self, guard: StatGuard, fingerprint: str) -> None:
+        from .atomic import atomic_open
+
+        try:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+            with atomic_open(self._entry(guard)) as fh:
+                json.dump({"version": _FINGERPRINT_VERSION, "guard": list(vars(guard).values()),
+                           "fingerprint": fingerprint}, fh)
+        except OSError:
+            pass
+
+
+def _sha256_file(path: Path) -> str:
     with open(path, "rb") as fh:
-        head = fh.read(HEAD_TAIL_BYTES)
-        h.update(head)
-        if size > HEAD_TAIL_BYTES:
-            fh.seek(max(size - HEAD_TAIL_BYTES, HEAD_TAIL_BYTES))
-            h.update(fh.read())
-    return head
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _tiff_layout(path: Path) -> bytes:
-    """Digest of the pyramid layout of every series (shapes, compression, tile offsets and sizes)."""
-    import tifffile
+def file_fingerprint(path: str | os.PathLike[str], memo: FingerprintMemo | None = None) -> str:
+    """Content fingerprint of a slide (or any) file: the sha256 of every byte of it.
 
-    h = hashlib.sha256()
-    logger = logging.getLogger("tifffile")
-    disabled, logger.disabled = logger.disabled, True  # a damaged file is the slide stage's to report
-    try:
-        with tifffile.TiffFile(path) as tf:
-            for series in tf.series:
-                for level in series.levels:
-                    page = level.keyframe
-                    h.update(repr((level.shape, str(level.dtype), int(page.compression))).encode())
-                    h.update(np.asarray(page.dataoffsets, dtype=np.int64).tobytes())
-                    h.update(np.asarray(page.databytecounts, dtype=np.int64).tobytes())
-    except Exception as exc:  # an unreadable layout is still a (different) fingerprint
-        h.update(f"unparsed:{type(exc).__name__}".encode())
-    finally:
-        logger.disabled = disabled
-    return h.digest()
-
-
-def file_fingerprint(path: str | os.PathLike[str]) -> str:
-    """Content fingerprint of a slide (or any) file: size, first/last MiB, TIFF pyramid layout."""
+    Copies and renamed files share it; any change to the content changes it. With a ``memo``, a file
+    whose stat guard (device, inode, size, mtime, ctime) is unchanged since it was last hashed is not read
+    again (a 3 GB slide costs one ``stat`` instead of a full read; see the README for the figures).
+    """
     p = Path(path)
-    h = hashlib.sha256(b"zeus-file-fingerprint-1;")
-    try:
-        head = _head_tail(p, h)
-    except FileNotFoundError:
-        raise SlideError(f"slide not found: {p}") from None
-    except OSError as exc:
-        raise SlideError(f"cannot read {p.name}: {exc.strerror or exc}") from None
-    if head[:4] in TIFF_MAGIC:
-        h.update(_tiff_layout(p))
-    return h.hexdigest()
+    for _attempt in range(3):
+        try:
+            before = StatGuard.of(p)
+            if memo is not None:
+                known = memo.get(before)
+                if known is not None:
+                    return known
+            digest = f"{_FINGERPRINT_VERSION}:{_sha256_file(p)}"
+            after = StatGuard.of(p)
+        except FileNotFoundError:
+            raise SlideError(f"slide not found: {p}") from None
+        except IsADirectoryError:
+            raise SlideError(f"not a file: {p}") from None
+        except OSError as exc:
+            raise SlideError(f"cannot read {p.name}: {exc.strerror or exc}") from None
+        if before == after:  # not written to while it was read
+            if memo is not None:
+                memo.put(before, digest)
+            return digest
+    raise SlideError(f"{p.name} keeps changing while it is read; wait until it is completely written")
 
 
 def folder_fingerprint(path: str | os.PathLike[str]) -> str:

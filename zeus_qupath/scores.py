@@ -8,6 +8,9 @@ and ``meta`` str (JSON). Anyone can write one and turn it into polygons without 
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import math
 import os
@@ -19,8 +22,11 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_path
-from .errors import ZeusError
+from .errors import ZeusError, one_line
 
+MAX_SIDE = 1 << 31  # level-0 px
+MAX_CLASSES = 1000
+MAX_META_BYTES = 64_000_000
 REQUIRED = ("coords", "scores", "classes", "positive_class", "patch_size", "stride", "width", "height", "mpp", "meta")
 
 
@@ -49,6 +55,10 @@ class PatchScores:
             raise ZeusError("patch_size, stride, width and height must be positive")
         if n and self.coords.min() < 0:  # any grid: one lattice, one per tissue contour (CLAM/ZEUS), or none
             raise ZeusError("coords must be non-negative level-0 px")
+        if len(self.classes) < 2:
+            raise ZeusError(f"need at least two classes, got {list(self.classes)}")
+        if not isinstance(self.meta, dict):
+            raise ZeusError("meta must be a dict")
         if not np.all(np.isfinite(self.scores)):
             raise ZeusError("scores contain NaN or infinite values")
 
@@ -74,28 +84,122 @@ class PatchScores:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PatchScores:
+        """Read and validate a scores file; a one-line ZeusError for anything malformed or oversized.
+
+        Array shapes and types are checked from the file's headers before any array is read, so a small
+        crafted file cannot make zeus allocate more than its patch grid needs.
+        """
         p = Path(path)
         try:
-            with np.load(p, allow_pickle=False) as z:
+            loaded = np.load(p, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise ZeusError("not a scores file (an .npz archive)")
+            with loaded as z:
                 missing = [k for k in REQUIRED if k not in z.files]
                 if missing:
                     raise ZeusError(f"not a scores file (missing {', '.join(missing)})")
+                headers = {k: _npy_header(z, k) for k in REQUIRED}
+                for key in ("positive_class", "patch_size", "stride", "width", "height", "mpp", "meta"):
+                    if headers[key][0] != ():
+                        raise ZeusError(f"{key} must be a single value, got shape {headers[key][0]}")
+                for key in ("patch_size", "stride", "width", "height"):
+                    if headers[key][1].kind not in "iu":
+                        raise ZeusError(f"{key} must be an integer")
+                if headers["meta"][1].kind != "U" or headers["positive_class"][1].kind != "U":
+                    raise ZeusError("meta and positive_class must be strings")
+                if headers["meta"][1].itemsize > MAX_META_BYTES * 4:
+                    raise ZeusError(f"meta is larger than {MAX_META_BYTES // 1_000_000} MB")
+                patch_size, stride = int(z["patch_size"]), int(z["stride"])
+                width, height = int(z["width"]), int(z["height"])
+                if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+                    raise ZeusError(f"slide size {width} x {height} px is not between 1 and {MAX_SIDE} px a side")
+                if not (0 < patch_size <= MAX_SIDE and 0 < stride <= MAX_SIDE):
+                    raise ZeusError("patch_size and stride must be positive pixel counts")
+                (n, *rest), ctype = headers["coords"][:2]
+                if rest != [2] or ctype.kind not in "iu":
+                    raise ZeusError(f"coords must be integer (N, 2), got {ctype} {headers['coords'][0]}")
+                positions = math.ceil(width / stride) * math.ceil(height / stride)
+                if n > positions:
+                    raise ZeusError(f"{n:,} patches cannot lie on the {positions:,} grid positions of the slide")
+                cshape, ctype = headers["classes"][:2]
+                if len(cshape) != 1 or ctype.kind != "U" or not 2 <= cshape[0] <= MAX_CLASSES:
+                    raise ZeusError(f"classes must be 2 to {MAX_CLASSES} names, got shape {cshape}")
+                sshape, stype = headers["scores"][:2]
+                if sshape != (n, cshape[0]) or stype.kind != "f":
+                    raise ZeusError(f"scores must be float (N={n}, C={cshape[0]}), got {stype} {sshape}")
                 mpp = float(z["mpp"])
+                meta = json.loads(str(z["meta"]) or "{}")
+                if not isinstance(meta, dict):
+                    raise ZeusError(f"meta must be a JSON object, got {type(meta).__name__}")
+                _check_tissue(meta.get("tissue"), width, height)
+                classes = tuple(str(c) for c in z["classes"])
+                if len(set(classes)) != len(classes) or not all(classes):
+                    raise ZeusError(f"class names must be distinct and non-empty: {list(classes)}")
+                coords = z["coords"].astype(np.int64)
+                if n and (coords[:, 0].max() >= width or coords[:, 1].max() >= height):
+                    i = int(np.argmax((coords[:, 0] >= width) | (coords[:, 1] >= height)))
+                    raise ZeusError(f"patch {i} at {tuple(int(v) for v in coords[i])} lies outside the "
+                                    f"{width} x {height} px slide")
+                if n and len(np.unique(coords, axis=0)) != n:
+                    raise ZeusError("two patches share one position")
                 return cls(
-                    coords=z["coords"].astype(np.int64).reshape(-1, 2),
-                    scores=z["scores"].astype(np.float32).reshape(z["coords"].shape[0], -1),
-                    classes=tuple(str(c) for c in z["classes"]),
+                    coords=coords.reshape(n, 2),
+                    scores=z["scores"].astype(np.float32).reshape(n, cshape[0]),
+                    classes=classes,
                     positive_class=str(z["positive_class"]),
-                    patch_size=int(z["patch_size"]),
-                    stride=int(z["stride"]),
-                    width=int(z["width"]),
-                    height=int(z["height"]),
+                    patch_size=patch_size,
+                    stride=stride,
+                    width=width,
+                    height=height,
                     mpp=mpp if math.isfinite(mpp) and mpp > 0 else None,
-                    meta=json.loads(str(z["meta"]) or "{}"),
+                    meta=meta,
                 )
         except FileNotFoundError:
             raise ZeusError(f"scores file not found: {p}") from None
+        except IsADirectoryError:
+            raise ZeusError(f"{p} is a folder, not a scores file") from None
         except ZeusError as exc:
             raise ZeusError(f"{p.name}: {exc}") from None
-        except (OSError, ValueError, zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
-            raise ZeusError(f"{p.name}: not a readable scores file ({exc})") from None
+        except RecursionError:
+            raise ZeusError(f"{p.name}: meta is nested too deeply") from None
+        except (OSError, ValueError, TypeError, zipfile.BadZipFile, KeyError, EOFError) as exc:
+            raise ZeusError(f"{p.name}: not a readable scores file ({one_line(str(exc), 160)})") from None
+
+
+def _npy_header(z: Any, key: str) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """(shape, dtype, fortran order) of one array of an open .npz, read from its header only."""
+    with z.zip.open(f"{key}.npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ZeusError(f"{key}: unsupported .npy version {version}")
+    if dtype.hasobject:
+        raise ZeusError(f"{key}: object arrays are not allowed")
+    return tuple(int(v) for v in shape), dtype, bool(fortran)
+
+
+def _check_tissue(info: Any, width: int, height: int) -> None:
+    """The tissue mask in ``meta["tissue"]``: {"downsample": d, "png": base64 PNG} of about the slide / d."""
+    if info is None:
+        return
+    if not isinstance(info, dict) or not isinstance(info.get("png"), str):
+        raise ZeusError('meta "tissue" must be {"downsample": D, "png": BASE64_PNG}')
+    ds = info.get("downsample")
+    if isinstance(ds, bool) or not isinstance(ds, (int, float)) or not (math.isfinite(ds) and 1e-3 <= ds <= MAX_SIDE):
+        raise ZeusError(f'meta "tissue" downsample must be a positive number, got {ds!r}')
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(info["png"], validate=True))) as im:
+            w, h = im.size
+            if im.format != "PNG":
+                raise ZeusError('meta "tissue" png is not a PNG image')
+            if abs(w - width / ds) > 2 + 0.01 * w or abs(h - height / ds) > 2 + 0.01 * h:
+                raise ZeusError(f'meta "tissue" mask is {w} x {h} px, expected about {width / ds:.0f} x '
+                                f"{height / ds:.0f} for the slide at downsample {ds:g}")
+            im.load()
+    except (binascii.Error, ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise ZeusError(f'meta "tissue" png cannot be decoded ({one_line(str(exc), 120)})') from None
