@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -268,7 +271,7 @@ def test_timm_layout_bin_loads_to_the_same_model(tmp_path, authors_model, keep):
 def test_remote_modelling_code_is_never_run(hub_folder, keep):
     assert (hub_folder / "modeling_keep.py").is_file()
     assert not (hub_folder / "REMOTE_CODE_RAN").exists()
-    assert not any("modeling_keep" in name for name in __import__("sys").modules)
+    assert not any("modeling_keep" in name for name in sys.modules)
 
 
 def test_default_model_is_keep():
@@ -280,6 +283,34 @@ def test_default_model_is_keep():
     assert parser.parse_args(["segment", "s.svs", "--prompts", "p.json"]).model == DEFAULT_MODEL
     assert parser.parse_args(["serve", "--root", "."]).model == DEFAULT_MODEL
     assert RunConfig(slides=(), prompts="p", out_dir="o").model == DEFAULT_MODEL
+
+
+def _zeus(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``zeus ARGS`` with an empty, offline Hugging Face cache."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    return subprocess.run([sys.executable, "-m", "zeus_qupath", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_segment_without_model_asks_for_keep_weights(tmp_path):
+    from conftest import shared_file
+
+    prompts = Path(__file__).resolve().parents[1] / "samples" / "prompts" / "spindle_cell.json"
+    out = tmp_path / "out"
+    res = _zeus(tmp_path, "segment", str(shared_file("wsi", "CMU-1-Small-Region.svs")), "--prompts", str(prompts),
+                "--out", str(out))
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(err) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "model keep" in err[0] and "hf download Astaxanthin/KEEP" in err[0] and "--pretrained" in err[0]
+    assert not out.exists() or not any(p.suffix in (".geojson", ".npz", ".png") for p in out.rglob("*"))
+
+
+def test_zeus_models_marks_keep_as_default(tmp_path):
+    res = _zeus(tmp_path, "models")
+    assert res.returncode == 0, res.stderr
+    rows = {line.split()[0]: line.split() for line in res.stdout.splitlines() if line.strip()}
+    assert rows["keep"][1:4] == ["(default)", "yes", "no"]  # code importable, no weights in the empty cache
+    assert "(default)" not in " ".join(" ".join(r) for name, r in rows.items() if name != "keep")
 
 
 # ---------------------------------------------------------------- strictness
