@@ -207,11 +207,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .prompts import DEFAULT_PROMPT_SET
     from .segment import SegmentParams
 
+    params = SegmentParams(threshold=Threshold.parse(args.threshold), batch_size=args.batch_size,
+                           patch_size=args.patch_size, stride=args.stride, target_mpp=args.target_mpp,
+                           tissue=args.tissue)
     serve(ServiceConfig(host=args.host, port=args.port, token_env=args.token_env, roots=tuple(args.root or ()),
                         model=args.model, pretrained=args.pretrained, prompts=args.prompts or DEFAULT_PROMPT_SET,
                         device=args.device,
-                        precision=args.precision,
-                        params=SegmentParams(threshold=Threshold.parse(args.threshold), batch_size=args.batch_size)))
+                        precision=args.precision, params=params, cache_dir=args.cache,
+                        allowed_hosts=tuple(args.allowed_host), allow_origins=tuple(args.allow_origin),
+                        max_models=args.max_models, max_patches=args.max_patches,
+                        max_region_vertices=args.max_region_vertices))
     return 0
 
 
@@ -362,6 +367,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--patch-size", type=_positive_int, default=448, help="as in zeus segment")
+    p.add_argument("--stride", type=_positive_int, default=112)
+    p.add_argument("--target-mpp", type=_positive_float, default=None)
+    p.add_argument("--tissue", choices=("zeus", "coarse"), default="zeus", help="tissue rule, as in zeus segment")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="embedding cache folder shared with zeus segment --cache DIR (or a zeus segment --out "
+                        "folder: its .cache); default: memory only")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests addressed to this host name (besides loopback names; repeatable)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from this origin call the service, e.g. http://lab:8080 (repeatable)")
+    p.add_argument("--max-models", type=_positive_int, default=2, help="models kept loaded (least recently used go)")
+    p.add_argument("--max-patches", type=_positive_int, default=1_000_000, help="patches one request may score")
+    p.add_argument("--max-region-vertices", type=_positive_int, default=10_000, help="vertices of a request's region")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list model presets and whether their code and weights are here")

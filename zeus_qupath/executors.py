@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 from .cohort import SlideEntry, SlideFailure, StateStore
 from .embed import SlideEmbedding, StreamEncoder, pin_region, wants_device_cut
+from .embedding_cache import EmbeddingCache, slide_key
 from .errors import ModelError, ZeusError
-from .feature_cache import CachedEmbeddings, CacheKey, FeatureCache
+from .feature_cache import CachedEmbeddings, CacheKey
 from .identity import ModelIdentity, effective_precision, model_identity
 from .models import load_encoder
 from .models.base import Encoder
@@ -167,14 +168,6 @@ class _Prepared:
     bar: Any = None
 
 
-def _usable(entry: CachedEmbeddings | None, encoder: Encoder, width: int, height: int) -> CachedEmbeddings | None:
-    if entry is None:
-        return None
-    ok = (entry.width, entry.height) == (width, height) and entry.features.shape == (len(entry.index),
-                                                                                     encoder.embed_dim)
-    return entry if ok else None
-
-
 class LocalPipeline:
     """Segments slides in this process with overlapping stages (see the module docstring)."""
 
@@ -182,7 +175,8 @@ class LocalPipeline:
         self.s = settings
         self.m = models
         self.store = StateStore(settings.out_dir)
-        self.cache = FeatureCache(Path(settings.cache_dir)) if settings.cache_dir else None
+        # a cohort reads each slide once: the disk tier only (the service adds a memory tier in front of it)
+        self.cache = EmbeddingCache(Path(settings.cache_dir), max_entries=0) if settings.cache_dir else None
         self.precisions = [effective_precision(e) for e in models.encoders]
 
     def _prepare(self, job: SlideJob) -> _Prepared:
@@ -194,11 +188,9 @@ class LocalPipeline:
             keys = None
             cached: list[CachedEmbeddings | None] = [None] * n
             if self.cache is not None:
-                geometry = patch_geometry(params, info.mpp)
-                keys = [CacheKey.make(job.fingerprint, ident.digest, prec, geometry, params.target_mpp,
-                                      params.detect_tissue)
+                keys = [slide_key(job.fingerprint, ident.digest, prec, params, info.mpp)
                         for ident, prec in zip(self.m.identities, self.precisions, strict=True)]
-                cached = [_usable(self.cache.load(k), e, info.width, info.height)
+                cached = [self.cache.load(k, info.width, info.height, e.embed_dim)
                           for k, e in zip(keys, self.m.encoders, strict=True)]
             hit = next((c for c in cached if c is not None), None)
             known = (hit.tissue, hit.grid(patch_geometry(params, info.mpp))) if hit is not None else None

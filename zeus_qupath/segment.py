@@ -30,13 +30,13 @@ from .errors import SlideError
 from .geojson import feature_collection, write_geojson
 from .grid import PatchGeometry, PatchGrid, make_grid
 from .models.base import Encoder
+from .outline import outline_patches, outline_polygons
 from .overlay import render_overlay, write_png
-from .polygons import PolygonParams, mask_polygons, tissue_geometry
+from .polygons import tissue_geometry
 from .prompts import PromptSet
 from .reader import ReadPlan, RegionStream, SlideFailed
-from .reconstruct import Threshold, zeus_mask
+from .reconstruct import Threshold
 from .scores import PatchScores
-from .scoring import slide_scores
 from .slide import Slide, SlideInfo
 from .tissue import DEFAULT_TISSUE_RULE, TissueMask, clam_tissue, full_tissue, tissue_from_view, view_downsample
 
@@ -118,14 +118,7 @@ def polygons_from_scores(
     if clip is None:
         tissue = decode_tissue(scores.meta)
         clip = tissue_geometry(tissue) if tissue is not None else None
-    area_unit = scores.mpp**2 if scores.mpp else 1.0  # um^2 per px^2; px when mpp is unknown
-    poly_params = PolygonParams(
-        min_area=params.min_area_um2 / area_unit,
-        min_hole_area=params.min_hole_area_um2 / area_unit,
-        tolerance=params.tolerance_px,
-    )
-    mask = zeus_mask(scores, threshold=threshold)
-    return mask_polygons(mask, poly_params, clip=clip)
+    return outline_polygons(scores, threshold, params, clip=clip)
 
 
 def geojson_from_scores(scores: PatchScores, threshold: Threshold, params: SegmentParams,
@@ -218,26 +211,14 @@ def finish_slide(
     """
     secs = {**prepared.seconds, **(seconds or {})}
     t2 = time.perf_counter()
-    info, geometry = prepared.info, prepared.geometry
-    values, score_meta = slide_scores(list(features), list(encoders), prompts, prototypes=list(prototypes),
-                                      **(score_options or {}))
-    scores = PatchScores(
-        coords=prepared.grid.coords,
-        scores=values,
-        classes=tuple(prompts.class_names),
-        positive_class=prompts.positive_class,
-        patch_size=geometry.patch_size_l0,
-        stride=geometry.stride_l0,
-        width=info.width,
-        height=info.height,
-        mpp=info.mpp,
-        meta={**(meta or {}), **score_meta, "slide": Path(prepared.path).name,
-              "logit_scale": float(np.mean([e.logit_scale for e in encoders])),
-              "tissue": encode_tissue(prepared.tissue)},
-    )
-    clip = tissue_geometry(prepared.tissue)
-    polygons = polygons_from_scores(scores, params.threshold, params, clip=clip)
-    collection = feature_collection(build_annotations(polygons, scores))
+    info = prepared.info
+    outline = outline_patches(
+        prepared.grid.coords, features, encoders, prompts, prototypes, geometry=prepared.geometry,
+        width=info.width, height=info.height, mpp=info.mpp, params=params, threshold=params.threshold,
+        clip=tissue_geometry(prepared.tissue), score_options=score_options,
+        meta={**(meta or {}), "slide": Path(prepared.path).name, "tissue": encode_tissue(prepared.tissue)})
+    scores, polygons = outline.scores, outline.polygons
+    collection = outline.feature_collection()
     outputs = output_paths(out_dir, prepared.stem)
     scores.save(outputs["scores"])
     write_png(outputs["overlay"], render_overlay(prepared.thumbnail, scores, polygons))

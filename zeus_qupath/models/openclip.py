@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,21 +44,17 @@ def load_open_clip(
     """Build an open_clip model from a built-in name, a config JSON file, or a ``local-dir:``/``hf-hub:`` id.
 
     ``pretrained`` is what open_clip takes: a tag of a built-in model or a checkpoint file. A config JSON
-    file is registered with open_clip under its file stem, exactly as open_clip's own config folder works.
+    file (with a checkpoint file) is loaded as a private ``local-dir:`` folder, never registered with
+    open_clip: registering would change the model of that name for the whole process.
     """
     import open_clip
 
     name = spec
     path = Path(spec).expanduser()
     if spec.endswith(".json"):
-        if not path.is_file():
-            raise ModelError(f"model config not found: {path}")
-        try:
-            json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelError(f"model config {path.name} is not valid JSON: {exc}") from exc
-        open_clip.add_model_config(path)
-        name = path.stem
+        with tempfile.TemporaryDirectory(prefix="zeus-open_clip-") as folder:
+            _private_model_dir(path, pretrained, Path(folder))
+            return load_open_clip(f"local-dir:{folder}", None, device, precision, display_name or path.stem)
     elif not spec.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
         raise ModelError(f"unknown open_clip model {spec!r} (see open_clip.list_models(), or pass a config .json)")
     if pretrained and not spec.startswith(("hf-hub:", "local-dir:")):
@@ -79,6 +76,27 @@ def load_open_clip(
         raise ModelError(f"model {display_name or spec}: cannot load ({first[:200]})") from exc
     return OpenClipEncoder(display_name or name, model, tokenizer, device, precision)
 
+
+
+def _private_model_dir(config: Path, pretrained: str | None, folder: Path) -> None:
+    """Lay out ``config`` (+ the checkpoint ``pretrained``) as an open_clip ``local-dir:`` folder in ``folder``."""
+    if not config.is_file():
+        raise ModelError(f"model config not found: {config}")
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelError(f"model config {config.name} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_cfg", data), dict):
+        raise ModelError(f"model config {config.name} is not an open_clip model config (a JSON object)")
+    wrapped = data if "model_cfg" in data else {"model_cfg": data}
+    (folder / "open_clip_config.json").write_text(json.dumps(wrapped))
+    if pretrained:
+        ckpt = Path(pretrained).expanduser()
+        if not ckpt.is_file():
+            raise ModelError(f"model {config.stem}: with a config file, --pretrained must be a checkpoint file, "
+                             f"got {pretrained!r}")
+        link = "open_clip_model.safetensors" if ckpt.suffix == ".safetensors" else "open_clip_pytorch_model.bin"
+        (folder / link).symlink_to(ckpt.resolve())
 
 
 def load(preset, pretrained: str | None, device: torch.device, precision: str) -> OpenClipEncoder:

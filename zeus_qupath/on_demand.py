@@ -1,0 +1,206 @@
+"""Segment a slide, or a region of it, on request: the engine behind ``zeus serve``.
+
+The steps are ``zeus segment``'s own: :func:`~zeus_qupath.segment.prepare_slide` (tissue and patch grid),
+the embedding stream (:func:`~zeus_qupath.embed.embed_grid`), and
+:func:`~zeus_qupath.outline.outline_patches` (scores, mask, polygons), with the same cache key
+(:func:`~zeus_qupath.embedding_cache.slide_key`). What differs is reuse: the two-tier
+:class:`~zeus_qupath.embedding_cache.EmbeddingCache` keeps each slide's features between requests, so
+a request embeds only the patches that neither a previous request nor a ``zeus segment`` run with the
+same cache folder embedded; models stay loaded in a :class:`~zeus_qupath.model_pool.ModelPool`.
+
+A region (level-0 polygon) selects the grid patches whose area meets it; its mask is computed on a
+window around it (see :mod:`zeus_qupath.outline`). ``max_patches`` caps the patches one request may
+score, so that one request cannot occupy the machine for hours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from shapely.geometry import box
+from shapely.geometry.base import BaseGeometry
+
+from .embed import StreamEncoder, pin_region, wants_device_cut
+from .embedding_cache import EmbeddingCache, SlideEmbeddings, slide_key
+from .errors import ZeusError
+from .executors import ModelSpec
+from .grid import PatchGrid
+from .identity import file_fingerprint
+from .model_pool import LoadedModel, ModelPool
+from .models.base import Encoder
+from .outline import SlideOutline, outline_patches, patches_in_region, polygonal
+from .polygons import tissue_geometry
+from .prompts import load_prompts
+from .reader import ReadPlan, RegionStream, SlideFailed
+from .reconstruct import Threshold
+from .segment import SegmentParams, patch_geometry, prepare_slide
+from .slide import Slide, SlideInfo
+
+log = logging.getLogger(__name__)
+
+SLIDE_MEMO_SIZE = 256
+
+
+def embed_patches(path: Path, grid: PatchGrid, encoder: Encoder, params: SegmentParams,
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(features in grid order, kept) of ``grid``'s patches, through ``zeus segment``'s reading and embedding stream.
+
+    ``kept`` (None: all) marks the patches the reader's white/black filters let through.
+    """
+    plan = ReadPlan.for_grid(0, str(path), grid)
+    stream = RegionStream([plan], workers=params.workers,
+                          transform=pin_region if wants_device_cut([encoder]) else None)
+    try:
+        for result in StreamEncoder([encoder], batch_size=params.batch_size).run(stream):
+            if isinstance(result, SlideFailed):
+                raise result.error
+            return result.features[0], result.kept
+    finally:
+        stream.close()
+    raise RuntimeError("the region stream ended without the slide")  # pragma: no cover
+
+
+class LimitError(ZeusError):
+    """A request over one of the segmenter's compute limits."""
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """One slide (and optionally a region of it, level-0 px) to segment with ``models`` and ``prompts``."""
+
+    slide: Path
+    models: tuple[ModelSpec, ...]
+    prompts: str | Path
+    positive_class: str | None = None
+    threshold: Threshold | None = None  # None: the segmenter's default (its params' threshold)
+    region: BaseGeometry | None = None
+
+
+@dataclass
+class SegmentResult:
+    """The outline of a request, and what it cost."""
+
+    outline: SlideOutline
+    width: int
+    height: int
+    patches: int  # patches scored
+    embedded: int  # patches embedded for this request (0 when the cache had every one)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class OnDemandSegmenter:
+    """Segments requests with shared models and a shared two-tier embedding cache (thread-safe)."""
+
+    def __init__(self, params: SegmentParams, cache: EmbeddingCache, models: ModelPool,
+                 max_patches: int | None = None) -> None:
+        self.params = params
+        self.cache = cache
+        self.models = models
+        self.max_patches = max_patches
+        self._slides: OrderedDict[tuple[object, ...], tuple[str, SlideInfo]] = OrderedDict()
+        self._slides_lock = threading.Lock()
+
+    def slide_identity(self, path: Path) -> tuple[str, SlideInfo]:
+        """(content fingerprint, info) of a slide file, remembered while the file is unchanged."""
+        real = os.path.realpath(path)
+        try:
+            st = os.stat(real)
+        except OSError as exc:
+            raise ZeusError(f"cannot read {Path(path).name}: {exc.strerror or exc}") from None
+        memo = (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, self.params.mpp)
+        with self._slides_lock:
+            hit = self._slides.get(memo)
+            if hit is not None:
+                self._slides.move_to_end(memo)
+                return hit
+        fingerprint = file_fingerprint(real)
+        with Slide(real, mpp=self.params.mpp) as slide:
+            info = slide.info
+        with self._slides_lock:
+            self._slides[memo] = (fingerprint, info)
+            while len(self._slides) > SLIDE_MEMO_SIZE:
+                self._slides.popitem(last=False)
+        return fingerprint, info
+
+    def slide_entry(self, path: Path, fingerprint: str, info: SlideInfo, model: LoadedModel) -> SlideEmbeddings:
+        """The cache entry of this slide version and model (tissue and grid made once, as ``zeus segment`` does)."""
+        params = self.params
+        key = slide_key(fingerprint, model.identity.digest, model.precision, params, info.mpp)
+        embed_dim = model.encoder.embed_dim
+
+        def create() -> SlideEmbeddings:
+            with Slide(path, mpp=params.mpp) as slide:
+                prepared = prepare_slide(slide, params)
+            return SlideEmbeddings(key, info.width, info.height, info.mpp, prepared.tissue, prepared.grid, embed_dim,
+                                   tissue_outline=tissue_geometry(prepared.tissue))
+
+        return self.cache.entry(key, info.width, info.height, embed_dim, patch_geometry(params, info.mpp), info.mpp,
+                                create, outline=tissue_geometry)
+
+    def embed_missing(self, path: Path, entry: SlideEmbeddings, indices: np.ndarray, model: LoadedModel) -> int:
+        """Embed the patches among ``indices`` that the entry lacks; returns how many were embedded."""
+        with entry.lock:
+            missing = entry.missing(indices)
+            if len(missing):
+                with model.lock:
+                    features, kept = embed_patches(path, entry.grid.take(missing), model.encoder, self.params)
+                entry.store(missing, features, kept)
+                self.cache.record_embedded(len(missing))
+            self.cache.persist(entry)  # a slide embedded in full goes to disk, for the next run or restart
+            return len(missing)
+
+    def segment(self, request: SegmentRequest) -> SegmentResult:
+        """Answer one request, embedding only what the cache lacks."""
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        prompts = load_prompts(request.prompts, request.positive_class)
+        models = [self.models.get(spec) for spec in request.models]
+        fingerprint, info = self.slide_identity(request.slide)
+        region = None
+        if request.region is not None:
+            region = polygonal(request.region.intersection(box(0, 0, info.width, info.height)))
+            if region.is_empty or region.area <= 0:
+                raise ZeusError(f"the region lies outside the image ({info.width} x {info.height} px)")
+        entries = [self.slide_entry(request.slide, fingerprint, info, m) for m in models]
+        first = entries[0]
+        indices = patches_in_region(first.grid, region)
+        if self.max_patches is not None and len(indices) > self.max_patches:
+            raise LimitError(f"this request covers {len(indices)} patches, over the limit of {self.max_patches}; "
+                             "select a smaller region (or start the service with a higher --max-patches)")
+        seconds["prepare"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        embedded = 0
+        for entry, model in zip(entries, models, strict=True):
+            if len(entry.grid) != len(first.grid):
+                raise ZeusError(f"{request.slide.name}: the models' cached patch grids differ; clear the cache")
+            embedded += self.embed_missing(request.slide, entry, indices, model)
+        with first.lock:
+            indices = first.scored(indices)  # without the patches the white/black filters dropped
+        features = []
+        for entry in entries:
+            with entry.lock:
+                features.append(entry.features(indices))
+        seconds["embed"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        protos = [self.models.prototypes(m, prompts) for m in models]
+        outline = outline_patches(
+            first.grid.coords[indices], features, [m.encoder for m in models], prompts, protos,
+            geometry=first.grid.geometry, width=info.width, height=info.height, mpp=info.mpp, params=self.params,
+            threshold=request.threshold or self.params.threshold, clip=first.tissue_outline, region=region,
+            score_options={"model_specs": [m.spec.spec for m in models]},
+            meta={"slide": request.slide.name, "model": ",".join(m.spec.spec for m in models)})
+        seconds["polygons"] = time.perf_counter() - t2
+        seconds["total"] = time.perf_counter() - t0
+        log.info("segment %s%s: %d patches (%d embedded now), %d regions, %.2f s", request.slide.name,
+                 " (region)" if region is not None else "", len(indices), embedded, len(outline.polygons),
+                 seconds["total"])
+        return SegmentResult(outline, info.width, info.height, len(indices), embedded, seconds)
