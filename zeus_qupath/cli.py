@@ -57,6 +57,9 @@ def _add_polygon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-hole-area", type=float, default=0.0, metavar="UM2", help="fill holes smaller than this")
     p.add_argument("--tolerance", type=float, default=None, metavar="PX",
                    help="outline simplification tolerance in level-0 px (default: 2, or half a mask pixel if larger)")
+    p.add_argument("--tiles", action="store_true",
+                   help="also write <stem>.tiles.geojson: each patch's class scores as QuPath tile detections "
+                        "(Measure > Show measurement maps shows the ZEUS heatmap)")
 
 
 def _segment_params(args: argparse.Namespace):
@@ -66,7 +69,7 @@ def _segment_params(args: argparse.Namespace):
         patch_size=args.patch_size, stride=args.stride, target_mpp=args.target_mpp, mpp=args.mpp,
         batch_size=args.batch_size, workers=args.workers, threshold=Threshold.parse(args.threshold),
         min_area_um2=args.min_area, min_hole_area_um2=args.min_hole_area, tolerance_px=args.tolerance,
-        detect_tissue=not args.no_tissue, tissue=args.tissue,
+        detect_tissue=not args.no_tissue, tissue=args.tissue, heatmap_tiles=args.tiles,
     )
 
 
@@ -121,6 +124,11 @@ def cmd_polygons(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.scores).with_suffix("").with_suffix("")) + ".geojson"
     write_geojson(out, collection)
     print(f"{len(collection['features'])} regions -> {out}")
+    if args.tiles:
+        from .heatmap import TILES_SUFFIX, write_tiles
+
+        tiles = out.removesuffix(".geojson") + TILES_SUFFIX
+        print(f"{write_tiles(tiles, scores)} tiles -> {tiles}")
     return 0
 
 

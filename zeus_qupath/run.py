@@ -119,7 +119,7 @@ def run_parameters(config: RunConfig, models: RunModels) -> dict[str, Any]:
         "segment": {"patch_size": p.patch_size, "stride": p.stride, "target_mpp": p.target_mpp, "mpp": p.mpp,
                     "threshold": str(p.threshold), "min_area_um2": p.min_area_um2,
                     "min_hole_area_um2": p.min_hole_area_um2, "tolerance_px": p.tolerance_px,
-                    "detect_tissue": p.detect_tissue, "tissue": p.tissue},
+                    "detect_tissue": p.detect_tissue, "tissue": p.tissue, "heatmap_tiles": p.heatmap_tiles},
     }
 
 

@@ -29,6 +29,7 @@ from .embed import StreamEncoder, pin_region, wants_device_cut
 from .errors import SlideError
 from .geojson import feature_collection, write_geojson
 from .grid import PatchGeometry, PatchGrid, make_grid
+from .heatmap import TILES_SUFFIX, write_tiles
 from .models.base import Encoder
 from .outline import outline_patches, outline_polygons
 from .overlay import render_overlay, write_png
@@ -55,6 +56,7 @@ class SegmentParams:
     tolerance_px: float | None = None
     detect_tissue: bool = True
     tissue: str = DEFAULT_TISSUE_RULE  # tissue and patch rule: "zeus" (CLAM's, as ZEUS runs it) or "coarse"
+    heatmap_tiles: bool = False  # also write <stem>.tiles.geojson: the scores as QuPath tiles (heatmap.py)
 
 
 @dataclass
@@ -222,6 +224,9 @@ def finish_slide(
     outputs = output_paths(out_dir, prepared.stem)
     scores.save(outputs["scores"])
     write_png(outputs["overlay"], render_overlay(prepared.thumbnail, scores, polygons))
+    if params.heatmap_tiles:
+        outputs["tiles"] = str(Path(out_dir) / f"{prepared.stem}{TILES_SUFFIX}")
+        write_tiles(outputs["tiles"], scores)
     write_geojson(outputs["geojson"], collection)  # last: its presence marks a finished slide
     secs["polygons"] = time.perf_counter() - t2
     secs.setdefault("embed", 0.0)
