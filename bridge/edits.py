@@ -196,8 +196,8 @@ def write_import_record(entry_dir: str | os.PathLike[str], record: ImportRecord)
 def _area_geometry(geometry: BaseGeometry | None) -> BaseGeometry | None:
     if geometry is None or geometry.is_empty or not isinstance(geometry, (Polygon, MultiPolygon)):
         return None
-    if not geometry.is_valid:
-        geometry = shapely.make_valid(geometry)
+    if not geometry.is_valid:  # e.g. a self-crossing outline drawn by hand: keep every lobe
+        geometry = shapely.make_valid(geometry, method="structure", keep_collapsed=False)  # = JTS GeometryFixer
     return geometry if geometry.area > 0 else None
 
 

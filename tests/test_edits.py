@@ -1,40 +1,40 @@
-"""The keep-edits rule: only untouched ZEUS annotations may be replaced; every edit is kept."""
+"""The keep-edits rule in Python (bridge/edits.py); the same rule on real QuPath objects: test_qupath_rule.py."""
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
+import shapely
 from shapely.affinity import translate
-from shapely.geometry import Polygon, mapping
+from shapely.geometry import MultiPolygon, Polygon, box
 
 from zeus_qupath.bridge.edits import (
-    CENTROID_TOL_PX,
-    area_matches,
-    centroid_matches,
+    IMPORTED,
+    RECORD_FILE,
+    REPLACED,
+    ImportRecord,
     has_zeus_marker,
     is_untouched_zeus,
     merge_annotations,
+    read_import_record,
+    same_geometry,
+    write_import_record,
+    written_objects,
+    written_record,
     zeus_class_from_name,
 )
-from zeus_qupath.bridge.qupath_geojson import QuPathObject, feature_to_object, parse_qupath_geojson
-from zeus_qupath.geojson import (
-    MEAS_AREA_PX,
-    MEAS_CENTROID_X,
-    MEAS_CENTROID_Y,
-    MEAS_VERTICES,
-    Annotation,
-    annotation_feature,
-)
+from zeus_qupath.bridge.qupath_geojson import QuPathObject, feature_to_object
+from zeus_qupath.geojson import Annotation, annotation_feature
 
 TUMOR = Polygon([(0, 0), (400, 0), (400, 300), (0, 300)], [[(100, 100), (200, 100), (200, 200), (100, 200)]])
 NORMAL = Polygon([(1000, 1000), (1500, 1000), (1250, 1400)])
 
 
-def zeus_feature(geom: Polygon = TUMOR, cls: str = "Tumor") -> dict:
-    """A feature exactly as the ZEUS writer makes it, after a JSON round trip (as QuPath would read it)."""
+def zeus_feature(geom=TUMOR, cls: str = "Tumor") -> dict:
+    """A feature exactly as the ZEUS writer makes it, after a JSON round trip."""
     return json.loads(json.dumps(annotation_feature(Annotation(geom, cls, {"Mean tumor score": 0.4}))))
 
 
@@ -44,187 +44,162 @@ def as_object(feature: dict) -> QuPathObject:
     return obj
 
 
+def float32(geom):
+    """What QuPath 0.6 holds: every coordinate rounded to float32."""
+    return shapely.transform(geom, lambda c: c.astype(np.float32).astype(np.float64))
+
+
 def test_marker_name_parsing() -> None:
     assert zeus_class_from_name("ZEUS Tumor") == "Tumor"
     assert zeus_class_from_name("ZEUS Tumor: Positive") == "Tumor: Positive"
-    assert zeus_class_from_name("ZEUSTumor") is None
-    assert zeus_class_from_name("Tumor") is None
-    assert zeus_class_from_name(None) is None
+    assert zeus_class_from_name("ZEUSTumor") is None and zeus_class_from_name(None) is None
+    assert has_zeus_marker("ZEUS Tumor", {}) and not has_zeus_marker("Tumor", {"Area um^2": 3.0})
 
 
-def test_area_tolerance() -> None:
-    assert area_matches(100.0, 100.4)  # absolute 0.5 px^2 on small objects
-    assert not area_matches(100.0, 100.6)
-    assert area_matches(1e8 + 90.0, 1e8)  # relative 1e-6 on large ones
-    assert not area_matches(1e8 + 110.0, 1e8)
+# ------------------------------------------------------------------------------------ geometry equality
 
 
-def test_untouched_zeus_object_is_replaceable() -> None:
-    obj = as_object(zeus_feature())
-    assert obj.name == "ZEUS Tumor" and obj.measurements[MEAS_VERTICES] == 10.0
-    assert is_untouched_zeus(obj)
+def test_same_geometry_ignores_ring_start_and_orientation() -> None:
+    shifted_start = Polygon([(400, 0), (400, 300), (0, 300), (0, 0)], list(TUMOR.interiors))
+    assert same_geometry(TUMOR, shifted_start)
+    assert same_geometry(TUMOR, shapely.orient_polygons(TUMOR, exterior_cw=True))
+    assert same_geometry(MultiPolygon([NORMAL]), NORMAL)  # one part stored either way
 
 
-def test_moved_vertex_is_kept() -> None:
-    obj = as_object(zeus_feature())
-    moved = Polygon([(0, 0), (420, 0), (400, 300), (0, 300)], list(TUMOR.interiors))  # one vertex 20 px right
-    assert not is_untouched_zeus(replace(obj, geometry=moved))
+def test_same_geometry_within_float32_only() -> None:
+    far = Polygon([(123456.789, 98765.4321), (124000.123, 98765.4321), (123999.123, 99999.987)])
+    assert same_geometry(far, float32(far))
+    ulp = np.spacing(np.float32(124000.0))  # 0.0078 px at this size
+    assert not same_geometry(far, translate(far, 3 * ulp, 0))
+    assert not same_geometry(TUMOR, translate(TUMOR, 0.01, 0))  # small coordinates: far tighter
 
 
-def test_added_vertex_with_same_area_is_kept() -> None:
-    obj = as_object(zeus_feature())
+def test_same_geometry_sees_vertex_hole_and_part_changes() -> None:
+    assert not same_geometry(TUMOR, Polygon([(0, 0), (420, 0), (400, 300), (0, 300)], list(TUMOR.interiors)))
     extra = Polygon([(0, 0), (200, 0), (400, 0), (400, 300), (0, 300)], list(TUMOR.interiors))
-    assert extra.area == TUMOR.area
-    assert not is_untouched_zeus(replace(obj, geometry=extra))
+    assert extra.area == TUMOR.area and not same_geometry(TUMOR, extra)  # same shape, one more vertex
+    assert not same_geometry(TUMOR, Polygon(TUMOR.exterior))
+    assert not same_geometry(MultiPolygon([NORMAL, box(0, 0, 10, 10)]), NORMAL)
+    assert not same_geometry(TUMOR, None) and not same_geometry(Polygon(), Polygon())
 
 
-def test_filled_hole_is_kept() -> None:
-    obj = as_object(zeus_feature())
-    assert not is_untouched_zeus(replace(obj, geometry=Polygon(TUMOR.exterior)))
+# ------------------------------------------------------------------------------------ untouched
 
 
-def test_changed_class_is_kept() -> None:
-    assert not is_untouched_zeus(replace(as_object(zeus_feature()), class_name="Stroma"))
-    assert not is_untouched_zeus(replace(as_object(zeus_feature()), class_name=None))
-
-
-def test_renamed_is_kept() -> None:
-    assert not is_untouched_zeus(replace(as_object(zeus_feature()), name="checked by AB"))
-    assert not is_untouched_zeus(replace(as_object(zeus_feature()), name=None))
-
-
-@pytest.mark.parametrize("key", [MEAS_AREA_PX, MEAS_VERTICES])
-def test_deleted_measurement_is_kept(key: str) -> None:
-    obj = as_object(zeus_feature())
-    measurements = dict(obj.measurements)
-    del measurements[key]
-    assert not is_untouched_zeus(replace(obj, measurements=measurements))
-
-
-def test_annotator_drawn_object_is_kept() -> None:
-    drawn = QuPathObject(geometry=TUMOR, class_name="Tumor", name=None, measurements={})
-    assert not is_untouched_zeus(drawn)
-
-
-def test_detection_with_marker_is_kept() -> None:
-    assert not is_untouched_zeus(replace(as_object(zeus_feature()), object_type="detection"))
-
-
-def test_merge_keeps_edits_replaces_untouched_and_adds_new() -> None:
-    old_tumor = as_object(zeus_feature(TUMOR))
-    old_normal = as_object(zeus_feature(NORMAL, "Normal"))
-    edited = replace(as_object(zeus_feature(Polygon([(5000, 0), (5100, 0), (5100, 90)]))),
-                     geometry=Polygon([(5000, 0), (5150, 0), (5100, 90)]))
-    drawn = QuPathObject(geometry=Polygon([(9000, 9000), (9100, 9000), (9100, 9100)]), class_name="Tumor",
-                         id="11111111-2222-3333-4444-555555555555")
-    cell = QuPathObject(geometry=Polygon([(1, 1), (3, 1), (3, 3)]), object_type="cell")
-    new = [zeus_feature(TUMOR), zeus_feature(NORMAL, "Normal")]
-
-    result = merge_annotations([old_tumor, old_normal, edited, drawn, cell], new)
-
-    assert result.removed == [old_tumor, old_normal]
-    assert result.kept == [edited, drawn, cell]
-    assert [f["id"] for f in result.added] == [f["id"] for f in new]
-    assert result.skipped == []
-    assert (result.n_kept, result.n_removed, result.n_added, result.n_skipped) == (3, 2, 2, 0)
-    assert "kept 3" in result.summary()
-
-
-def test_merge_twice_with_the_same_features_is_idempotent() -> None:
-    features = [zeus_feature(TUMOR), zeus_feature(NORMAL, "Normal")]
-    first = merge_annotations([], features)
-    image = parse_qupath_geojson({"type": "FeatureCollection", "features": first.added})
-    second = merge_annotations(image, copy.deepcopy(features))
-    assert second.n_removed == 2 and second.n_added == 2 and second.n_kept == 0
-    # the annotator edits one of them; importing the same file again must not add it back
-    edited = replace(image[0], geometry=Polygon([(0, 0), (450, 0), (400, 300), (0, 300)]))
-    third = merge_annotations([edited, image[1]], copy.deepcopy(features))
-    assert third.kept == [edited]
-    assert third.removed == [image[1]]
-    assert [f["id"] for f in third.added] == [features[1]["id"]]
-    assert [f["id"] for f in third.skipped] == [features[0]["id"]]
-
-
-def test_merge_accepts_features_with_geometry_only_in_geojson_form() -> None:
-    feature = {"type": "Feature", "geometry": mapping(NORMAL), "properties": {"objectType": "annotation"}}
-    result = merge_annotations([], [feature])
-    assert result.added == [feature] and result.added[0] is not feature  # copied, not aliased
-
-
-# ------------------------------------------------------------------------------------ centroid check
-
-
-def test_written_feature_carries_the_centroid_of_its_rounded_geometry() -> None:
-    odd = Polygon([(10.123456, 20.987654), (410.55555, 20.1), (390.01999, 310.777), (12.3, 300.4444)])
-    feature = zeus_feature(odd)
-    obj = as_object(feature)
-    assert all(round(c * 100) == c * 100 or abs(round(c * 100) - c * 100) < 1e-6
-               for ring in feature["geometry"]["coordinates"] for xy in ring for c in xy)  # 0.01 px grid
-    # the writer's centroid lies on the 0.01 px grid too (shapely keeps the precision); far inside 0.5 px
-    assert obj.measurements[MEAS_CENTROID_X] == pytest.approx(obj.geometry.centroid.x, abs=0.006)
-    assert obj.measurements[MEAS_CENTROID_Y] == pytest.approx(obj.geometry.centroid.y, abs=0.006)
-    assert is_untouched_zeus(obj)
-
-
-def test_object_moved_as_a_whole_is_kept() -> None:
-    obj = as_object(zeus_feature())
-    moved = translate(obj.geometry, 40, -15)
-    assert moved.area == pytest.approx(obj.geometry.area) and len(moved.exterior.coords) == 5
-    assert area_matches(moved.area, obj.measurements[MEAS_AREA_PX])  # the old checks cannot see it
-    assert not is_untouched_zeus(replace(obj, geometry=moved))
-
-
-def test_moving_a_hole_inside_the_outline_is_kept() -> None:
-    obj = as_object(zeus_feature())
-    moved_hole = Polygon(TUMOR.exterior, [[(200, 100), (300, 100), (300, 200), (200, 200)]])
-    assert moved_hole.area == TUMOR.area
-    assert not is_untouched_zeus(replace(obj, geometry=moved_hole))
-
-
-def test_sub_tolerance_shift_is_still_untouched() -> None:
-    obj = as_object(zeus_feature())
-    assert is_untouched_zeus(replace(obj, geometry=translate(obj.geometry, 0.3, 0.3)))  # 0.42 px
-    assert not is_untouched_zeus(replace(obj, geometry=translate(obj.geometry, 0.4, 0.4)))  # 0.57 px
-    assert CENTROID_TOL_PX == 0.5
-
-
-def test_output_written_before_centroids_falls_back_to_the_old_rule() -> None:
-    obj = as_object(zeus_feature())
-    old = {k: v for k, v in obj.measurements.items() if k not in (MEAS_CENTROID_X, MEAS_CENTROID_Y)}
-    assert centroid_matches(obj.geometry, old)
-    assert is_untouched_zeus(replace(obj, measurements=old))
-    # without the centroid a whole-object move is invisible: the old rule treats it as untouched
-    assert is_untouched_zeus(replace(obj, measurements=old, geometry=translate(obj.geometry, 40, 0)))
-    # a vertex move is still seen
-    assert not is_untouched_zeus(replace(obj, measurements=old, geometry=Polygon(
-        [(0, 0), (420, 0), (400, 300), (0, 300)], list(TUMOR.interiors))))
-
-
-@pytest.mark.parametrize("key", [MEAS_CENTROID_X, MEAS_CENTROID_Y])
-def test_one_centroid_measurement_deleted_is_kept(key: str) -> None:
-    obj = as_object(zeus_feature())
-    measurements = {k: v for k, v in obj.measurements.items() if k != key}
-    assert not is_untouched_zeus(replace(obj, measurements=measurements))
-
-
-def test_nan_measurements_are_never_untouched() -> None:
-    obj = as_object(zeus_feature())
-    for key in (MEAS_AREA_PX, MEAS_VERTICES, MEAS_CENTROID_X):
-        assert not is_untouched_zeus(replace(obj, measurements={**obj.measurements, key: float("nan")}))
-
-
-def test_merge_keeps_an_object_moved_as_a_whole() -> None:
+def test_untouched_needs_written_id_class_name_geometry() -> None:
     feature = zeus_feature()
-    moved = replace(as_object(feature), geometry=translate(TUMOR, 500, 500))
-    result = merge_annotations([moved], [copy.deepcopy(feature)])
-    assert result.kept == [moved] and result.removed == []
-    assert [f["id"] for f in result.skipped] == [feature["id"]]  # same id: not added twice
+    obj = as_object(feature)
+    written = written_objects([feature])
+    assert is_untouched_zeus(obj, written)
+    assert is_untouched_zeus(replace(obj, geometry=float32(obj.geometry), measurements={}), written)
+    assert not is_untouched_zeus(obj, {})  # an id ZEUS did not write: the annotator's
+    assert not is_untouched_zeus(replace(obj, id=None), written)
+    assert not is_untouched_zeus(replace(obj, class_name="Stroma"), written)
+    assert not is_untouched_zeus(replace(obj, class_name=None), written)
+    assert not is_untouched_zeus(replace(obj, name="checked by AB"), written)
+    assert not is_untouched_zeus(replace(obj, is_locked=True), written)
+    assert not is_untouched_zeus(replace(obj, object_type="detection"), written)
+    assert not is_untouched_zeus(replace(obj, geometry=translate(obj.geometry, 40, -15)), written)
+    assert not is_untouched_zeus(replace(obj, geometry=Polygon(TUMOR.exterior)), written)
 
 
-def test_zeus_marker() -> None:
-    obj = as_object(zeus_feature())
-    assert has_zeus_marker(obj.name, obj.measurements)
-    assert has_zeus_marker("checked by AB", obj.measurements)  # renamed, still carries the measurements
-    assert has_zeus_marker("ZEUS Tumor", {})
-    assert not has_zeus_marker(None, {"Area um^2": 3.0})
-    assert not has_zeus_marker("Tumor", {})
+def test_area_preserving_edit_is_seen() -> None:
+    """The issue's case: two vertices moved 45 px, area and centroid nearly unchanged."""
+    ring = [(1000 + 300 * np.cos(a), 1000 + 300 * np.sin(a)) for a in np.linspace(0, 2 * np.pi, 41)[:-1]]
+    feature = zeus_feature(Polygon(ring))
+    obj = as_object(feature)
+    moved = list(shapely.get_coordinates(obj.geometry.exterior))[:-1]
+    for i in (10, 30):
+        moved[i] = (moved[i][0] + 45, moved[i][1])
+    edited = Polygon(moved)
+    assert abs(edited.area - obj.geometry.area) < 1.0
+    assert edited.centroid.distance(obj.geometry.centroid) < 1.0
+    written = written_objects([feature])
+    assert not is_untouched_zeus(replace(obj, geometry=edited, measurements=obj.measurements), written)
+
+
+# ------------------------------------------------------------------------------------ records
+
+
+def test_written_record_reads_the_file_and_its_backups(tmp_path) -> None:
+    old, new = zeus_feature(TUMOR), zeus_feature(NORMAL, "Normal")
+    path = tmp_path / "zeus_annotations.geojson"
+    (tmp_path / "zeus_annotations.geojson.bak-20260101-000000").write_text(
+        json.dumps({"type": "FeatureCollection", "features": [old]}))
+    (tmp_path / "zeus_annotations.geojson.bak-20260102-000000").write_text("{broken")  # left out
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [new]}))
+    record = written_record(path)
+    assert set(record) == {old["id"], new["id"]}
+    assert record[old["id"]].class_name == "Tumor" and record[new["id"]].name == "ZEUS Normal"
+    assert written_record(tmp_path / "missing.geojson") == {}
+
+
+def test_import_record_round_trip_and_deleted(tmp_path) -> None:
+    assert read_import_record(tmp_path) == ImportRecord()
+    record = ImportRecord({"a": IMPORTED, "b": IMPORTED, "c": REPLACED})
+    write_import_record(tmp_path, record)
+    assert read_import_record(tmp_path) == record
+    assert json.loads((tmp_path / RECORD_FILE).read_text())["format"] == "zeus-imported/1"
+    assert record.deleted(["a", None, "x"]) == {"b"}  # replaced ids are not the annotator's deletions
+    (tmp_path / RECORD_FILE).write_text("[1, 2]")
+    assert read_import_record(tmp_path) == ImportRecord()
+
+
+# ------------------------------------------------------------------------------------ merge
+
+
+def test_merge_replaces_untouched_keeps_edits_and_protects_their_regions() -> None:
+    f_tumor, f_normal, f_edit, f_gone = (zeus_feature(TUMOR), zeus_feature(NORMAL, "Normal"),
+                                         zeus_feature(box(5000, 0, 5100, 90)), zeus_feature(box(8000, 0, 8200, 200)))
+    written = written_objects([f_tumor, f_normal, f_edit, f_gone])
+    tumor, normal = as_object(f_tumor), as_object(f_normal)
+    edited = replace(as_object(f_edit), geometry=box(5000, 0, 5150, 90), measurements={})
+    drawn = QuPathObject(geometry=box(9000, 9000, 9100, 9100), class_name="Tumor", id="drawn-1")
+    cell = QuPathObject(geometry=box(1, 1, 3, 3), object_type="cell", id="cell-1")
+    record = ImportRecord({i["id"]: IMPORTED for i in (f_tumor, f_normal, f_edit, f_gone)})
+
+    new = [zeus_feature(box(5050, 10, 5300, 80)),  # over the edited object
+           zeus_feature(box(8050, 50, 8100, 100)),  # where the annotator deleted one
+           zeus_feature(box(9050, 9050, 9300, 9300)),  # over the drawn one
+           zeus_feature(box(9100, 9000, 9200, 9100)),  # touches the drawn one along an edge only
+           zeus_feature(box(20000, 0, 20100, 100)),  # free
+           f_normal, f_gone]  # the same file again: one still there untouched, one the annotator deleted
+    written = {**written, **written_objects(new)}
+    result = merge_annotations([tumor, normal, edited, drawn, cell], new, written, record)
+
+    assert result.removed == [tumor]
+    assert result.kept == [normal, edited, drawn, cell]
+    assert [f["id"] for f in result.added] == [new[3]["id"], new[4]["id"]]
+    assert [f["id"] for f in result.blocked] == [new[0]["id"], new[1]["id"], new[2]["id"]]
+    assert [f["id"] for f in result.skipped] == [f_normal["id"]]
+    assert [f["id"] for f in result.deleted] == [f_gone["id"]]
+    assert result.deleted_ids == {f_gone["id"]}
+    assert result.record.status[f_tumor["id"]] == REPLACED
+    assert result.record.status[f_gone["id"]] == IMPORTED  # stays known as deleted
+    assert result.record.status[new[4]["id"]] == IMPORTED
+    assert "added 2" in result.summary() and "1 deleted by the annotator" in result.summary()
+
+
+def test_merge_twice_changes_nothing() -> None:
+    features = [zeus_feature(TUMOR), zeus_feature(NORMAL, "Normal")]
+    written = written_objects(features)
+    first = merge_annotations([], features, written)
+    image = [as_object(f) for f in first.added]
+    second = merge_annotations(image, features, written, first.record)
+    assert second.removed == [] and second.added == [] and len(second.skipped) == 2
+    assert second.record == first.record
+
+
+def test_merge_treats_an_invalid_drawn_outline_as_protected() -> None:
+    bowtie = QuPathObject(geometry=Polygon([(0, 0), (100, 100), (100, 0), (0, 100)]), class_name="Tumor", id="b")
+    new = [zeus_feature(box(10, 40, 30, 60))]
+    result = merge_annotations([bowtie], new, written_objects(new))
+    assert result.blocked == new and result.added == []
+
+
+@pytest.mark.parametrize("geometry", [None, {"type": "Point", "coordinates": [1, 2]}])
+def test_merge_adds_features_without_an_area_outside_the_overlap_check(geometry) -> None:
+    feature = {"type": "Feature", "id": "p", "geometry": geometry, "properties": {"objectType": "annotation"}}
+    drawn = QuPathObject(geometry=box(0, 0, 10, 10), class_name="Tumor", id="d")
+    result = merge_annotations([drawn], [feature], {})
+    assert [f["id"] for f in result.added] == ["p"]

@@ -1,9 +1,9 @@
-"""The Groovy scripts: parsed by a real Groovy parser, headers present, keep-edits rule equal to Python's.
+"""The Groovy scripts: parsed by a real Groovy parser, headers present, one keep-edits rule block.
 
 Needs the ``groovy`` command (Debian package ``groovy``, Groovy 2.4) and a JDK; skipped without them.
 Groovy 2.4 parses without QuPath's jars (phase CONVERSION resolves no classes), which catches syntax
-errors; the keep-edits rule block needs no QuPath class, so it is also *run* here on stand-in objects
-and must agree with ``bridge/edits.py`` case by case.
+errors. The rule block is run on real QuPath objects, and compared with ``bridge/edits.py``, in
+``tests/test_qupath_rule.py``.
 """
 
 from __future__ import annotations
@@ -15,18 +15,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from shapely.affinity import translate
-from shapely.geometry import Polygon
 
-from zeus_qupath.bridge.edits import AREA_ABS_TOL_PX2, AREA_REL_TOL, CENTROID_TOL_PX, is_untouched_zeus
-from zeus_qupath.bridge.qupath_geojson import QuPathObject
-from zeus_qupath.geojson import (
-    MEAS_AREA_PX,
-    MEAS_CENTROID_X,
-    MEAS_CENTROID_Y,
-    MEAS_VERTICES,
-    ZEUS_NAME_PREFIX,
-    vertex_count,
+from zeus_qupath.bridge.edits import (
+    BACKUP_INFIX,
+    FLOAT32_REL_TOL,
+    IMPORTED,
+    OVERLAP_TOL_PX2,
+    RECORD_FILE,
+    RECORD_FORMAT,
+    REPLACED,
 )
 
 GROOVY_DIR = Path(__file__).resolve().parents[1] / "groovy"
@@ -117,121 +114,20 @@ def test_header_names_versions_and_parameters(script: Path) -> None:
         assert re.search(rf"^\S.*\b{name} = ", text, re.M), f"{name} is documented but not defined"
 
 
-def test_rule_block_is_the_same_in_both_scripts_and_matches_python() -> None:
-    blocks = {}
-    for name in ("import_zeus_annotations.groovy", "zeus_segment_current_image.groovy"):
-        match = RULE_BLOCK.search((GROOVY_DIR / name).read_text(encoding="utf-8"))
-        assert match, f"{name} has no keep-edits rule block"
-        blocks[name] = match.group(0)
-    assert len(set(blocks.values())) == 1
-    block = next(iter(blocks.values()))
-    assert f"def ZEUS_NAME_PREFIX = '{ZEUS_NAME_PREFIX}'" in block
-    assert f"def MEAS_AREA_PX = '{MEAS_AREA_PX}'" in block
-    assert f"def MEAS_VERTICES = '{MEAS_VERTICES}'" in block
-    assert f"def MEAS_CENTROID_X = '{MEAS_CENTROID_X}'" in block
-    assert f"def MEAS_CENTROID_Y = '{MEAS_CENTROID_Y}'" in block
-    rel = re.search(r"double AREA_REL_TOL = (\S+)", block)
-    absolute = re.search(r"double AREA_ABS_TOL_PX2 = (\S+)", block)
-    centroid = re.search(r"double CENTROID_TOL_PX = (\S+)", block)
-    assert rel and float(rel.group(1)) == AREA_REL_TOL
-    assert absolute and float(absolute.group(1)) == AREA_ABS_TOL_PX2
-    assert centroid and float(centroid.group(1)) == CENTROID_TOL_PX
-
-
-def _groovy_literal(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return f"{value}L"
-    if isinstance(value, float):
-        return f"{value!r}d"
-    if isinstance(value, str):
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    if isinstance(value, dict):
-        return "[" + (", ".join(f"{_groovy_literal(k)}: {_groovy_literal(v)}" for k, v in value.items()) or ":") + "]"
-    raise TypeError(value)
-
-
-def _rule_cases() -> list[tuple[str, QuPathObject]]:
-    square = Polygon([(0, 0), (100, 0), (100, 100), (0, 100)])
-    ring = Polygon([(0, 0), (300, 0), (300, 300), (0, 300)], [[(100, 100), (200, 100), (200, 200), (100, 200)]])
-
-    def zeus(geom, written=None, *, name="ZEUS Tumor", cls="Tumor", drop=(), object_type="annotation",
-             centroid=True):
-        base = written if written is not None else geom
-        meas = {MEAS_AREA_PX: float(base.area), MEAS_VERTICES: float(vertex_count(base)), "Mean tumor score": 0.3}
-        if centroid:
-            meas[MEAS_CENTROID_X], meas[MEAS_CENTROID_Y] = float(base.centroid.x), float(base.centroid.y)
-        for key in (drop,) if isinstance(drop, str) else drop:
-            meas.pop(key)
-        return QuPathObject(geometry=geom, object_type=object_type, class_name=cls, name=name, measurements=meas)
-
-    moved = Polygon([(0, 0), (100, 0), (130, 120), (0, 100)])
-    extra_vertex = Polygon([(0, 0), (50, 0), (100, 0), (100, 100), (0, 100)])
-    nearly = Polygon([(0, 0), (100, 0), (100, 100.0004), (0, 100)])  # +0.02 px^2: float noise
-    shifted = translate(square, 25, 0)  # same area, same vertex count, centroid 25 px away
-    nudged = translate(square, 0.3, 0)  # within the 0.5 px centroid tolerance
-    ring_hole_moved = Polygon(ring.exterior, [[(150, 150), (250, 150), (250, 250), (150, 250)]])
-    return [
-        ("untouched", zeus(square)),
-        ("untouched with hole", zeus(ring)),
-        ("area within tolerance", zeus(nearly, written=square)),
-        ("moved vertex", zeus(moved, written=square)),
-        ("vertex added, same area", zeus(extra_vertex, written=square)),
-        ("class changed", zeus(square, cls="Stroma")),
-        ("class removed", zeus(square, cls=None)),
-        ("renamed", zeus(square, name="my tumor")),
-        ("area measurement deleted", zeus(square, drop=MEAS_AREA_PX)),
-        ("vertex measurement deleted", zeus(square, drop=MEAS_VERTICES)),
-        ("annotator drawn", QuPathObject(geometry=square, class_name="Tumor")),
-        ("detection with marker", zeus(square, object_type="detection")),
-        ("derived class", zeus(square, name="ZEUS Tumor: Positive", cls="Tumor: Positive")),
-        ("moved as a whole", zeus(shifted, written=square)),
-        ("nudged 0.3 px", zeus(nudged, written=square)),
-        ("moved, written before centroids", zeus(shifted, written=square, centroid=False)),
-        ("centroid x deleted", zeus(square, drop=MEAS_CENTROID_X)),
-        ("centroid y deleted", zeus(square, drop=MEAS_CENTROID_Y)),
-        ("ring moved as a whole", zeus(translate(ring, 0, -40), written=ring)),
-        ("hole moved inside", zeus(ring_hole_moved, written=ring)),
-    ]
-
-
-def test_groovy_rule_agrees_with_python(tmp_path: Path) -> None:
-    text = (GROOVY_DIR / "import_zeus_annotations.groovy").read_text(encoding="utf-8")
-    block = RULE_BLOCK.search(text).group(0)
-    lines = [
-        block,
-        "def fake = { boolean annotation, String name, String cls, Map meas, double area, long points,",
-        "             double cx, double cy ->",
-        "    def ml = new Expando(containsKey: { k -> meas.containsKey(k) },",
-        "                         get: { k -> meas.containsKey(k) ? ((Number) meas[k]).doubleValue() : Double.NaN })",
-        "    def centroid = new Expando(getX: { -> cx }, getY: { -> cy }, isEmpty: { -> false })",
-        "    def geometry = new Expando(getNumPoints: { -> points }, getCentroid: { -> centroid })",
-        "    def roi = new Expando(getArea: { -> area }, getGeometry: { -> geometry })",
-        "    def pathClass = cls == null ? null : new Expando(toString: { -> cls })",
-        "    return new Expando(isAnnotation: { -> annotation }, getName: { -> name }, getPathClass: { -> pathClass },",
-        "                       getMeasurementList: { -> ml }, getROI: { -> roi })",
-        "}",
-    ]
-    cases = _rule_cases()
-    for label, obj in cases:
-        args = ", ".join(
-            _groovy_literal(v)
-            for v in (obj.object_type == "annotation", obj.name, obj.class_name, obj.measurements,
-                      float(obj.geometry.area), vertex_count(obj.geometry),
-                      float(obj.geometry.centroid.x), float(obj.geometry.centroid.y))
-        )
-        lines.append(f"println {_groovy_literal(label)} + '=' + isUntouchedZeus(fake({args}))")
-    harness = tmp_path / "rule_harness.groovy"
-    harness.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    result = _run_groovy(harness)
-    assert result.returncode == 0, result.stdout + result.stderr
-    groovy = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
-    python = {label: str(is_untouched_zeus(obj)).lower() for label, obj in cases}
-    assert groovy == python
-    assert python["untouched"] == "true" and python["moved vertex"] == "false"
-    assert python["moved as a whole"] == "false" and python["nudged 0.3 px"] == "true"
-    assert python["moved, written before centroids"] == "true"  # the old rule cannot see a shift
-    assert python["hole moved inside"] == "false" and python["ring moved as a whole"] == "false"
+def test_rule_block_is_shared_and_its_constants_are_pythons() -> None:
+    """Every script that carries the rule block carries the import script's, byte for byte."""
+    reference = RULE_BLOCK.search((GROOVY_DIR / "import_zeus_annotations.groovy").read_text(encoding="utf-8"))
+    assert reference, "import_zeus_annotations.groovy has no keep-edits rule block"
+    block = reference.group(0)
+    for script in SCRIPTS:
+        match = RULE_BLOCK.search(script.read_text(encoding="utf-8"))
+        if match:
+            assert match.group(0) == block, f"{script.name} carries another version of the keep-edits rule"
+    rel = re.search(r"double FLOAT32_REL_TOL = (\S+)", block)
+    overlap = re.search(r"double OVERLAP_TOL_PX2 = (\S+)", block)
+    assert rel and float(rel.group(1)) == FLOAT32_REL_TOL
+    assert overlap and float(overlap.group(1)) == OVERLAP_TOL_PX2
+    for name, value in (("RECORD_FILE", RECORD_FILE), ("RECORD_FORMAT", RECORD_FORMAT), ("IMPORTED", IMPORTED),
+                        ("REPLACED", REPLACED), ("BACKUP_INFIX", BACKUP_INFIX)):
+        assert f"String {name} = '{value}'" in block
+    # the agreement of the two rules on real QuPath objects: tests/test_qupath_rule.py
