@@ -8,12 +8,14 @@ them ("corrected") and the outlines ZEUS wrote ("original"), and writes into ``o
 - ``<name>.labels.png`` (``.labels.tif`` when the mask is larger than ``MAX_PNG_SIDE`` px on a side
   or ``MAX_PNG_PIXELS`` px in all): a label mask at ``downsample`` (or at ``mpp`` um/px, from the
   slide's pixel size), drawn with rasterio from the corrected annotations; background 0. Where
-  annotations overlap, smaller ones are drawn over larger ones. Its size is
+  annotations of different classes overlap, the higher label is on top (as QuPath's
+  ``LabeledImageServer`` draws them for the Groovy script). Its size is
   ``round(width / downsample) x round(height / downsample)``, as QuPath writes a downsampled image;
 - ``labels.json``: the label of each class, the same for every slide: ``{"background": 0,
-  <positive class>: 1, <other classes in alphabetical order>: 2, 3, ...}`` (the order the Groovy
-  script ``export_training_data.groovy`` uses), or the order of ``classes`` when given. Classes
-  ending in ``*`` (QuPath's ``Ignore*``, ``Region*``) and unclassified annotations get no label;
+  <positive class>: 1, <other classes>: 2, 3, ...}`` by the rule of ``label_map``, which the Groovy
+  script ``export_training_data.groovy`` follows too (names that differ only in case share a label;
+  order ignoring case), or the order of ``classes`` when given. Classes ending in ``*`` (QuPath's
+  ``Ignore*``, ``Region*``) and unclassified annotations get no label;
 - ``corrections.csv`` (and ``format_table`` for the terminal): per slide, the Dice coefficient
   between ZEUS's original outline (union of the ZEUS objects of the positive class) and the corrected
   one (union of every annotation of that class), the positive-class area the annotator added and
@@ -39,7 +41,8 @@ Where the two sides come from (``source``):
   image size and pixel size from its ``run.json`` or ``<stem>.scores.npz``. Without them the mask
   covers the annotations' extent from (0, 0) and a warning says so.
 
-Everything is read and checked before the first file is written; every file is written atomically.
+Everything is read and checked before the first file is written, and the outputs are written as one
+set (``zeus_qupath.output_set``): a failed export leaves nothing new in ``out_dir``.
 Memory: the annotations of all slides, plus one label mask at a time.
 """
 
@@ -62,10 +65,20 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
-from zeus_qupath.atomic import atomic_open, atomic_path
+from zeus_qupath.atomic import atomic_path
 from zeus_qupath.errors import GeoJSONError, ProjectError, ZeusError
+from zeus_qupath.output_set import OutputSet
 
-from .edits import ZEUS_MARKER_MEASUREMENTS, has_zeus_marker, is_untouched_zeus, zeus_class_from_name
+from .edits import (
+    ZEUS_MARKER_MEASUREMENTS,
+    WrittenObject,
+    has_zeus_marker,
+    is_untouched_zeus,
+    same_geometry,
+    written_objects,
+    written_record,
+    zeus_class_from_name,
+)
 from .project import BACKENDS, paquo_status
 from .project_files import PROJECT_FILE, ZEUS_GEOJSON, FilesProject
 from .qupath_geojson import QuPathObject, objects_to_feature_collection, read_qupath_geojson
@@ -99,6 +112,8 @@ class SlideSource:
     width: int | None = None  # level-0 px; None when unknown
     height: int | None = None
     mpp: float | None = None
+    zeus_classes: tuple[str, ...] = ()  # classes of ZEUS's annotations as published (for the positive class)
+    written: Mapping[str, WrittenObject] | None = None  # all ZEUS wrote for the image (None: the original's)
 
 
 @dataclass(frozen=True)
@@ -181,7 +196,7 @@ def export_corrections(
         classes = [str(c) for c in classes]
         if not classes or any(not c.strip() for c in classes):
             raise ZeusError("--classes needs one or more class names")
-        dup = [c for c, n in Counter(c.casefold() for c in classes).items() if n > 1]
+        dup = [c for c, n in Counter(class_key(c) for c in classes).items() if n > 1]
         if dup:
             raise ZeusError(f"--classes names a class twice: {dup[0]}")
 
@@ -216,33 +231,36 @@ def export_corrections(
             ds = downsample if downsample is not None else DEFAULT_DOWNSAMPLE
         plans.append((src, ds, width, height))
 
-    out.mkdir(parents=True, exist_ok=True)
     slides: list[SlideExport] = []
-    for src, ds, width, height in plans:
-        clean = clean_annotations(src.corrected)
-        geojson_path = out / f"{src.name}.geojson"
-        with atomic_open(geojson_path, "w") as fh:
-            json.dump(objects_to_feature_collection(clean), fh, allow_nan=False)
-        mask = rasterize_labels(clean, labels, width, height, ds)
-        mask_path = write_mask(out / f"{src.name}.labels", mask)
-        mask_h, mask_w = mask.shape
-        del mask
-        stats = compare_annotations(src.original, src.corrected, positive, src.mpp)
-        if src.original is None:
-            warnings.append(f"{src.image_name}: ZEUS's original annotations were not found; "
-                            f"Dice, areas and deletions not computed")
-        slides.append(SlideExport(
-            name=src.name, image_name=src.image_name, geojson=str(geojson_path), mask=str(mask_path),
-            mask_width=mask_w, mask_height=mask_h, downsample=ds, mpp=src.mpp,
-            n_annotations=len(clean), stats=stats,
-        ))
-
-    labels_path = out / LABELS_JSON
-    with atomic_open(labels_path, "w") as fh:
-        json.dump(labels, fh, indent=2, ensure_ascii=False)
-    csv_path = out / CORRECTIONS_CSV
-    with atomic_open(csv_path, "w") as fh:
-        fh.write(corrections_csv(slides))
+    try:
+        with OutputSet(out) as outputs:
+            for src, ds, width, height in plans:
+                clean = clean_annotations(src.corrected)
+                geojson_name = f"{src.name}.geojson"
+                with open(outputs.path(geojson_name), "w", encoding="utf-8") as fh:
+                    json.dump(objects_to_feature_collection(clean), fh, allow_nan=False)
+                mask = rasterize_labels(clean, labels, width, height, ds)
+                mask_name = f"{src.name}.labels{mask_suffix(mask.shape)}"
+                write_mask(outputs.path(mask_name).with_suffix(""), mask)
+                mask_h, mask_w = mask.shape
+                del mask
+                stats = compare_annotations(src.original, src.corrected, positive, src.mpp, src.written)
+                if src.original is None:
+                    warnings.append(f"{src.image_name}: ZEUS's original annotations were not found; "
+                                    f"Dice, areas and deletions not computed")
+                mask_path = outputs.final(mask_name)
+                slides.append(SlideExport(
+                    name=src.name, image_name=src.image_name, geojson=str(outputs.final(geojson_name)),
+                    mask=str(mask_path), mask_width=mask_w, mask_height=mask_h, downsample=ds, mpp=src.mpp,
+                    n_annotations=len(clean), stats=stats,
+                ))
+            with open(outputs.path(LABELS_JSON), "w", encoding="utf-8") as fh:
+                json.dump(labels, fh, indent=2, ensure_ascii=False)
+            with open(outputs.path(CORRECTIONS_CSV), "w", encoding="utf-8", newline="") as fh:
+                fh.write(corrections_csv(slides))
+            labels_path, csv_path = outputs.final(LABELS_JSON), outputs.final(CORRECTIONS_CSV)
+    except OSError as exc:
+        raise ZeusError(f"cannot write the export to {out}: {exc.strerror or exc}; nothing was written") from None
     return ExportReport(source=str(source), out_dir=str(out), backend=used_backend, labels=labels,
                         slides=tuple(slides), labels_json=str(labels_path), csv=str(csv_path),
                         warnings=tuple(warnings))
@@ -320,7 +338,11 @@ def _read_project(root: Path, backend: str) -> tuple[list[SlideSource], str, lis
         original = _original_seen_by_annotator(root / "data" / entry_id, objs)
         width, height, mpp = _entry_dimensions(e)
         name = _unique(safe_name(_slide_stem(image_name)), names, entry_id)
-        sources.append(SlideSource(name, image_name, objs, where_from, original, width, height, mpp))
+        published = root / "data" / entry_id / ZEUS_GEOJSON
+        zeus_classes = tuple(o.class_name for o in read_qupath_geojson(published)
+                             if o.class_name) if published.is_file() else ()
+        sources.append(SlideSource(name, image_name, objs, where_from, original, width, height, mpp, zeus_classes,
+                                   written_record(published)))
     if not sources:
         raise ProjectError(f"{root}: no image of the project has corrected annotations to export")
     return sources, "paquo" if use_paquo else "files", [export_dir], warnings
@@ -425,7 +447,8 @@ def _read_folder(folder: Path, originals: Path | None) -> tuple[list[SlideSource
         original = read_qupath_geojson(original_path) if original_path is not None else None
         width, height, mpp = _folder_dimensions(stems, [folder] + ([originals] if originals else []), run)
         name = _unique(safe_name(stems[-1]), names, str(len(names) + 1))
-        sources.append(SlideSource(name, path.name, objs, str(path), original, width, height, mpp))
+        zeus_classes = tuple(o.class_name for o in original or [] if o.class_name)
+        sources.append(SlideSource(name, path.name, objs, str(path), original, width, height, mpp, zeus_classes))
     return sources, warnings
 
 
@@ -518,8 +541,16 @@ def _positive(value: Any) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-def _key(class_name: str) -> str:
-    return class_name.casefold()
+def class_key(class_name: str) -> str:
+    """Class names that differ only in case are one class: the key both export routes compare by.
+
+    ``str.lower()`` here, ``String.toLowerCase(Locale.ROOT)`` in ``export_training_data.groovy``
+    (both apply Unicode's default lower-case mapping; unlike ``casefold`` they keep "ß").
+    """
+    return class_name.lower()
+
+
+_key = class_key
 
 
 # ------------------------------------------------------------------------------------------ annotations
@@ -558,40 +589,58 @@ def clean_annotations(objects: Iterable[QuPathObject]) -> list[QuPathObject]:
     return out
 
 
+def _most_common(names: Iterable[str]) -> str | None:
+    """The most frequent name; among equally frequent names, the one met first."""
+    counts: Counter[str] = Counter(names)
+    return counts.most_common(1)[0][0] if counts else None
+
+
 def _positive_class(sources: Sequence[SlideSource]) -> str:
-    """The class ZEUS annotated most often (from the originals, else the marked corrected objects)."""
-    counts: Counter[str] = Counter()
-    for src in sources:
-        for obj in src.original or []:
-            if obj.class_name:
-                counts[obj.class_name] += 1
-    if not counts:
-        for src in sources:
-            for obj in src.corrected:
-                cls = zeus_class_from_name(obj.name)
-                if cls:
-                    counts[cls] += 1
-    return counts.most_common(1)[0][0] if counts else DEFAULT_POSITIVE_CLASS
+    """The class label 1 goes to, when none is given (the rule ``export_training_data.groovy`` follows).
+
+    The most frequent class of ZEUS's annotations as published for the exported slides (the
+    project's ``data/<entryID>/zeus_annotations.geojson``, or the originals of a folder), in slide
+    order; else of the exported annotations named ``"ZEUS <class>"``; else ``Tumor``. Ties go to
+    the class met first.
+    """
+    published = _most_common(c for src in sources for c in src.zeus_classes)
+    if published is not None:
+        return published
+    named = _most_common(c for src in sources for o in src.corrected if o.object_type == "annotation"
+                         and (c := zeus_class_from_name(o.name)))
+    return named or DEFAULT_POSITIVE_CLASS
 
 
 def label_map(sources: Sequence[SlideSource], positive_class: str, classes: Sequence[str] | None = None,
               ) -> dict[str, int]:
-    """``{"background": 0, <class>: 1, ...}``: ``classes`` in order, or the positive class then the rest A-Z."""
+    """``{"background": 0, <class>: 1, ...}``: ``classes`` in order, or the shared rule below.
+
+    The rule (``export_training_data.groovy`` implements the same one): the classes of the exported
+    annotations that have an area, without QuPath's ``*`` classes (``Ignore*``, ``Region*``); names
+    that differ only in case (``class_key``) share one label and are all listed; the positive class
+    gets 1, the others 2, 3, ... in the order of their keys (Unicode code points); spellings of one
+    class are listed in code point order.
+    """
     labels: dict[str, int] = {"background": 0}
     if classes is not None:
         for i, name in enumerate(classes, start=1):
             labels[name] = i
         return labels
-    seen: dict[str, str] = {}
+    spellings: dict[str, set[str]] = {}
     for src in sources:
         for obj in _area_annotations(src.corrected):
             if obj.class_name and not obj.class_name.endswith("*"):
-                seen.setdefault(_key(obj.class_name), obj.class_name)
-    positive = seen.pop(_key(positive_class), None)
+                spellings.setdefault(class_key(obj.class_name), set()).add(obj.class_name)
+    positive = spellings.pop(class_key(positive_class), None)
+    next_label = 1
     if positive is not None:
-        labels[positive] = 1
-    for key in sorted(seen):
-        labels[seen[key]] = len(labels)
+        for name in sorted(positive):
+            labels[name] = 1
+        next_label = 2
+    for key in sorted(spellings):
+        for name in sorted(spellings[key]):
+            labels[name] = next_label
+        next_label += 1
     return labels
 
 
@@ -600,37 +649,61 @@ def mask_side(size: int, downsample: float) -> int:
     return max(1, math.floor(size / downsample + 0.5))
 
 
+def _java2d_device(geometry: BaseGeometry, downsample: float) -> BaseGeometry:
+    """``geometry`` in mask pixels as Java2D fills it: each coordinate ``c / downsample`` (float) moved to
+    ``floor(c + 0.25) + 0.25``, Java2D's default stroke normalisation (``ShapeSpanIterator``), which
+    ``LabeledImageServer``'s ``Graphics2D.fill`` applies."""
+    def snap(coords: np.ndarray) -> np.ndarray:
+        device = (coords / downsample).astype(np.float32)
+        return np.floor(device + np.float32(0.25)).astype(np.float64) + 0.25
+
+    return shapely.transform(geometry, snap)
+
+
 def rasterize_labels(objects: Iterable[QuPathObject], labels: Mapping[str, int], width: int, height: int,
                      downsample: float) -> np.ndarray:
-    """A label mask (H, W) at ``downsample``: background 0; smaller annotations drawn over larger ones."""
+    """A label mask (H, W) at ``downsample``, drawn as QuPath's ``LabeledImageServer`` draws it.
+
+    Background 0; class by class in label order, so where classes overlap the higher label is on top
+    (``export_training_data.groovy`` adds the labels in that order); only annotations with an area;
+    coordinates normalised as Java2D does (``_java2d_device``), then a pixel is filled when its centre
+    is inside (rasterio, as ``Graphics2D.fill``).
+    """
     from rasterio.features import rasterize
     from rasterio.transform import Affine
 
     by_key = {_key(k): v for k, v in labels.items() if v > 0}
     shape = (mask_side(height, downsample), mask_side(width, downsample))
     dtype = np.uint8 if max(by_key.values(), default=0) <= 255 else np.uint16
-    drawn = [(obj.geometry, by_key[_key(obj.class_name)]) for obj in objects
-             if obj.object_type == "annotation" and obj.class_name and _key(obj.class_name) in by_key]
-    drawn.sort(key=lambda item: -item[0].area)  # largest first, so smaller objects lie on top
+    drawn = []
+    for obj in _area_annotations(objects):
+        label = by_key.get(_key(obj.class_name)) if obj.class_name else None
+        geom = polygonal(obj.geometry) if label else None
+        if geom is not None:
+            drawn.append((_java2d_device(geom, downsample), label))
+    drawn.sort(key=lambda item: item[1])  # stable: higher labels drawn later, on top
     if not drawn:
         return np.zeros(shape, dtype=dtype)
-    return rasterize(drawn, out_shape=shape, transform=Affine(downsample, 0, 0, 0, downsample, 0), fill=0,
-                     dtype=dtype)
+    return rasterize(drawn, out_shape=shape, transform=Affine.identity(), fill=0, dtype=dtype)
+
+
+def mask_suffix(shape: tuple[int, ...]) -> str:
+    """``".png"``, or ``".tif"`` for a mask too large for a PNG."""
+    h, w = shape[:2]
+    return ".png" if max(h, w) <= MAX_PNG_SIDE and h * w <= MAX_PNG_PIXELS else ".tif"
 
 
 def write_mask(base: Path, mask: np.ndarray) -> Path:
     """``<base>.png``, or ``<base>.tif`` (tiled, deflate) when the mask is too large for a PNG."""
-    h, w = mask.shape
-    if max(h, w) <= MAX_PNG_SIDE and h * w <= MAX_PNG_PIXELS:
+    path = base.with_name(base.name + mask_suffix(mask.shape))
+    if path.suffix == ".png":
         from PIL import Image
 
-        path = base.with_name(base.name + ".png")
         with atomic_path(path) as tmp:
             Image.fromarray(mask).save(tmp, format="PNG", optimize=False)
         return path
     import tifffile
 
-    path = base.with_name(base.name + ".tif")
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, mask, photometric="minisblack", compression="zlib", tile=(512, 512))
     return path
@@ -666,25 +739,42 @@ def _area_annotations(objects: Iterable[QuPathObject]) -> list[QuPathObject]:
     return out
 
 
+def _untouched(obj: QuPathObject, written: Mapping[str, WrittenObject]) -> bool:
+    """The keep-edits rule's "untouched" (``bridge.edits``); for objects without an ID (QuPath 0.2/0.3
+    exports) the same test against any written object of the same class and name."""
+    if obj.id:
+        return is_untouched_zeus(obj, written)
+    return obj.object_type == "annotation" and not obj.is_locked and any(
+        w.class_name == obj.class_name and w.name == obj.name and same_geometry(obj.geometry, w.geometry)
+        for w in written.values())
+
+
 def compare_annotations(
     original: Sequence[QuPathObject] | None,
     corrected: Sequence[QuPathObject],
     positive_class: str = DEFAULT_POSITIVE_CLASS,
     mpp: float | None = None,
+    written: Mapping[str, WrittenObject] | None = None,
 ) -> CorrectionStats:
     """Dice, added/removed area and object counts between ZEUS's annotations and the corrected ones.
 
     Areas are in um^2 when ``mpp`` is known, else px^2. Objects counted are annotations with an area
-    (points and lines are ignored, as in the export). With ``original`` ``None`` only the counts that
-    need no original (created, edited, untouched) and the corrected area are given.
+    (points and lines are ignored, as in the export). ``written``: everything ZEUS wrote for the image
+    (``bridge.edits.written_record``; default: the objects of ``original``). A ZEUS object is one whose
+    ID ZEUS wrote, or that carries ZEUS's name or measurements; it is untouched by the keep-edits rule
+    of ``bridge.edits``, else edited; every other annotation was created by the annotator. With
+    ``original`` ``None`` only the counts that need no original (created, edited, untouched) and the
+    corrected area are given.
     """
     key = _key(positive_class)
     scale, unit = (mpp * mpp, "um^2") if mpp else (1.0, "px^2")
+    if written is None:
+        written = written_objects(original or [])
     annotations = _area_annotations(corrected)
-    untouched = [o for o in annotations if is_untouched_zeus(o)]
-    marked = [o for o in annotations if has_zeus_marker(o.name, o.measurements)]
+    untouched = [o for o in annotations if _untouched(o, written)]
+    marked = [o for o in annotations if (o.id and str(o.id) in written) or has_zeus_marker(o.name, o.measurements)]
     created = len(annotations) - len(marked)
-    edited = [o for o in marked if not is_untouched_zeus(o)]
+    edited = [o for o in marked if not _untouched(o, written)]
     after = _union(annotations, key)
     if original is None:
         return CorrectionStats(positive_class, unit, created, len(edited), len(untouched), after.area * scale)

@@ -312,15 +312,18 @@ def test_compare_annotations_edge_cases() -> None:
     assert gone.dice == 0.0 and gone.deleted == 1 and gone.removed_area == 100.0
 
 
-def test_overlaps_smaller_on_top_and_large_masks_as_tiff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    big = QuPathObject(geometry=box(0, 0, 100, 100), class_name="Stroma")
-    small = QuPathObject(geometry=box(40, 40, 60, 60), class_name="Tumor")
+def test_overlaps_higher_label_on_top_and_large_masks_as_tiff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = QuPathObject(geometry=box(0, 0, 100, 100), class_name="Tumor")
+    small = QuPathObject(geometry=box(40, 40, 60, 60), class_name="Stroma")
+    stroma_under = QuPathObject(geometry=box(80, 80, 100, 100), class_name="Stroma")
+    tumor_over = QuPathObject(geometry=box(85, 85, 100, 100), class_name="Tumor")
     unlabelled = QuPathObject(geometry=box(0, 0, 10, 10), class_name="Ignore*")
-    source = SlideSource("s", "s", [small, big, unlabelled], "x", None)
-    labels = label_map([source], "Tumor")
+    objects = [small, big, stroma_under, tumor_over, unlabelled]
+    labels = label_map([SlideSource("s", "s", objects, "x", None)], "Tumor")
     assert labels == {"background": 0, "Tumor": 1, "Stroma": 2}
-    mask = rasterize_labels([small, big, unlabelled], labels, 100, 100, 10)
-    assert mask[5, 5] == 1 and mask[0, 0] == 2 and mask.shape == (10, 10)  # Tumor over Stroma; Ignore* not drawn
+    mask = rasterize_labels(objects, labels, 100, 100, 10)
+    assert mask.shape == (10, 10) and mask[5, 5] == 2 and mask[0, 0] == 1  # Stroma (2) over Tumor (1)
+    assert mask[9, 9] == 2  # whatever the object order or size: the higher label is on top
     monkeypatch.setattr(export_mod, "MAX_PNG_SIDE", 8)
     path = write_mask(tmp_path / "s.labels", mask)
     assert path.name == "s.labels.tif"
@@ -381,3 +384,97 @@ def test_export_reads_the_hierarchy_through_paquo(tmp_path: Path, monkeypatch: p
     assert ome.stats.untouched == 2 and ome.stats.dice == 1.0
     assert any("never-opened.svs: skipped, never saved in QuPath" in w for w in report.warnings)
     assert (project / "data" / "1" / ZEUS_GEOJSON).is_file()
+
+
+# ------------------------------------------------------------------------ real QuPath: the Groovy export
+
+EXPORT_SCRIPT = Path(__file__).resolve().parents[1] / "groovy" / "export_training_data.groovy"
+IMPORT_SCRIPT = Path(__file__).resolve().parents[1] / "groovy" / "import_zeus_annotations.groovy"
+
+
+@pytest.fixture(scope="module", params=("0.4.4", "0.5.1", "0.6.0"))
+def qupath(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from qupath.fixtures import qupath_or_skip
+
+    return qupath_or_skip(request.param, tmp_path_factory)
+
+
+def only_boundary_differences(a: np.ndarray, b: np.ndarray) -> bool:
+    """Every pixel where the masks differ has each mask's value within one pixel in the other mask."""
+    for y, x in np.argwhere(a != b):
+        win = (slice(max(y - 1, 0), y + 2), slice(max(x - 1, 0), x + 2))
+        if b[y, x] not in a[win] or a[y, x] not in b[win]:
+            return False
+    return True
+
+
+@needs_slides
+def test_groovy_export_survives_a_missing_slide_and_agrees_with_zeus_export(qupath: Any, tmp_path: Path) -> None:
+    """Run for project on real QuPath: a slide that cannot be opened keeps its GeoJSON (one line, no mask, older
+    mask removed), the others get masks, one summary; labels.json and masks equal ``zeus export``'s."""
+    from qupath.harness import route_images_to_test_server
+
+    missing = tmp_path / "slides" / "missing.tif"
+    missing.parent.mkdir()
+    missing.write_bytes(OME.read_bytes())
+    out = tmp_path / "zeus-out"
+    write_geojson(out / "a.geojson", feature_collection([Annotation(A, "Tumor", {}), Annotation(B, "Tumor", {})]))
+    write_geojson(out / "b.geojson", feature_collection([Annotation(box(100, 100, 300, 400), "Tumor", {})]))
+    items = [ResultItem(str(missing), str(out / "b.geojson"), 1101, 1101, 0.2271, ((1101, 1101),)),  # first: on
+             ResultItem(str(SVS), str(out / "a.geojson"), 2220, 2967, MPP, ((2220, 2967),)),  # 0.4/0.5 QuPath
+             ResultItem(str(OME), str(out / "b.geojson"), 1101, 1101, 0.2271, ((1101, 1101),))]  # skips it
+    project = tmp_path / "project"
+    publish_results(project, items, backend="files")
+    assert route_images_to_test_server(project) == 3  # STAND-IN for Bio-Formats (tests/qupath)
+    assert not [r for r in qupath.run_for_project(project, IMPORT_SCRIPT) if r.error]
+    svs, ome = "CMU-1-Small-Region.svs", "OS-1-detail.ome.tif"
+    drawn = [  # mixed-case classes, overlaps, diagonal outlines, a line, an Ignore* region
+        (svs, "POLYGON ((300 250, 900 250, 900 700, 300 700, 300 250))", "Stroma"),
+        (svs, "POLYGON ((1100 1100, 1201 1100, 1201 1203.5, 1100 1203.5, 1100 1100))", "necrosis"),
+        (svs, "POLYGON ((1500 1500, 1900 1530, 1700 1950, 1500 1500))", "tumor"),
+        (ome, "POLYGON ((500 500, 800 520, 700 900, 500 500))", "Necrosis"),
+        (ome, "POLYGON ((50 900, 250 900, 250 1000, 50 1000, 50 900))", "Ignore*"),
+        (ome, "POLYGON ((10 10, 60 10, 60 60, 10 60, 10 10))", "Äpfel"),
+        (ome, "LINESTRING (0 0, 500 500)", "Zebra"),
+    ]
+    qupath.edit(project, [{"image": i, "op": "draw", "wkt": w, "class": c} for i, w, c in drawn])
+    export = project / "export"
+    export.mkdir()
+    (export / "missing.tif-labels.png").write_bytes(b"a mask of an earlier export")
+    missing.unlink()  # the slide is gone from this computer
+    runs = qupath.run_for_project(project, EXPORT_SCRIPT, save=False)
+    text = "\n".join(r.output for r in runs)
+    summaries = [line for line in text.splitlines() if line.startswith("ZEUS export: done:")]
+    assert len(summaries) == 1, text
+    assert "2 image(s) with label mask, 1 without (image not opened: missing.tif), 0 skipped" in summaries[0]
+    assert "0 failed" in summaries[0]
+    (line,) = [s for s in text.splitlines() if s.startswith("ZEUS export: missing.tif:")]
+    assert "exported, no label mask: cannot open the image" in line and "older mask was removed" in line
+    assert sorted(p.name for p in export.iterdir()) == [
+        f"{svs}-labels.png", f"{svs}.geojson", f"{ome}-labels.png", f"{ome}.geojson", "labels.json",
+        "missing.tif.geojson"]  # no temporary files, no mask left that disagrees with its GeoJSON
+
+    # the GeoJSON files hold what QuPath holds (read back with QuPath's own PathIO)
+    view = qupath.load_project(project)
+    exported = qupath.read_geojson(export / f"{svs}.geojson")
+    saved = view.entry(svs).annotations
+    assert len(saved) == 5 and sorted((o.id, o.class_name) for o in exported) == sorted(
+        (o.id, o.class_name) for o in saved)
+    missing_ids = {o.id for o in read_qupath_geojson(export / "missing.tif.geojson")}
+    assert missing_ids == {o.id for o in view.entry("missing.tif").annotations} and len(missing_ids) == 1
+
+    # one label rule: Groovy's labels.json and masks equal zeus export's
+    groovy_labels = json.loads((export / "labels.json").read_text(encoding="utf-8"))
+    assert groovy_labels == {"background": 0, "Tumor": 1, "tumor": 1, "Necrosis": 2, "necrosis": 2, "Stroma": 3,
+                             "Äpfel": 4}
+    report = export_corrections(project, tmp_path / "py", backend="files")
+    assert report.labels == groovy_labels
+    assert json.loads(Path(report.labels_json).read_text(encoding="utf-8")) == groovy_labels
+    by_name = {s.image_name: s for s in report.slides}
+    for name in (svs, ome):
+        ours = np.array(Image.open(by_name[name].mask))
+        theirs = np.array(Image.open(export / f"{name}-labels.png"))
+        assert ours.shape == theirs.shape
+        assert set(np.unique(ours)) == set(np.unique(theirs))
+        assert only_boundary_differences(ours, theirs)
+        assert (ours != theirs).sum() <= 0.15 * (theirs > 0).sum()
