@@ -13,12 +13,15 @@ only inside this module's functions, so the package works without it. Notes:
 - an existing entry is found by the rules of ``bridge.entry_match`` (URI, ZEUS metadata, name).
 
 Annotators' edits live in each image's ``data.qpdata``; the keep-edits rule (``bridge/edits.py``)
-is applied to the existing hierarchy here, in Python, before new ZEUS annotations are added.
+is applied to the existing hierarchy here, in Python, before new ZEUS annotations are added (through
+QuPath's GeoJSON reader, so they keep ZEUS's IDs), and the image's import record
+(``zeus_imported.json``) is written after the image data, as the import script does.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,21 +29,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from shapely.geometry import shape
-
+from zeus_qupath.atomic import atomic_open
 from zeus_qupath.errors import GeoJSONError, ProjectError
-from zeus_qupath.geojson import (
-    MEAS_AREA_PX,
-    MEAS_CENTROID_X,
-    MEAS_CENTROID_Y,
-    MEAS_VERTICES,
-    class_color,
-    vertex_count,
-)
+from zeus_qupath.geojson import class_color
 
-from .edits import MergeResult, merge_annotations
+from .edits import (
+    MergeResult,
+    merge_annotations,
+    read_import_record,
+    write_import_record,
+    written_objects,
+    written_record,
+)
 from .entry_match import META_SLIDE, META_URI, EntryInfo, SlideKey, match_entry
-from .project_files import PROJECT_FILE, ImageUpdate, zeus_entry_metadata
+from .project_files import PROJECT_FILE, ZEUS_GEOJSON, ImageUpdate, zeus_entry_metadata
 from .qupath_geojson import QuPathObject, feature_to_object, repair_geometry
 from .uris import UriMap, map_path, path_to_file_uri, same_file_uri
 
@@ -59,14 +61,6 @@ def paquo_annotation_to_object(annotation: Any) -> QuPathObject | None:
         return None
     exact = repair_geometry(annotation.roi)
     return obj if exact is None else replace(obj, geometry=exact)
-
-
-def _feature_parts(feature: Mapping[str, Any]) -> tuple[Any, str | None, str | None, dict[str, float]]:
-    props = feature.get("properties") or {}
-    cls = props.get("classification")
-    class_name = cls.get("name") if isinstance(cls, Mapping) else None
-    measurements = {str(k): float(v) for k, v in (props.get("measurements") or {}).items()}
-    return shape(feature["geometry"]), class_name, props.get("name"), measurements
 
 
 class PaquoProject:
@@ -155,8 +149,12 @@ class PaquoProject:
         accepted for interface parity; QuPath reads them from the slide itself here.
         """
         from paquo.images import QuPathImageType
+        from paquo.pathobjects import QuPathPathAnnotationObject
 
-        features = [dict(f) for f in geojson_features]
+        try:  # plain JSON values (lists, not tuples), finite: as QuPath's reader and the record need them
+            features = [dict(f) for f in json.loads(json.dumps([dict(f) for f in geojson_features], allow_nan=False))]
+        except (TypeError, ValueError) as exc:
+            raise ProjectError(f"{slide_path}: the ZEUS annotations cannot be written as JSON ({exc})") from None
         local_uri = path_to_file_uri(slide_path)
         mapped_uri = path_to_file_uri(slide_path, uri_map)
         name = image_name or Path(os.fspath(slide_path)).name
@@ -189,39 +187,48 @@ class PaquoProject:
             cls = (f.get("properties") or {}).get("classification") or {}
             if isinstance(cls.get("name"), str):
                 wanted.setdefault(cls["name"], cls.get("color") or class_color(cls["name"]))
-        path_classes = self._path_classes(wanted)
+        self._path_classes(wanted)
 
+        # the keep-edits rule of bridge/edits.py, as the import script applies it inside QuPath
+        entry_dir = Path(entry.entry_path)
+        written = {**written_record(entry_dir / ZEUS_GEOJSON), **written_objects(features)}
         hierarchy = entry.hierarchy
         pairs = [(a, paquo_annotation_to_object(a)) for a in hierarchy.annotations]
         existing = [o for _, o in pairs if o is not None]
-        merge = merge_annotations(existing, features)
+        merge = merge_annotations(existing, features, written, read_import_record(entry_dir))
         removed_ids = {id(o) for o in merge.removed}
         with hierarchy.no_autoflush():
             for annotation, obj in pairs:
                 if obj is not None and id(obj) in removed_ids:
                     hierarchy.annotations.discard(annotation)
             for feature in merge.added:
-                geometry, class_name, name, measurements = _feature_parts(feature)
-                pc = path_classes.get(class_name) if class_name else None
-                annotation = hierarchy.add_annotation(roi=geometry, path_class=pc, measurements=measurements)
-                if name is not None:
-                    annotation.name = name
-                roi = annotation.roi  # what QuPath holds: the keep-edits rule compares against it later
-                annotation.measurements[MEAS_AREA_PX] = float(roi.area)
-                annotation.measurements[MEAS_VERTICES] = float(vertex_count(roi))
-                annotation.measurements[MEAS_CENTROID_X] = float(roi.centroid.x)
-                annotation.measurements[MEAS_CENTROID_Y] = float(roi.centroid.y)
+                # through QuPath's own GeoJSON reader: the object keeps the ID, class, name and measurements
+                hierarchy.annotations.add(QuPathPathAnnotationObject.from_geojson(feature))
         for key, value in zeus_entry_metadata(metadata).items():
             entry.metadata[key] = value
         entry.metadata[META_SLIDE] = slide_key.path
         entry.metadata[META_URI] = mapped_uri
         entry.save()
+        write_import_record(entry_dir, merge.record)  # after the image data, as the import script does
+        self._keep_written(entry_dir / ZEUS_GEOJSON, features)
         if not same_file_uri(str(entry.uri), keep_uri):
             self._qp.update_image_paths(uri2uri={str(entry.uri): keep_uri})
         self._qp.save(images=False)
         entry_id = str(entry.entry_id)
         self.updates.append(ImageUpdate(entry_id, str(entry.image_name), created, len(features), merge))
         return entry_id
+
+    def _keep_written(self, path: Path, features: list[dict[str, Any]]) -> None:
+        """ZEUS's result beside the image data, the record the keep-edits rule and ``zeus export`` read; a
+        different older copy is kept as a backup (its IDs stay part of the record)."""
+        text = json.dumps({"type": "FeatureCollection", "features": features}, allow_nan=False)
+        try:
+            if path.exists() and path.read_text(encoding="utf-8") != text:
+                shutil.copy2(path, path.with_name(f"{path.name}.bak-{self._stamp}"))
+            with atomic_open(path, "w") as fh:
+                fh.write(text)
+        except OSError as exc:
+            raise ProjectError(f"{path}: cannot keep the ZEUS annotations beside the image data ({exc})") from None
 
     @property
     def last_merge(self) -> MergeResult | None:

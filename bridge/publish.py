@@ -15,9 +15,9 @@ Two steps, both usable on their own:
   ``publish_outputs(project_dir, paths)`` does both.
 
 Every GeoJSON is read and every slide identified before the project is touched, so bad input leaves
-the project as it was. With the paquo backend the ZEUS result is also kept as
-``data/<entryID>/zeus_annotations.geojson`` (the QuPath-free writer puts it there anyway), so that
-``zeus export`` can compare the annotator's corrections with what ZEUS wrote.
+the project as it was. Both backends keep the ZEUS result as ``data/<entryID>/zeus_annotations.geojson``
+(older versions as backups): the record of what ZEUS wrote, which the keep-edits rule and ``zeus export``
+compare the annotator's objects with.
 
 Slide levels: when the slide file is reachable here it is opened (``zeus_qupath.slide.Slide``; plain
 images through their header only) for its pyramid level sizes, so QuPath gets the true pyramid and
@@ -31,18 +31,15 @@ import datetime as _dt
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zeus_qupath.atomic import atomic_open
 from zeus_qupath.errors import ProjectError, SlideError, ZeusError
 from zeus_qupath.scores import PatchScores
 
 from .project import open_project
-from .project_files import ZEUS_GEOJSON
 from .qupath_geojson import object_to_feature, read_qupath_geojson
 from .uris import parse_uri_map
 
@@ -205,9 +202,6 @@ def publish_results(
         project.close()
     root = Path(project_dir)
     root = root.parent if root.suffix == ".qpproj" else root
-    if project.backend != "files":  # the files backend wrote it already
-        for image, feats in zip(images, features, strict=True):
-            _keep_original(root / "data" / image.entry_id / ZEUS_GEOJSON, feats)
     return PublishReport(project=str(root), backend=project.backend, images=tuple(images))
 
 
@@ -221,19 +215,6 @@ def publish_outputs(
 ) -> PublishReport:
     """``publish_results(project_dir, items_from_outputs(paths), ...)``: what ``zeus project add`` does."""
     return publish_results(project_dir, items_from_outputs(paths), backend=backend, uri_map=uri_map, status=status)
-
-
-def _keep_original(path: Path, features: list[dict[str, Any]]) -> None:
-    """Write ZEUS's result beside the image data (paquo backend), backing up a different older copy."""
-    text = json.dumps({"type": "FeatureCollection", "features": features}, allow_nan=False)
-    try:
-        if path.exists() and path.read_text(encoding="utf-8") != text:
-            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            shutil.copy2(path, path.with_name(f"{path.name}.bak-{stamp}"))
-        with atomic_open(path, "w") as fh:
-            fh.write(text)
-    except OSError as exc:
-        raise ProjectError(f"{path}: cannot keep the ZEUS annotations beside the image data ({exc})") from None
 
 
 def _is_foreign(path: str) -> bool:

@@ -144,6 +144,16 @@ class StandInAnnotation:
         self.measurements = dict(measurements or {})
         self.id = f"00000000-0000-4000-8000-{id(self):012x}"[-36:]
 
+    @classmethod
+    def from_geojson(cls, feature: dict) -> StandInAnnotation:
+        """As QuPath's GeoJSON reader: ID, class, name and measurements come with the object."""
+        props = feature.get("properties") or {}
+        cls_ = props.get("classification")
+        pc = StandInPathClass(cls_["name"], tuple(cls_.get("color") or (0, 0, 0))) if cls_ else None
+        obj = cls(shape(feature["geometry"]), pc, props.get("measurements"))
+        obj.name, obj.id = props.get("name"), feature.get("id") or obj.id
+        return obj
+
     def to_geojson(self) -> dict:
         geometry = json.loads(json.dumps(mapping(self.roi)))
         props: dict[str, Any] = {"objectType": "annotation"}
@@ -175,6 +185,9 @@ class StandInHierarchy:
 class StandInAnnotations(list):
     def discard(self, annotation: StandInAnnotation) -> None:
         self.remove(annotation)
+
+    def add(self, annotation: StandInAnnotation) -> None:
+        self.append(annotation)
 
 
 class StandInEntry:
@@ -233,12 +246,14 @@ def make_stand_in_paquo(state: dict) -> dict[str, types.ModuleType]:
     images.QuPathImageType = types.SimpleNamespace(BRIGHTFIELD_H_E="Brightfield H&E")
     classes = types.ModuleType("paquo.classes")
     classes.QuPathPathClass = StandInPathClass
+    pathobjects = types.ModuleType("paquo.pathobjects")
+    pathobjects.QuPathPathAnnotationObject = StandInAnnotation
     config = types.ModuleType("paquo._config")
     config.settings, config.to_kwargs = {}, lambda s: {}
     backend = types.ModuleType("paquo.jpype_backend")
     backend.find_qupath = lambda **kwargs: "a QuPath install"
     return {"paquo": paquo, "paquo.projects": projects, "paquo.images": images, "paquo.classes": classes,
-            "paquo._config": config, "paquo.jpype_backend": backend}
+            "paquo.pathobjects": pathobjects, "paquo._config": config, "paquo.jpype_backend": backend}
 
 
 @pytest.fixture
@@ -255,7 +270,8 @@ def test_backend_with_stand_in_adds_classes_annotations_and_metadata(tmp_path: P
     slide = tmp_path / "slides" / "a.svs"
     project = open_project(tmp_path / "p")  # auto picks paquo: the stand-in "finds" QuPath
     assert isinstance(project, PaquoProject)
-    entry_id = project.add_or_update_image(slide, _features(), width=2220, height=2967, metadata={"zeus.model": "m"})
+    features = _features()
+    entry_id = project.add_or_update_image(slide, features, width=2220, height=2967, metadata={"zeus.model": "m"})
     (qp,) = stand_in_paquo.values()
     (entry,) = qp.images
     assert entry_id == "1" and entry.image_type == "Brightfield H&E"
@@ -263,12 +279,13 @@ def test_backend_with_stand_in_adds_classes_annotations_and_metadata(tmp_path: P
     assert qp.path_classes[0].color == (200, 0, 0)
     names = [a.name for a in entry.hierarchy.annotations]
     assert names == ["ZEUS Tumor", "ZEUS Normal"] and entry.hierarchy.batches == 1
+    assert [a.id for a in entry.hierarchy.annotations] == [f["id"] for f in features]  # ZEUS's IDs kept
     tumor = entry.hierarchy.annotations[0]
     assert tumor.path_class.name == "Tumor" and len(tumor.roi.interiors) == 1
-    assert tumor.measurements[MEAS_AREA_PX] == tumor.roi.area
-    assert tumor.measurements[MEAS_VERTICES] == vertex_count(tumor.roi)
     assert entry.metadata["zeus.model"] == "m" and entry.metadata["zeus.status"] == "pre-segmented"
     assert entry.saved_with_uri == [entry.uri] and project.last_merge.n_added == 2
+    record = json.loads((entry.entry_path / "zeus_imported.json").read_text(encoding="utf-8"))
+    assert record["objects"] == {f["id"]: "imported" for f in features}
 
 
 def test_backend_with_stand_in_keeps_edits_and_maps_uris(tmp_path: Path, stand_in_paquo: dict) -> None:
@@ -291,9 +308,10 @@ def test_backend_with_stand_in_keeps_edits_and_maps_uris(tmp_path: Path, stand_i
     project = PaquoProject(tmp_path / "p")
     project.add_or_update_image(slide, _features(), width=2220, height=2967, uri_map=uri_map)
     merge = project.last_merge
-    assert (merge.n_kept, merge.n_removed, merge.n_added) == (2, 1, 2)
+    # the untouched Normal is replaced; the new Tumor lies over the annotator's corrected one: not added
+    assert (merge.n_kept, merge.n_removed, merge.n_added, len(merge.blocked)) == (2, 1, 1, 1)
     assert normal not in entry.hierarchy.annotations and tumor in entry.hierarchy.annotations
-    assert [a.name for a in entry.hierarchy.annotations] == ["ZEUS Tumor", None, "ZEUS Tumor", "ZEUS Normal"]
+    assert [a.name for a in entry.hierarchy.annotations] == ["ZEUS Tumor", None, "ZEUS Normal"]
     assert len(qp.images) == 1 and project.updates[-1].created is False
     assert same_file_uri(entry.saved_with_uri[-1], slide.as_uri()) and entry.uri == "file:/Z:/wsi/a%20b.svs"
     assert list((tmp_path / "p").glob("project.qpproj.bak-*"))
@@ -306,3 +324,21 @@ def test_backend_with_stand_in_rejects_a_size_mismatch(tmp_path: Path, stand_in_
 
     with pytest.raises(ProjectError, match="QuPath reads 2220x2967 px"):
         PaquoProject(tmp_path / "p").add_or_update_image(tmp_path / "a.svs", _features(), width=100, height=100)
+
+
+def test_backend_with_stand_in_finds_an_entry_the_annotator_relocated(tmp_path: Path, stand_in_paquo: dict) -> None:
+    from zeus_qupath.bridge.project_paquo import PaquoProject
+
+    slide = tmp_path / "slides" / "a.svs"
+    uri_map = [(str(tmp_path / "slides"), "Z:\\wsi")]
+    PaquoProject(tmp_path / "p").add_or_update_image(slide, _features(), width=2220, height=2967, uri_map=uri_map)
+    (qp,) = stand_in_paquo.values()
+    (entry,) = qp.images
+    assert entry.metadata["zeus.uri"] == "file:/Z:/wsi/a.svs" and entry.metadata["zeus.slide"] == str(slide)
+    entry.uri = "file:/C:/Users/ann/a.svs"  # QuPath rewrote it where the annotator found the image
+
+    project = PaquoProject(tmp_path / "p")
+    project.add_or_update_image(slide, _features(), width=2220, height=2967, uri_map=uri_map)
+    assert len(qp.images) == 1 and project.updates[-1].created is False
+    assert same_file_uri(entry.saved_with_uri[-1], slide.as_uri())  # worked on the local file
+    assert entry.uri == "file:/C:/Users/ann/a.svs"  # and gave the annotator's URI back
