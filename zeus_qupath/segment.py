@@ -165,7 +165,9 @@ def prepare_slide(slide: Slide, params: SegmentParams, known: tuple[TissueMask, 
         grid = make_grid(info.width, info.height, geometry, tissue, rule=params.tissue)
     warnings = []
     if len(grid) == 0:
-        warnings.append(f"{slide.path.name}: no tissue found; writing an empty FeatureCollection")
+        hint = ("; CLAM's rule keeps tissue regions above 2 x 512^2 level-0 px only (a small crop may need "
+                "--tissue coarse)") if params.detect_tissue and params.tissue == "zeus" else ""
+        warnings.append(f"{slide.path.name}: no tissue found{hint}; writing an empty FeatureCollection")
     return PreparedSlide(str(slide.path), stem or output_stem(slide.path), info, geometry, tissue, grid, view,
                          {"tissue": time.perf_counter() - t0}, warnings)
 
@@ -179,8 +181,8 @@ def drop_filtered(prepared: PreparedSlide, features: Sequence[np.ndarray], kept:
     if kept is None:
         return list(features)
     if not kept.any() and len(kept):
-        prepared.warnings.append(f"{Path(prepared.path).name}: every tissue patch is white or black; "
-                                 "writing an empty FeatureCollection")
+        prepared.warnings.append(f"{Path(prepared.path).name}: no tissue found (every patch in the tissue contours "
+                                 "is white or black); writing an empty FeatureCollection")
     return [f[kept] for f in features]
 
 
