@@ -31,7 +31,7 @@ from zeus_qupath.executors import ModelSpec, parse_model_specs
 from zeus_qupath.model_pool import DEFAULT_MAX_MODELS, ModelPool
 from zeus_qupath.models import DEFAULT_MODEL
 from zeus_qupath.on_demand import OnDemandSegmenter, SegmentRequest, SegmentResult
-from zeus_qupath.prompts import load_prompts
+from zeus_qupath.prompts import DEFAULT_PROMPT_SET, load_prompts
 from zeus_qupath.run import CACHE_DIR, versions
 from zeus_qupath.segment import SegmentParams
 
@@ -60,7 +60,7 @@ class ServiceConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     model: str = DEFAULT_MODEL
     pretrained: str | None = None
-    prompts: str = "spindle_cell"  # a bundled prompt set's name or a prompt file (trusted: set by the operator)
+    prompts: str = DEFAULT_PROMPT_SET  # a bundled prompt set's name or a prompt file (trusted: set by the operator)
     positive_class: str | None = None  # default positive class (else the prompt file's)
     device: str = "auto"
     precision: str = "auto"

@@ -2,7 +2,7 @@
  * zeus_segment_current_image.groovy -- ask the local ZEUS service to pre-segment the open image.
  *
  * Written for QuPath 0.4, 0.5 and 0.6 (also runs on 0.7); needs Java 11+ (java.net.http), which
- * every QuPath >= 0.3 ships with.
+ * every QuPath >= 0.3 ships with. The service's API is described at <service>/openapi.json.
  *
  * What it does:
  *   1. sends POST <SERVICE_URL> with the JSON
@@ -12,11 +12,17 @@
  *      and the header "Authorization: Bearer <token>" (TOKEN below, or the environment variable
  *      ZEUS_TOKEN); the service is started on this computer with `zeus serve`;
  *   2. reads the answer, a QuPath GeoJSON FeatureCollection of ZEUS annotations;
- *   3. applies the keep-edits rule (the same rule as bridge/edits.py in zeus-qupath): only untouched
- *      ZEUS annotations are replaced -- with a region, only those lying inside the region -- and
- *      every edited, renamed, reclassified or hand-drawn object is kept; a new object whose ID is
- *      already in the image is not added twice;
- *   4. adds the new annotations (save the image afterwards as usual).
+ *   3. merges it with the keep-edits rule of import_zeus_annotations.groovy (the same rule as
+ *      bridge/edits.py in zeus-qupath): only untouched ZEUS annotations are replaced -- with a region,
+ *      only those lying inside the region -- and every object you edited, moved, reclassified, renamed,
+ *      locked or drew is kept; a ZEUS object you deleted stays deleted; a new object is not added over
+ *      your own annotations. "Untouched" is judged against the record of what ZEUS wrote for this image:
+ *      in a project, data/<entryID>/zeus_annotations.geojson (what `zeus` wrote) and
+ *      data/<entryID>/zeus_service.geojson (what this script received before; each answer is kept,
+ *      the previous one as a *.bak-<time> backup);
+ *   4. adds the new annotations and, in a project, saves the image data (SAVE) and then the record
+ *      (zeus_imported.json, as the import script does). Outside a project nothing is recorded, so
+ *      nothing earlier is replaced: the new annotations are only added where they overlap nothing of yours.
  * A dialog explains what went wrong when the service is not running (connection refused) or
  * answers with an error ({"error": "..."}).
  *
@@ -28,21 +34,29 @@
  *   THRESHOLD        null = the ZEUS rule; a number between 0 and 1 = probability threshold
  *   USE_SELECTION    true = segment only inside the selected annotation, if one is selected
  *   TIMEOUT_MINUTES  how long to wait for the answer
+ *   SAVE             true = in a project, save the image data after adding (needed to remember deletions)
  */
 
-import com.google.gson.JsonObject
 import com.google.gson.JsonParser
-import qupath.lib.io.GsonTools
-import qupath.lib.io.PathIO
-import qupath.lib.objects.PathObject
+import com.google.gson.JsonObject
 
 import java.net.http.HttpClient
 import java.net.http.HttpRequest
 import java.net.http.HttpResponse
 import java.net.http.HttpTimeoutException
 import java.nio.charset.StandardCharsets
+import java.nio.file.Files
 import java.nio.file.Paths
+import java.nio.file.StandardCopyOption
 import java.time.Duration
+
+import org.locationtech.jts.geom.MultiPolygon
+import org.locationtech.jts.geom.Polygon
+import org.locationtech.jts.geom.util.GeometryFixer
+
+import qupath.lib.io.GsonTools
+import qupath.lib.io.PathIO
+import qupath.lib.objects.PathObject
 
 import static qupath.lib.scripting.QP.*
 
@@ -54,72 +68,180 @@ String PROMPTS = ''
 Double THRESHOLD = null
 boolean USE_SELECTION = true
 int TIMEOUT_MINUTES = 60
+boolean SAVE = true
 
-// >>> ZEUS keep-edits rule (mirror of bridge/edits.py; keep both scripts and the Python module in sync)
-def ZEUS_NAME_PREFIX = 'ZEUS'
-def MEAS_AREA_PX = 'ZEUS area px^2'
-def MEAS_VERTICES = 'ZEUS vertex count'
-def MEAS_CENTROID_X = 'ZEUS centroid x'
-def MEAS_CENTROID_Y = 'ZEUS centroid y'
-double AREA_REL_TOL = 1e-6
-double AREA_ABS_TOL_PX2 = 0.5
-double CENTROID_TOL_PX = 0.5
+// >>> ZEUS keep-edits rule (mirror of bridge/edits.py in zeus-qupath; the tests require the same answers)
+double FLOAT32_REL_TOL = 1.1920928955078125E-7
+double OVERLAP_TOL_PX2 = 1.0
+String RECORD_FILE = 'zeus_imported.json'
+String RECORD_FORMAT = 'zeus-imported/1'
+String IMPORTED = 'imported'
+String REPLACED = 'replaced'
+String BACKUP_INFIX = '.bak-'
 
-def zeusClassFromName = { name ->
-    String marker = ZEUS_NAME_PREFIX + ' '
-    if (name == null || !name.toString().startsWith(marker))
-        return null
-    return name.toString().substring(marker.length())
+// the GeoJSON file's backups (oldest first), then the file itself (its entries win)
+def recordFiles = { File file ->
+    def dir = file.getAbsoluteFile().getParentFile()
+    def files = []
+    if (dir != null && dir.isDirectory())
+        files.addAll(dir.listFiles().findAll { it.isFile() && it.getName().startsWith(file.getName() + BACKUP_INFIX) })
+    files = files.sort { it.getName() }
+    if (file.isFile())
+        files.add(file)
+    return files
 }
 
-def isUntouchedZeus = { o ->
-    if (o == null || !o.isAnnotation() || o.getROI() == null)
-        return false
-    def zeusClass = zeusClassFromName(o.getName())
-    if (zeusClass == null)
-        return false
-    def pathClass = o.getPathClass()
-    String className = pathClass == null ? null : pathClass.toString()
-    if (className != zeusClass)
-        return false
-    def ml = o.getMeasurementList()
-    if (!ml.containsKey(MEAS_AREA_PX) || !ml.containsKey(MEAS_VERTICES))
-        return false
-    double written = ml.get(MEAS_AREA_PX)
-    double area = o.getROI().getArea()
-    if (Double.isNaN(written) || Math.abs(area - written) > Math.max(AREA_REL_TOL * Math.abs(written), AREA_ABS_TOL_PX2))
-        return false
-    def geometry = o.getROI().getGeometry()
-    long vertices = geometry.getNumPoints()
-    if (vertices != Math.round(ml.get(MEAS_VERTICES)))
-        return false
-    // centroid (JTS, as shapely computes it): checked when written; older ZEUS output has none
-    boolean hasX = ml.containsKey(MEAS_CENTROID_X)
-    boolean hasY = ml.containsKey(MEAS_CENTROID_Y)
-    if (!hasX && !hasY)
-        return true
-    if (!hasX || !hasY)
-        return false
-    def centroid = geometry.getCentroid()
-    if (centroid.isEmpty())
-        return false
-    double dist = Math.hypot(centroid.getX() - ml.get(MEAS_CENTROID_X), centroid.getY() - ml.get(MEAS_CENTROID_Y))
-    return dist <= CENTROID_TOL_PX
-}
+// GeoJSON whatever the file name (PathIO.readObjects returns nothing for names not ending in .geojson/.json)
+def readGeoJson = { File f -> f.withInputStream { PathIO.readObjectsFromGeoJSON(it) } }
 
-def stampZeusMeasurements = { o ->
-    if (o.getROI() == null || zeusClassFromName(o.getName()) == null)
-        return
-    def ml = o.getMeasurementList()
-    ml.put(MEAS_AREA_PX, o.getROI().getArea())
-    def geometry = o.getROI().getGeometry()
-    ml.put(MEAS_VERTICES, (double) geometry.getNumPoints())
-    def centroid = geometry.getCentroid()
-    if (!centroid.isEmpty()) {
-        ml.put(MEAS_CENTROID_X, centroid.getX())
-        ml.put(MEAS_CENTROID_Y, centroid.getY())
+// ID -> [geometry, cls, name] of everything ZEUS wrote for this image; an unreadable file is left out
+def writtenRecord = { File file ->
+    def record = [:]
+    for (File f : recordFiles(file)) {
+        try {
+            for (PathObject o : readGeoJson(f)) {
+                if (o.getID() != null)
+                    record[o.getID().toString()] = [geometry: o.getROI() == null ? null : o.getROI().getGeometry(),
+                                                    cls: o.getPathClass() == null ? null : o.getPathClass().toString(),
+                                                    name: o.getName()]
+            }
+        } catch (Exception e) {
+            println "ZEUS import: ${f.getName()} cannot be read, left out of the record (${e.getMessage()})"
+        }
     }
-    ml.close()
+    return record
+}
+
+def polygonal = { g -> (g instanceof MultiPolygon && g.getNumGeometries() == 1) ? g.getGeometryN(0) : g }
+
+def sameGeometry = { a, b ->
+    if (a == null || b == null || a.isEmpty() || b.isEmpty())
+        return false
+    def na = polygonal(a).norm()
+    def nb = polygonal(b).norm()
+    if (na.getNumPoints() != nb.getNumPoints())
+        return false
+    double largest = 1.0
+    for (def c : na.getCoordinates())
+        largest = Math.max(largest, Math.max(Math.abs(c.x), Math.abs(c.y)))
+    for (def c : nb.getCoordinates())
+        largest = Math.max(largest, Math.max(Math.abs(c.x), Math.abs(c.y)))
+    return na.equalsExact(nb, FLOAT32_REL_TOL * largest)
+}
+
+def isUntouchedZeus = { o, Map written ->
+    if (o == null || !o.isAnnotation() || o.getID() == null || o.isLocked() || o.getROI() == null)
+        return false
+    def w = written[o.getID().toString()]
+    if (w == null)
+        return false
+    String cls = o.getPathClass() == null ? null : o.getPathClass().toString()
+    if (cls != w.cls || o.getName() != w.name)
+        return false
+    return sameGeometry(o.getROI().getGeometry(), w.geometry)
+}
+
+// ID -> 'imported' | 'replaced' from zeus_imported.json; empty when absent or unreadable
+def readImportRecord = { File dir ->
+    def status = [:]
+    def file = new File(dir, RECORD_FILE)
+    if (!file.isFile())
+        return status
+    try {
+        def data = GsonTools.getInstance().fromJson(file.getText('UTF-8'), Map)
+        def objects = data == null ? null : data.get('objects')
+        if (objects instanceof Map) {
+            objects.each { k, v ->
+                if (v == IMPORTED || v == REPLACED)
+                    status[k.toString()] = v.toString()
+            }
+        }
+    } catch (Exception e) {
+        println "ZEUS import: ${file} cannot be read, starting a new record (${e.getMessage()})"
+    }
+    return status
+}
+
+def writeImportRecord = { File dir, Map status ->
+    def data = new LinkedHashMap()
+    data.put('format', RECORD_FORMAT)
+    data.put('objects', new TreeMap(status))
+    def tmp = new File(dir, RECORD_FILE + '.tmp')
+    tmp.setText(GsonTools.getInstance(true).toJson(data), 'UTF-8')
+    Files.move(tmp.toPath(), new File(dir, RECORD_FILE).toPath(), StandardCopyOption.REPLACE_EXISTING)
+}
+
+def areaGeometry = { g ->
+    if (g == null || g.isEmpty() || !(g instanceof Polygon || g instanceof MultiPolygon))
+        return null
+    if (!g.isValid()) // e.g. a self-crossing outline drawn by hand: keep every lobe
+        g = GeometryFixer.fix(g)
+    return g.getArea() > 0 ? g : null
+}
+
+def overlaps = { g, List protectedRegion ->
+    def a = areaGeometry(g)
+    if (a == null)
+        return false
+    for (def p : protectedRegion) {
+        try {
+            if (a.intersection(p).getArea() > OVERLAP_TOL_PX2)
+                return true
+        } catch (Exception e) { // a broken outline: overlapping bounds count, to be safe
+            if (a.getEnvelopeInternal().intersects(p.getEnvelopeInternal()))
+                return true
+        }
+    }
+    return false
+}
+
+// the merge: what to remove, add and skip, and the record after it (nothing is changed here)
+def mergeZeus = { Collection existing, List incoming, Map written, Map status ->
+    def objects = existing.findAll { !it.isRootObject() }
+    def newIds = new HashSet(incoming.findAll { it.getID() != null }.collect { it.getID().toString() })
+    def presentIds = new HashSet(objects.findAll { it.getID() != null }.collect { it.getID().toString() })
+    def deletedIds = new TreeSet(status.keySet().findAll { status[it] == IMPORTED && !presentIds.contains(it) })
+    def removed = []
+    def kept = []
+    for (def o : objects) {
+        if (isUntouchedZeus(o, written) && !newIds.contains(o.getID().toString()))
+            removed.add(o)
+        else
+            kept.add(o)
+    }
+    def keptIds = new HashSet(kept.findAll { it.getID() != null }.collect { it.getID().toString() })
+    def protectedRegion = []
+    for (def o : kept) {
+        if (o.isAnnotation() && !isUntouchedZeus(o, written)) {
+            def g = areaGeometry(o.getROI() == null ? null : o.getROI().getGeometry())
+            if (g != null)
+                protectedRegion.add(g)
+        }
+    }
+    for (String id : deletedIds) {
+        def g = written[id] == null ? null : areaGeometry(written[id].geometry)
+        if (g != null)
+            protectedRegion.add(g)
+    }
+    def newStatus = new LinkedHashMap(status)
+    removed.each { newStatus[it.getID().toString()] = REPLACED }
+    def result = [removed: removed, kept: kept, added: [], skipped: [], deleted: [], blocked: [],
+                  deletedIds: deletedIds, status: newStatus]
+    for (def o : incoming) {
+        String id = o.getID() == null ? '' : o.getID().toString()
+        if (id && keptIds.contains(id))
+            result.skipped.add(o)
+        else if (id && deletedIds.contains(id))
+            result.deleted.add(o)
+        else if (overlaps(o.getROI() == null ? null : o.getROI().getGeometry(), protectedRegion))
+            result.blocked.add(o)
+        else {
+            result.added.add(o)
+            if (id)
+                newStatus[id] = IMPORTED
+        }
+    }
+    return result
 }
 // <<< ZEUS keep-edits rule
 
@@ -228,24 +350,53 @@ try {
 }
 
 // ------------------------------------------------------------------------------------ keep edits, add
+def entry = getProjectEntry()
+File recordDir = entry == null ? null : entry.getEntryPath().toFile()
+File serviceRecord = recordDir == null ? null : new File(recordDir, 'zeus_service.geojson')
+def written = [:]
+if (recordDir != null) {
+    written.putAll(writtenRecord(new File(recordDir, 'zeus_annotations.geojson')))
+    written.putAll(writtenRecord(serviceRecord))
+}
+for (PathObject o : incoming) {  // the answer is ZEUS output too
+    if (o.getID() != null)
+        written[o.getID().toString()] = [geometry: o.getROI() == null ? null : o.getROI().getGeometry(),
+                                         cls: o.getPathClass() == null ? null : o.getPathClass().toString(),
+                                         name: o.getName()]
+}
+def status = recordDir == null ? [:] : readImportRecord(recordDir)
 def hierarchy = imageData.getHierarchy()
-def toRemove = hierarchy.getAnnotationObjects().findAll {
-    it != selected && isUntouchedZeus(it) && (regionGeometry == null || regionGeometry.covers(it.getROI().getGeometry()))
+def merge = mergeZeus(hierarchy.getAllObjects(false), incoming, written, status)
+// with a region, untouched ZEUS annotations outside it stay; the selected annotation always stays
+def keepAnyway = merge.removed.findAll {
+    it == selected || (regionGeometry != null && !regionGeometry.covers(it.getROI().getGeometry()))
 }
-def removeSet = new HashSet<PathObject>(toRemove)
-def keptIds = new HashSet()
-for (PathObject o : hierarchy.getAllObjects(false)) {
-    if (!removeSet.contains(o))
-        keptIds.add(o.getID())
+def toRemove = merge.removed.findAll { !keepAnyway.contains(it) }
+for (def o : keepAnyway) {  // not replaced after all: their record stays as it was
+    String id = o.getID().toString()
+    if (status.containsKey(id))
+        merge.status[id] = status[id]
+    else
+        merge.status.remove(id)
 }
-def toAdd = incoming.findAll { !keptIds.contains(it.getID()) }
-toAdd.each { stampZeusMeasurements(it) }
 hierarchy.removeObjects(toRemove, true)
-hierarchy.addObjects(toAdd)
+hierarchy.addObjects(merge.added)
 fireHierarchyUpdate(hierarchy)
 
-String summary = "Added ${toAdd.size()} ZEUS annotation(s), replaced ${toRemove.size()} untouched one(s); " +
-        'edited and hand-drawn objects were kept.'
+String summary = "Added ${merge.added.size()} ZEUS annotation(s), replaced ${toRemove.size()} untouched one(s); " +
+        "not added: ${merge.skipped.size()} already present, ${merge.deleted.size()} deleted by you, " +
+        "${merge.blocked.size()} over your own annotations. Edited and hand-drawn objects were kept."
 println 'ZEUS: ' + summary
-if (toAdd.isEmpty())
-    showMessage('The ZEUS service found no tumor regions in this image' + (regionGeometry == null ? '.' : ' region.'), false)
+if (SAVE && entry != null) {
+    entry.saveImageData(imageData)
+    if (serviceRecord.isFile())
+        Files.move(serviceRecord.toPath(), new File(recordDir, serviceRecord.getName() + BACKUP_INFIX +
+                System.currentTimeMillis()).toPath(), StandardCopyOption.ATOMIC_MOVE)
+    serviceRecord.setText(body, 'UTF-8')
+    writeImportRecord(recordDir, merge.status)
+    println 'ZEUS: image data saved'
+} else if (entry == null) {
+    println 'ZEUS: the image is not in a project, so what ZEUS wrote cannot be remembered for the next run'
+}
+if (merge.added.isEmpty())
+    showMessage('The ZEUS service found no new tumor regions for this image' + (regionGeometry == null ? '.' : ' region.'), false)

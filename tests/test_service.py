@@ -344,7 +344,7 @@ def test_cli_then_service_answers_without_embedding(tiny_model, folders, tmp_pat
     expected = cli_segment(tiny_model, slide.path, out)
     assert expected["features"]
     config = ServiceConfig(port=0, token=TOKEN, roots=(str(folders["root"]),), cache_dir=str(out),
-                           **model_config(tiny_model))
+                           prompts="spindle_cell", **model_config(tiny_model))
     srv = make_server(config)  # --cache OUT: a zeus segment output folder means its .cache
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
