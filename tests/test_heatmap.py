@@ -6,12 +6,13 @@ import json
 
 import numpy as np
 import pytest
-from qupath.fixtures import qupath_or_skip
-from qupath.harness import VERSIONS
 
 from zeus_qupath.cli import main
 from zeus_qupath.heatmap import TILES_SUFFIX, measurement_name, tile_collection, write_tiles
 from zeus_qupath.scores import PatchScores
+
+from qupath.fixtures import qupath_or_skip
+from qupath.harness import VERSIONS
 
 
 def contour_patch_scores(seed: int = 3) -> PatchScores:
@@ -96,3 +97,28 @@ def test_polygons_tiles_option_on_a_scores_file(qupath, tmp_path, capsys):
     np.testing.assert_array_equal(values, back.scores)
     assert main(["polygons", str(tmp_path / "s.scores.npz"), "--out", str(tmp_path / "t.geojson")]) == 0
     assert not (tmp_path / "t.tiles.geojson").exists()  # off by default
+
+
+def test_segment_tiles_end_to_end(tmp_path, tiny_model, tmp_path_factory):
+    """zeus segment --tiles on a real slide (default: CLAM/ZEUS per-contour patches); QuPath 0.6.0 reads the tiles."""
+    from conftest import shared_file
+
+    slide = shared_file("wsi", "CMU-1-Small-Region.svs")
+    out = tmp_path / "out"
+    assert main(["segment", str(slide), "--model", f"open_clip:{tiny_model.config_path}", "--pretrained",
+                 str(tiny_model.checkpoint_path), "--device", "cpu", "--quiet", "--tiles", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["prompts"]["file"].endswith("zeus_spindle_cell.json")  # no --prompts: ZEUS's own prompt file
+    assert run["models"][0]["precision"]["computes"] == "fp32"
+    tiles = out / f"CMU-1-Small-Region{TILES_SUFFIX}"
+    assert run["slides"][0]["outputs"]["tiles"] == str(tiles)
+    scores = PatchScores.load(out / "CMU-1-Small-Region.scores.npz")
+    assert len(scores.coords) > 0
+    objects = qupath_or_skip("0.6.0", tmp_path_factory).read_geojson(tiles)
+    assert {o.object_type for o in objects} == {"tile"}
+    boxes = [expected_box(scores, i) for i in range(len(scores.coords))]
+    expected = {tuple(np.round(b, 2)): scores.scores[i].tolist() for i, b in enumerate(boxes)
+                if b[2] > b[0] and b[3] > b[1]}
+    got = {tuple(np.round(o.geometry.bounds, 2)): [np.float32(o.measurements[measurement_name(c)])
+                                                   for c in scores.classes] for o in objects}
+    assert got == expected
