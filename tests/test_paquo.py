@@ -1,19 +1,24 @@
 """The paquo backend.
 
-The ``qupath`` tests drive a real QuPath install through paquo and are skipped unless
-PAQUO_QUPATH_DIR names one: QuPath is not installable from PyPI or Debian, so they run only where
-someone installed it, e.g. ``python -m paquo get_qupath --install-path ~/qupath 0.5.1`` and
-``PAQUO_QUPATH_DIR=~/qupath/QuPath-0.5.1 pytest -m qupath``.
+On real QuPath code: ``test_paquo_on_real_qupath_code`` builds, for each QuPath version of the
+real-QuPath harness (``tests/qupath``: qupath-core 0.4.4/0.5.1/0.6.0 compiled from the release tags),
+a QuPath-shaped folder in a temp dir (``QuPath/lib/app/`` with qupath-core, its libraries,
+``gui-stub.jar`` and the harness's TEST-ONLY image server jar; ``QuPath/lib/runtime`` -> a JDK home),
+and runs the ``qupath``-marked tests below in a SUBPROCESS with ``PAQUO_QUPATH_DIR`` pointing at it:
+paquo's JVM cannot be restarted in a process, and the test process must not fork after it started.
+With ``PAQUO_QUPATH_DIR`` set to a full QuPath install, that install is used instead. The marked
+tests skip when run directly, outside that subprocess.
 
-The other tests run everywhere: they replace paquo and QuPath (which cannot run here) by
-``StandInPaquo``, a test double of the few paquo calls the backend makes, to check the backend's
-own logic: which annotations it removes and adds, the URI map round trip, backups.
+The other tests run everywhere: they replace paquo and QuPath by ``StandInPaquo``, a test double of
+the few paquo calls the backend makes, to check the backend's own logic: which annotations it removes
+and adds, the URI map round trip, backups.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import types
 from contextlib import contextmanager
@@ -23,9 +28,11 @@ from typing import Any
 import pytest
 from shapely.geometry import Polygon, mapping, shape
 
+from zeus_qupath.bridge.edits import same_geometry
 from zeus_qupath.bridge.project import open_project
+from zeus_qupath.bridge.qupath_geojson import read_qupath_geojson
 from zeus_qupath.bridge.uris import same_file_uri
-from zeus_qupath.geojson import MEAS_AREA_PX, MEAS_VERTICES, Annotation, annotation_feature, vertex_count
+from zeus_qupath.geojson import Annotation, annotation_feature
 
 SLIDE = Path(__file__).resolve().parent / "data" / "wsi" / "CMU-1-Small-Region.svs"
 
@@ -39,11 +46,14 @@ def _qupath_dir() -> Path | None:
     return root if any(p.is_dir() for p in layouts) else None
 
 
+IN_SUBPROCESS = os.environ.get("ZEUS_PAQUO_SUBPROCESS") == "1"
+
+
 def requires_qupath(test):
     test = pytest.mark.skipif(not SLIDE.is_file(), reason=f"test slide not found at {SLIDE} (tests/data)")(test)
     test = pytest.mark.skipif(
-        _qupath_dir() is None,
-        reason="needs a QuPath install: set PAQUO_QUPATH_DIR to a QuPath folder (and pip install paquo)",
+        not IN_SUBPROCESS or _qupath_dir() is None,
+        reason="runs in the subprocess that test_paquo_on_real_qupath_code starts (PAQUO_QUPATH_DIR set there)",
     )(test)
     return pytest.mark.qupath(test)
 
@@ -78,22 +88,27 @@ def _annotations(project_dir: Path):
 def test_paquo_project_has_image_classes_annotations_and_metadata(tmp_path: Path) -> None:
     from paquo.images import QuPathImageType
 
-    project_dir = tmp_path / "project"
-    project, entry_id = _add(project_dir, _features())
+    out = os.environ.get("ZEUS_PAQUO_OUT")
+    project_dir = Path(out) / "project" if out else tmp_path / "project"  # the outer test loads it with QuPath
+    features = _features()
+    project, entry_id = _add(project_dir, features)
     assert project.backend == "paquo"
     entry, annotations = _annotations(project_dir)
     assert entry.entry_id == entry_id
     assert entry.image_type == QuPathImageType.BRIGHTFIELD_H_E
     assert (entry.width, entry.height) == (2220, 2967)
     assert entry.metadata["zeus.model"] == "test" and "zeus.version" in entry.metadata
+    assert entry.metadata["zeus.slide"] == str(SLIDE)
+    assert sorted(str(a.java_object.getID()) for a in annotations) == sorted(f["id"] for f in features)  # IDs kept
     by_name = {a.name: a for a in annotations}
     assert set(by_name) == {"ZEUS Tumor", "ZEUS Normal"}
     tumor = by_name["ZEUS Tumor"]
     assert tumor.path_class.name == "Tumor"
     assert len(tumor.roi.interiors) == 1
-    assert tumor.measurements[MEAS_AREA_PX] == pytest.approx(tumor.roi.area)
-    assert tumor.measurements[MEAS_VERTICES] == vertex_count(tumor.roi)
+    assert tumor.roi.equals(shape(features[0]["geometry"]))
     assert tumor.measurements["Mean tumor score"] == pytest.approx(0.4)
+    record = json.loads((project_dir / "data" / entry_id / "zeus_imported.json").read_text(encoding="utf-8"))
+    assert record["objects"] == {f["id"]: "imported" for f in features}
 
 
 @requires_qupath
@@ -112,11 +127,35 @@ def test_paquo_rerun_keeps_the_annotators_edits(tmp_path: Path) -> None:
 
     project, _ = _add(project_dir, _features())
     merge = project.last_merge
-    assert (merge.n_kept, merge.n_removed, merge.n_added) == (2, 1, 2)
+    # the untouched Normal is replaced; the new Tumor would lie over the corrected one: not added
+    assert (merge.n_kept, merge.n_removed, merge.n_added, len(merge.blocked)) == (2, 1, 1, 1)
     _, annotations = _annotations(project_dir)
     names = sorted(str(a.name) for a in annotations)
-    assert names == ["None", "ZEUS Normal", "ZEUS Tumor", "ZEUS Tumor"]  # edited tumor kept, new one added
+    assert names == ["None", "ZEUS Normal", "ZEUS Tumor"]
     assert any(a.roi.bounds[2] == 1300 for a in annotations)
+
+    # zeus export reads the corrected hierarchy through paquo
+    from zeus_qupath.bridge.export import export_corrections
+
+    report = export_corrections(project_dir, tmp_path / "export", backend="paquo")
+    (slide,) = report.slides
+    assert report.backend == "paquo"
+    assert (slide.stats.created, slide.stats.edited, slide.stats.untouched) == (1, 1, 1)
+
+
+@requires_qupath
+def test_paquo_finds_the_entry_the_annotator_relocated(tmp_path: Path) -> None:
+    from paquo.projects import QuPathProject
+
+    project_dir = tmp_path / "project"
+    _add(project_dir, _features())
+    with QuPathProject(project_dir, mode="r+") as qp:  # QuPath rewrote the URI where the annotator found it
+        qp.update_image_paths(uri2uri={qp.images[0].uri: "file:/C:/Users/ann/CMU-1-Small-Region.svs"})
+    project, _ = _add(project_dir, _features())
+    assert project.updates[-1].created is False
+    data = json.loads((project_dir / "project.qpproj").read_text(encoding="utf-8"))
+    assert len(data["images"]) == 1
+    assert data["images"][0]["serverBuilder"]["uri"] == "file:/C:/Users/ann/CMU-1-Small-Region.svs"
 
 
 @requires_qupath
@@ -131,6 +170,53 @@ def test_paquo_uri_map_rewrites_the_image_uri(tmp_path: Path) -> None:
     assert project.updates[-1].created is False
     data = json.loads((project_dir / "project.qpproj").read_text(encoding="utf-8"))
     assert len(data["images"]) == 1 and data["images"][0]["serverBuilder"]["uri"].startswith("file:/Z:/")
+
+
+# ------------------------------------------------------------------------ paquo on real QuPath code
+
+
+def qupath_shaped_folder(qupath: Any, root: Path) -> Path:
+    """``root/QuPath`` laid out as paquo looks for a QuPath install (Linux), from the harness's jars."""
+    app = root / "QuPath" / "lib" / "app"
+    app.mkdir(parents=True)
+    jars = [qupath.core_jar, *sorted((qupath.folder / "lib").glob("*.jar")), qupath.folder / "gui-stub.jar",
+            qupath.test_server_jar]  # the last two: STAND-INS (GUI classes paquo touches; an image reader)
+    for jar in jars:
+        (app / jar.name).symlink_to(jar)
+    (root / "QuPath" / "lib" / "runtime").symlink_to(qupath.java_home)
+    return root / "QuPath"
+
+
+@pytest.fixture(scope="module", params=("0.4.4", "0.5.1", "0.6.0"))
+def qupath(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from qupath.fixtures import qupath_or_skip
+
+    return qupath_or_skip(request.param, tmp_path_factory)
+
+
+@pytest.mark.skipif(IN_SUBPROCESS, reason="this is the subprocess")
+@pytest.mark.skipif(not SLIDE.is_file(), reason=f"test slide not found at {SLIDE} (tests/data)")
+def test_paquo_on_real_qupath_code(qupath: Any, tmp_path: Path) -> None:
+    pytest.importorskip("paquo", reason="paquo is not installed (pip install 'zeus-qupath[paquo]')")
+    env = dict(os.environ, ZEUS_PAQUO_SUBPROCESS="1", ZEUS_PAQUO_OUT=str(tmp_path / "out"))
+    if _qupath_dir() is None:
+        env["PAQUO_QUPATH_DIR"] = str(qupath_shaped_folder(qupath, tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "qupath", str(Path(__file__))],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in tail and "skipped" not in tail and "failed" not in tail, tail
+
+    # the project paquo wrote, loaded by QuPath's own ProjectIO (in the harness's JVM)
+    view = qupath.load_project(tmp_path / "out" / "project")
+    (entry,) = view.entries
+    assert entry.name == SLIDE.name and entry.metadata["zeus.model"] == "test" and entry.has_image_data
+    assert sorted(o.name or "" for o in entry.annotations) == ["ZEUS Normal", "ZEUS Tumor"]
+    written = {o.id: o for o in read_qupath_geojson(tmp_path / "out" / "project" / "data" / entry.id /
+                                                    "zeus_annotations.geojson")}
+    assert {o.id for o in entry.annotations} == set(written)  # what the keep-edits rule will recognise
+    assert all(same_geometry(o.geometry, written[o.id].geometry) for o in entry.annotations)
 
 
 # ------------------------------------------------------------------------ stand-in for paquo + QuPath
