@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,conch,plip,ray]'
+	$(BIN)/python -m pip install -q -e '.[test,paquo,conch,plip,ray]'
 	touch $@
 
 demo: install
