@@ -26,7 +26,7 @@ covering patches, positive class above P).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -169,21 +169,26 @@ def blur_weights(centres: np.ndarray, n_px: int, edges: np.ndarray, patch: int) 
 
     Row i holds, for level-0 pixel ``centres[i]``, the weight of each cell (``edges``) in OpenCV's
     Gaussian kernel of size 2 * patch + 1 (sigma from OpenCV's rule) with OpenCV's default border. So
-    ``Ky @ cells @ Kx.T`` is exactly the full-resolution blur at the sampled pixels.
+    ``Ky @ cells @ Kx.T`` is exactly the full-resolution blur at the sampled pixels. The axis extended by
+    the kernel radius on both sides (reflected) is cut into runs of one cell; a sample's weight on a run
+    is a difference of the kernel's cumulative sum, so the work is per (sample, run), not per pixel.
     """
     kernel = cv2.getGaussianKernel(2 * patch + 1, 0).ravel()
-    offsets = np.arange(-patch, patch + 1)
-    parts = []
-    for start in range(0, len(centres), 1024):  # chunks keep the (samples x kernel) index arrays small
-        px = reflect101(centres[start : start + 1024, None] + offsets[None, :], n_px)
-        cell = np.searchsorted(edges, px, side="right") - 1
-        rows = np.broadcast_to(np.arange(px.shape[0])[:, None], px.shape)
-        weights = np.broadcast_to(kernel, px.shape)
-        parts.append(scipy.sparse.csr_matrix((weights.ravel(), (rows.ravel(), cell.ravel())),
-                                             shape=(px.shape[0], len(edges) - 1)))  # duplicates are summed
-    if not parts:
-        return scipy.sparse.csr_matrix((0, len(edges) - 1))
-    return scipy.sparse.vstack(parts, format="csr")
+    cdf = np.concatenate([[0.0], np.cumsum(kernel)])  # cdf[k]: the kernel's first k weights
+    # extended axis: index e is level-0 position e - patch; sample c's window is e in [c, c + 2 * patch]
+    cell = np.searchsorted(edges, reflect101(np.arange(-patch, n_px + patch), n_px), side="right") - 1
+    run_start = np.concatenate([[0], np.flatnonzero(np.diff(cell)) + 1])
+    run_end = np.concatenate([run_start[1:], [len(cell)]])
+    first = np.searchsorted(run_end, centres, side="right")  # the first run ending after c
+    last = np.searchsorted(run_start, centres + 2 * patch, side="right")  # runs starting at or before c + 2p
+    counts = last - first
+    rows = np.repeat(np.arange(len(centres)), counts)
+    run = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+    c = centres[rows]
+    lo = np.maximum(run_start[run], c) - c
+    hi = np.minimum(run_end[run], c + 2 * patch + 1) - c
+    return scipy.sparse.csr_matrix((cdf[hi] - cdf[lo], (rows, cell[run_start[run]])),
+                                   shape=(len(centres), len(edges) - 1))  # duplicates (reflections) are summed
 
 
 def _bands(n_rows: int, n_cols: int) -> Iterator[tuple[int, int]]:
@@ -196,16 +201,21 @@ def _cell_index(edges: np.ndarray, px: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, px, side="right") - 1
 
 
-def _sampled_bands(scores: PatchScores, values: np.ndarray, xs: np.ndarray,
-                   ys: np.ndarray) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-    """(a, b, sums, counts) for bands of sample rows ``ys[a:b]``: per-pixel sums of ``values`` at (ys x xs)."""
+def _sampled_bands(scores: PatchScores, values: np.ndarray, xs: np.ndarray, ys: np.ndarray,
+                   reduce: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]],
+                   ) -> Iterator[tuple[int, int, tuple[np.ndarray, ...]]]:
+    """(a, b, arrays) for bands of sample rows ``ys[a:b]``: ``reduce(sums, counts)`` of the cells, at (ys x xs).
+
+    ``reduce`` maps the per-cell sums of ``values`` and the counts of a band to per-cell arrays (e.g. the
+    argmax), which are then read at the sampled pixels: small per-cell work, one lookup per sample.
+    """
     cells = patch_cells(scores)
     cols = _cell_index(cells.x_edges, np.clip(xs, 0, scores.width - 1))
     for a, b in _bands(len(ys), len(xs)):
         rows = _cell_index(cells.y_edges, np.clip(ys[a:b], 0, scores.height - 1))
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        band, n = band_sums(cells, values, lo, hi)
-        yield a, b, band[np.ix_(rows - lo, cols)], n[np.ix_(rows - lo, cols)]
+        per_cell = reduce(*band_sums(cells, values, lo, hi))
+        yield a, b, tuple(arr[np.ix_(rows - lo, cols)] for arr in per_cell)
 
 
 def sample_sums(scores: PatchScores, values: np.ndarray, xs: np.ndarray,
@@ -216,7 +226,7 @@ def sample_sums(scores: PatchScores, values: np.ndarray, xs: np.ndarray,
     """
     sums = np.zeros((len(ys), len(xs), values.shape[1]))
     counts = np.zeros((len(ys), len(xs)), dtype=np.int64)
-    for a, b, band, n in _sampled_bands(scores, values, xs, ys):
+    for a, b, (band, n) in _sampled_bands(scores, values, xs, ys, lambda s, n: (s, n)):
         sums[a:b], counts[a:b] = band, n
     return sums, counts
 
@@ -240,14 +250,19 @@ def zeus_mask(scores: PatchScores, logit_scale: float | None = None, threshold: 
     if len(scores.coords) == 0:
         return Mask(mask, float(step), scores.width, scores.height)
     if threshold.method in ("argmax", "prob"):
-        prob = threshold.method == "prob"
-        values = _probabilities(scores, logit_scale) if prob else scores.scores
-        for a, b, sums, counts in _sampled_bands(scores, values, xs, ys):
-            if prob:
+        if threshold.method == "prob":
+            values = _probabilities(scores, logit_scale)
+
+            def rule(sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
                 mean = np.divide(sums[..., 0], counts, out=np.zeros(counts.shape), where=counts > 0)
-                mask[a:b] = mean > threshold.value
-            else:
-                mask[a:b] = positive_argmax(sums, scores.positive_index) & (counts > 0)
+                return (mean > threshold.value,)
+        else:
+            values = scores.scores
+
+            def rule(sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
+                return (positive_argmax(sums, scores.positive_index) & (counts > 0),)
+        for a, b, (band,) in _sampled_bands(scores, values, xs, ys, rule):
+            mask[a:b] = band
         return Mask(mask, float(step), scores.width, scores.height)
     cells = patch_cells(scores)
     kx = blur_weights(xs, scores.width, cells.x_edges, scores.patch_size).astype(np.float32)
