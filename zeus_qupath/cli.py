@@ -57,9 +57,6 @@ def _add_polygon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-hole-area", type=float, default=0.0, metavar="UM2", help="fill holes smaller than this")
     p.add_argument("--tolerance", type=float, default=None, metavar="PX",
                    help="outline simplification tolerance in level-0 px (default: 2, or half a mask pixel if larger)")
-    p.add_argument("--tiles", action="store_true",
-                   help="also write <stem>.tiles.geojson: each patch's class scores as QuPath tile detections "
-                        "(Measure > Show measurement maps shows the ZEUS heatmap)")
 
 
 def _segment_params(args: argparse.Namespace):
@@ -305,12 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", default=None, metavar="DIR", help="also add the results to this QuPath project")
     _add_project_options(p)
     _add_polygon_options(p)
+    p.add_argument("--tiles", action="store_true",
+                   help="also write <stem>.tiles.geojson: each patch's class scores as QuPath tile detections "
+                        "(Measure > Show measurement maps shows the ZEUS heatmap)")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("polygons", help="re-threshold a scores file into GeoJSON (no model, no GPU)")
     p.add_argument("scores", metavar="SCORES.npz")
     p.add_argument("--out", default=None, metavar="FILE.geojson")
     _add_polygon_options(p)
+    p.add_argument("--tiles", action="store_true",
+                   help="also write <stem>.tiles.geojson: each patch's class scores as QuPath tile detections "
+                        "(Measure > Show measurement maps shows the ZEUS heatmap)")
     p.set_defaults(func=cmd_polygons)
 
     p = sub.add_parser("score", help="scores and GeoJSON from patch features computed elsewhere (CLAM/Trident HDF5)")
