@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import types
 import uuid
@@ -342,7 +343,7 @@ class StandInAnnotation:
     """Test double of a paquo annotation: what ``paquo_annotation_to_object`` reads."""
 
     def __init__(self, feature: dict[str, Any]) -> None:
-        self._feature = feature
+        self._feature = json.loads(json.dumps(feature))  # plain JSON, as QuPath's Gson writes it
         self.roi = shape(feature["geometry"])
 
     def to_geojson(self) -> dict[str, Any]:
@@ -478,3 +479,88 @@ def test_groovy_export_survives_a_missing_slide_and_agrees_with_zeus_export(qupa
         assert set(np.unique(ours)) == set(np.unique(theirs))
         assert only_boundary_differences(ours, theirs)
         assert (ours != theirs).sum() <= 0.15 * (theirs > 0).sum()
+
+
+# ------------------------------------------------------------------------ a failed export leaves nothing new
+
+
+def _folder_source(tmp_path: Path) -> Path:
+    """Two slides exported from QuPath (File > Export objects), with ZEUS's originals beside them."""
+    folder = tmp_path / "qupath-export"
+    for stem, geom in (("a", box(0, 0, 400, 300)), ("b", box(100, 100, 500, 600))):
+        feats = zeus_features(geom)
+        write_geojson(folder / f"{stem}.geojson", {"type": "FeatureCollection", "features": feats})
+        write_geojson(folder / f"{stem}.zeus.geojson", {"type": "FeatureCollection", "features": feats})
+    return folder
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), MemoryError()], ids=["disk-full", "memory"])
+def test_a_failed_export_leaves_nothing_new(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str], error: BaseException) -> None:
+    from zeus_qupath.cli import main
+
+    source = _folder_source(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.geojson").write_text("an earlier export", encoding="utf-8")  # must survive unchanged
+    (out / "notes.txt").write_text("the user's", encoding="utf-8")
+    before = _tree(out)
+    real_write_mask = export_mod.write_mask
+    calls = []
+
+    def failing_write_mask(base: Path, mask: np.ndarray) -> Path:
+        calls.append(base)
+        if len(calls) == 2:  # the second slide's mask: the first slide's files are written by then
+            raise error
+        return real_write_mask(base, mask)
+
+    monkeypatch.setattr(export_mod, "write_mask", failing_write_mask)
+    code = main(["export", str(source), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == (2 if isinstance(error, OSError) else 1) and len(calls) == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("zeus: error:")
+    assert _tree(out) == before and sorted(p.name for p in out.iterdir()) == ["a.geojson", "notes.txt"]
+
+    fresh = tmp_path / "new" / "out"  # a folder the export had to create is removed again
+    calls.clear()
+    assert main(["export", str(source), "--out", str(fresh)]) in (1, 2)
+    assert not (tmp_path / "new").exists()
+
+    monkeypatch.setattr(export_mod, "write_mask", real_write_mask)  # and with nothing failing: the whole set
+    assert main(["export", str(source), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.geojson", "a.labels.png", "b.geojson", "b.labels.png",
+                                                     "corrections.csv", "labels.json", "notes.txt"]
+    assert (out / "a.geojson").read_text(encoding="utf-8") != "an earlier export"
+
+
+def test_output_set_restores_what_it_replaced_when_moving_in_fails(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import zeus_qupath.output_set as output_set
+    from zeus_qupath.output_set import OutputSet
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.txt").write_text("old x", encoding="utf-8")
+    real_replace = os.replace
+    moved_in: list[str] = []
+
+    def failing_replace(src: Any, dst: Any) -> None:
+        if Path(dst).parent == out and ".replaced" not in str(src):
+            moved_in.append(Path(dst).name)
+            if len(moved_in) == 2:
+                raise PermissionError(13, "Permission denied")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(output_set.os, "replace", failing_replace)
+    with pytest.raises(PermissionError), OutputSet(out) as outputs:
+        outputs.path("x.txt").write_text("new x", encoding="utf-8")
+        outputs.path("y.txt").write_text("new y", encoding="utf-8")
+    assert moved_in == ["x.txt", "y.txt"]
+    assert _tree(out) == {"x.txt": b"old x"}  # x moved in, then taken back and the old one restored
+    with pytest.raises(ValueError, match="plain file name"), OutputSet(out) as outputs:
+        outputs.path("../escape.txt")
+    assert _tree(out) == {"x.txt": b"old x"}
