@@ -17,7 +17,9 @@
  *   4. a ZEUS object you deleted stays deleted; a new ZEUS object is not added when an object with its
  *      ID is in the image, and it is skipped whole (not clipped) when it overlaps an object you kept or
  *      drew, or the place of an object you deleted; so running the script twice changes nothing;
- *   5. saves the image data (SAVE), then records the added/replaced IDs in zeus_imported.json.
+ *   5. when zeus_tiles.geojson is in the same folder (zeus segment --tiles), replaces the image's
+ *      earlier ZEUS heatmap tiles with it (Measure > Show measurement maps shows the scores);
+ *   6. saves the image data (SAVE), then records the added/replaced IDs in zeus_imported.json.
  *
  * Parameters (edit below):
  *   GEOJSON_PATH  '' = <project>/data/<entryID>/zeus_annotations.geojson; or a path to a GeoJSON file
@@ -252,6 +254,22 @@ def merge = mergeZeus(hierarchy.getAllObjects(false), incoming, written, status)
 
 hierarchy.removeObjects(merge.removed, true)
 hierarchy.addObjects(merge.added)
+
+// heatmap tiles (optional, `--tiles`): zeus_tiles.geojson beside the annotations replaces earlier ZEUS tiles
+File tilesFile = recordDir == null ? null : new File(recordDir, 'zeus_tiles.geojson')
+if (tilesFile != null && tilesFile.isFile()) {
+    try {
+        def tiles = readGeoJson(tilesFile)
+        def earlier = hierarchy.getAllObjects(false).findAll {
+            it.isTile() && it.getMeasurementList().getMeasurementNames().any { n -> n.startsWith('ZEUS score: ') }
+        }
+        hierarchy.removeObjects(earlier, true)
+        hierarchy.addObjects(tiles)
+        println "ZEUS import: ${imageName}: ${tiles.size()} heatmap tile(s), replacing ${earlier.size()}"
+    } catch (Exception e) {
+        println "ZEUS import: ${imageName}: ${tilesFile} cannot be read, heatmap tiles left as they were (${e.getMessage()})"
+    }
+}
 fireHierarchyUpdate(hierarchy)
 
 println "ZEUS import: ${imageName}: replaced ${merge.removed.size()} untouched ZEUS annotation(s), " +

