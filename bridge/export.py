@@ -383,7 +383,7 @@ def _paquo_hierarchies(root: Path, entry_ids: set[str]) -> dict[str, tuple[list[
         raise ProjectError(f"paquo cannot start QuPath ({exc})") from None
     out: dict[str, tuple[list[QuPathObject], str]] = {}
     try:
-        qp = QuPathProject(root, mode="r")
+        qp = QuPathProject(root / PROJECT_FILE, mode="r")  # the file: paquo reads a dotted folder as one
         for entry in qp.images:
             entry_id = str(entry.entry_id)
             qpdata = root / "data" / entry_id / "data.qpdata"

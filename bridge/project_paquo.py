@@ -82,7 +82,7 @@ class PaquoProject:
         self._backed_up: set[Path] = set()
         self._backup(self.project_file)
         try:
-            self._qp = QuPathProject(self.path, mode="a")
+            self._qp = QuPathProject(self.project_file, mode="a")  # paquo takes a dotted folder for a file
         except (ValueError, OSError) as exc:
             raise ProjectError(f"{self.path}: paquo cannot open or create the QuPath project ({exc})") from None
         self.updates: list[ImageUpdate] = []

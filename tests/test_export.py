@@ -355,7 +355,7 @@ def stand_in_paquo(project: Path, hierarchies: dict[str, list[dict[str, Any]]]) 
 
     class StandInProject:
         def __init__(self, path: Any, mode: str = "r") -> None:
-            assert Path(path) == project and mode == "r"
+            assert Path(path) == project / "project.qpproj" and mode == "r"
             self.images = [types.SimpleNamespace(
                 entry_id=eid, hierarchy=types.SimpleNamespace(annotations=[StandInAnnotation(f) for f in feats]))
                 for eid, feats in hierarchies.items()]

@@ -79,7 +79,7 @@ def _add(project_dir: Path, features: list[dict], **kwargs):
 def _annotations(project_dir: Path):
     from paquo.projects import QuPathProject
 
-    qp = QuPathProject(project_dir, mode="r")
+    qp = QuPathProject(project_dir / "project.qpproj", mode="r")
     (entry,) = qp.images
     return entry, list(entry.hierarchy.annotations)
 
@@ -118,7 +118,7 @@ def test_paquo_rerun_keeps_the_annotators_edits(tmp_path: Path) -> None:
     project_dir = tmp_path / "project"
     _add(project_dir, _features())
     # the annotator moves a vertex of the tumor and draws an object of their own
-    with QuPathProject(project_dir, mode="r+") as qp:
+    with QuPathProject(project_dir / "project.qpproj", mode="r+") as qp:
         entry = qp.images[0]
         tumor = next(a for a in entry.hierarchy.annotations if a.name == "ZEUS Tumor")
         tumor.update_roi(Polygon([(200, 200), (1300, 200), (1200, 1400), (200, 1400)]))
@@ -147,9 +147,9 @@ def test_paquo_rerun_keeps_the_annotators_edits(tmp_path: Path) -> None:
 def test_paquo_finds_the_entry_the_annotator_relocated(tmp_path: Path) -> None:
     from paquo.projects import QuPathProject
 
-    project_dir = tmp_path / "project"
+    project_dir = tmp_path / "cohort.v2"  # a dot in the folder name: paquo would take it for a file name
     _add(project_dir, _features())
-    with QuPathProject(project_dir, mode="r+") as qp:  # QuPath rewrote the URI where the annotator found it
+    with QuPathProject(project_dir / "project.qpproj", mode="r+") as qp:  # QuPath rewrote the URI (relocated)
         qp.update_image_paths(uri2uri={qp.images[0].uri: "file:/C:/Users/ann/CMU-1-Small-Region.svs"})
     project, _ = _add(project_dir, _features())
     assert project.updates[-1].created is False
@@ -303,6 +303,7 @@ def make_stand_in_paquo(state: dict) -> dict[str, types.ModuleType]:
 
     class StandInProject:
         def __new__(cls, path: Any, mode: str = "r") -> Any:
+            path = Path(path).parent if Path(path).suffix == ".qpproj" else Path(path)
             key = str(Path(path))
             if key not in state:
                 obj = super().__new__(cls)
