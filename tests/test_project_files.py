@@ -483,3 +483,36 @@ def test_string_entry_ids_and_used_data_folders_are_never_reused(tmp_path: Path)
     assert [str(e["entryID"]) for e in _entries(project_dir)] == ["1", "6"]
     assert len(read_qupath_geojson(project_dir / "data" / "1" / ZEUS_GEOJSON)) == 1
     assert json.loads((project_dir / "project.qpproj").read_text(encoding="utf-8"))["lastID"] == 6
+
+
+@pytest.fixture(scope="module", params=("0.4.4", "0.5.1", "0.6.0"))
+def qupath(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from qupath.fixtures import qupath_or_skip
+
+    return qupath_or_skip(request.param, tmp_path_factory)
+
+
+def test_found_and_new_entries_load_in_real_qupath(qupath: Any, tmp_path: Path) -> None:
+    """QuPath's own ProjectIO.loadProject reads the project after a relocation, a string entryID and a used
+    data folder: one entry per slide, the annotator's URI kept, each image its own data folder."""
+    project_dir, server = tmp_path / "p", tmp_path / "server"
+    uri_map = [(str(server), "Z:\\slides")]
+    _publish(project_dir, server / "a.svs", uri_map=uri_map)
+
+    def annotator(data: dict) -> None:
+        data["images"][0]["serverBuilder"]["uri"] = "file:/C:/Users/ann/wsi/a.svs"  # relocated in QuPath
+        data["images"][0]["entryID"] = "1"
+        del data["lastID"]
+
+    _rewrite(project_dir, annotator)
+    (project_dir / "data" / "5").mkdir()
+    assert _publish(project_dir, server / "a.svs", uri_map=uri_map).created is False
+    assert _publish(project_dir, server / "b.svs", uri_map=uri_map).entry_id == "6"
+
+    view = qupath.load_project(project_dir)
+    assert [e.id for e in view.entries] == ["1", "6"]
+    a, b = view.entries
+    assert a.uris == ["file:/C:/Users/ann/wsi/a.svs"] and b.uris == ["file:/Z:/slides/b.svs"]
+    assert a.metadata["zeus.slide"] == str(server / "a.svs") and a.metadata["zeus.uri"] == "file:/Z:/slides/a.svs"
+    assert a.entry_path != b.entry_path and b.entry_path.name == "6"
+    assert (b.entry_path / ZEUS_GEOJSON).is_file() and (a.entry_path / ZEUS_GEOJSON).is_file()
