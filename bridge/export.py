@@ -650,9 +650,10 @@ def mask_side(size: int, downsample: float) -> int:
 
 
 def _java2d_device(geometry: BaseGeometry, downsample: float) -> BaseGeometry:
-    """``geometry`` in mask pixels as Java2D fills it: each coordinate ``c / downsample`` (float) moved to
-    ``floor(c + 0.25) + 0.25``, Java2D's default stroke normalisation (``ShapeSpanIterator``), which
-    ``LabeledImageServer``'s ``Graphics2D.fill`` applies."""
+    """``geometry`` in mask pixels, each coordinate ``c / downsample`` (float) moved to ``floor(c + 0.25) + 0.25``
+    as Java2D's default stroke normalisation does (``ShapeSpanIterator``) when ``LabeledImageServer`` fills
+    it. Edges parallel to the axes then fall on the pixels QuPath fills; along slanted edges Java2D's
+    software loops may still differ by one pixel (measured in tests/test_export.py on real QuPath)."""
     def snap(coords: np.ndarray) -> np.ndarray:
         device = (coords / downsample).astype(np.float32)
         return np.floor(device + np.float32(0.25)).astype(np.float64) + 0.25
@@ -667,7 +668,7 @@ def rasterize_labels(objects: Iterable[QuPathObject], labels: Mapping[str, int],
     Background 0; class by class in label order, so where classes overlap the higher label is on top
     (``export_training_data.groovy`` adds the labels in that order); only annotations with an area;
     coordinates normalised as Java2D does (``_java2d_device``), then a pixel is filled when its centre
-    is inside (rasterio, as ``Graphics2D.fill``).
+    is inside (rasterio); slanted edges may differ from QuPath's mask by one pixel.
     """
     from rasterio.features import rasterize
     from rasterio.transform import Affine
