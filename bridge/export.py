@@ -213,6 +213,11 @@ def export_corrections(
                          {_key(k) for k in labels} and not o.class_name.endswith("*")})
     if classes is not None and unlabelled:
         warnings.append(f"annotations of class(es) {', '.join(unlabelled)} are not in --classes: not in the masks")
+    script_labels = _script_labels(input_dirs[0]) if used_backend != "folder" and classes is None else None
+    if script_labels is not None and script_labels != labels:
+        warnings.append(f"{input_dirs[0] / LABELS_JSON} (from export_training_data.groovy) gives other label values "
+                        f"than these annotations do; its masks are older than the annotations, or the script was "
+                        f"run with another TUMOR_CLASS: this export's masks use {LABELS_JSON} in --out")
 
     # everything that can fail on input is checked before anything is written
     plans: list[tuple[SlideSource, float, int, int]] = []
@@ -450,6 +455,15 @@ def _read_folder(folder: Path, originals: Path | None) -> tuple[list[SlideSource
         zeus_classes = tuple(o.class_name for o in original or [] if o.class_name)
         sources.append(SlideSource(name, path.name, objs, str(path), original, width, height, mpp, zeus_classes))
     return sources, warnings
+
+
+def _script_labels(folder: Path) -> dict[str, int] | None:
+    """The ``labels.json`` the Groovy export script wrote, if it is there and readable."""
+    try:
+        data = json.loads((folder / LABELS_JSON).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _read_run(folder: Path) -> dict[str, Any] | None:
