@@ -219,7 +219,7 @@ class ZeusService:
             "versions": versions(),
             "model": {"model": ",".join(m.spec for m in self.default_models),
                       "pretrained": Path(default.pretrained).name if default.pretrained else None,
-                      **{k: v for k, v in self._default_model_info().items()}},
+                      **self._default_model_info()},
             "models_loaded": loaded,
             "prompts": {"default": self.default_prompts.stem, "bundled": bundled_prompt_names()},
             "threshold": str(self.default_threshold),
@@ -234,10 +234,13 @@ class ZeusService:
         }
 
     def _default_model_info(self) -> dict[str, Any]:
-        m = self.models.get(self.default_models[0])
+        """The default model's details while it is loaded (asking must not load it again)."""
+        m = next((m for m in self.models.loaded() if m.spec == self.default_models[0]), None)
+        if m is None:
+            return {"loaded": False}
         enc = m.encoder
         return {"name": enc.name, "embed_dim": enc.embed_dim, "input_size": enc.preprocess.size,
-                "device": str(enc.device), "precision": m.precision}
+                "device": str(enc.device), "precision": m.precision, "loaded": True}
 
 
 # ------------------------------------------------------------------------------------------ the server
