@@ -88,7 +88,8 @@ def main() -> int:
         print(f"wrote {slide} ({slide.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.0f} s", flush=True)
     prompts = prompt_path("spindle_cell")
     if args.model:
-        model_args = ["--model", args.model, *(["--pretrained", args.pretrained] if args.pretrained else [])]
+        model_args = ["--model", args.model,
+                      *(["--pretrained", args.pretrained] if args.pretrained else ["--random-weights"])]
     else:
         tiny = load_or_train_tiny_model(Path(args.tiny_cache) if args.tiny_cache else work / "tiny-model", prompts)
         model_args = ["--model", f"open_clip:{tiny.config_path}", "--pretrained", str(tiny.checkpoint_path)]

@@ -32,7 +32,7 @@ def second_encoder(tiny_model, tmp_path_factory):
     path.write_text(json.dumps(config))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
-        return load_encoder(f"open_clip:{path}", None, "cpu")
+        return load_encoder(f"open_clip:{path}", None, "cpu", random_weights=True)
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,13 @@ def atomic_set(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]]:
     """
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(_temp_beside(Path(p))) for p in paths]
-        yield tmps
+        try:
+            yield tmps
+        except OSError as exc:  # name the output, not its temporary file
+            names = {str(t): Path(p).name for t, p in zip(tmps, paths, strict=True)}
+            if exc.filename is not None and str(exc.filename) in names:
+                exc.filename = names[str(exc.filename)]
+            raise
         missing = [str(t) for t in tmps if not t.exists()]
         if missing:
             raise FileNotFoundError(f"output not written: {missing[0]}")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import math
 import sys
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import ZeusError
+from .atomic import atomic_set, writable_dir
+from .console import configure_console, os_error_line
+from .errors import ZeusError, one_line
 from .reconstruct import Threshold
 
 
@@ -22,24 +23,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
+MAX_PX = 1 << 31  # level-0 pixel sizes and positions: nothing a slide reader can open is larger
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
+def _number(kind: type, low: float, high: float, low_open: bool = False, what: str = "") -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` (int or float) in [low, high] (or (low, high] with ``low_open``)."""
+    left = "(" if low_open else "["
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+            raise argparse.ArgumentTypeError(f"must be {what or 'a number'} in {left}{low:g}, {high:g}], got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_float = _number(float, 0.0, 1e9, low_open=True, what="a positive number")
+_positive_int = _number(int, 1, MAX_PX, what="a positive integer")
+_patch_px = _number(int, 1, 16384, what="a patch size in px")
+_area = _number(float, 0.0, 1e18, what="an area (>= 0)")
+_tolerance = _number(float, 0.0, 1e6, what="a tolerance in px (>= 0)")
+_mpp = _number(float, 0.0, 1000.0, low_open=True, what="a pixel size in um/px")
+_port = _number(int, 0, 65535, what="a TCP port")
+_batch = _number(int, 1, 65536, what="a batch size")
+_level0_px = _number(int, 1, 1 << 20, what="a size in level-0 px")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -47,15 +58,17 @@ def _size(text: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected W,H, got {text!r}") from None
+    if not (0 < w <= MAX_PX and 0 < h <= MAX_PX):
+        raise argparse.ArgumentTypeError(f"W and H must be positive pixel counts up to {MAX_PX}, got {text!r}")
     return w, h
 
 
 def _add_polygon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", default="zeus", help="zeus (default: ZEUS's blur rule), argmax, or prob:P")
-    p.add_argument("--min-area", type=float, default=0.0, metavar="UM2",
+    p.add_argument("--min-area", type=_area, default=0.0, metavar="UM2",
                    help="drop regions smaller than this (um^2; px^2 when the pixel size is unknown)")
-    p.add_argument("--min-hole-area", type=float, default=0.0, metavar="UM2", help="fill holes smaller than this")
-    p.add_argument("--tolerance", type=float, default=None, metavar="PX",
+    p.add_argument("--min-hole-area", type=_area, default=0.0, metavar="UM2", help="fill holes smaller than this")
+    p.add_argument("--tolerance", type=_tolerance, default=None, metavar="PX",
                    help="outline simplification tolerance in level-0 px (default: 2, or half a mask pixel if larger)")
 
 
@@ -91,7 +104,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         precision=args.precision, params=_segment_params(args), progress=not args.quiet,
         manifest=args.manifest, cache_dir=args.cache, use_cache=not args.no_cache, resume=not args.redo,
         skip_errors=args.skip_errors, executor=args.executor, ray_address=args.ray_address, prefetch=args.prefetch,
-        screening_k=parse_screening(args.prompt_screening),
+        screening_k=parse_screening(args.prompt_screening), random_weights=args.random_weights,
     )
     report = run_segment(config)
     if args.project and report.slides:
@@ -147,19 +160,21 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .segment import SegmentParams, geojson_from_scores, output_stem
 
     screening_k = parse_screening(args.prompt_screening)
+    threshold = Threshold.parse(args.threshold)
     prompts = load_prompts(prompt_file(args.prompts), args.positive_class)
-    encoder = load_encoder(args.model, args.pretrained, args.device)
+    out = writable_dir(args.out, "--out")
+    encoder = load_encoder(args.model, args.pretrained, args.device, random_weights=args.random_weights)
     scores = score_features(args.features, encoder, prompts, patch_size=args.patch_size, stride=args.stride,
                             width=args.width, height=args.height, mpp=args.mpp, screening_k=screening_k)
     for warning in scores.meta.get("warnings", []):
         print(f"zeus: warning: {warning}", file=sys.stderr)
-    out = Path(args.out)
     stem = output_stem(Path(args.features).name.removesuffix(".h5").removesuffix(".hdf5"))
-    scores.save(out / f"{stem}.scores.npz")
     params = SegmentParams(min_area_um2=args.min_area, min_hole_area_um2=args.min_hole_area,
                            tolerance_px=args.tolerance)
-    collection = geojson_from_scores(scores, Threshold.parse(args.threshold), params)
-    write_geojson(out / f"{stem}.geojson", collection)
+    collection = geojson_from_scores(scores, threshold, params)
+    with atomic_set([out / f"{stem}.scores.npz", out / f"{stem}.geojson"]) as (scores_tmp, geojson_tmp):
+        scores.save(scores_tmp)  # both files, or neither
+        write_geojson(geojson_tmp, collection)
     print(f"{len(scores.coords)} patches, {len(collection['features'])} regions -> {out / (stem + '.geojson')}")
     return 0
 
@@ -250,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="zeus", description="Zero-shot tumor pre-segmentation of whole-slide images (ZEUS) for QuPath.")
     parser.add_argument("--version", action="version", version=f"zeus-qupath {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and other libraries' log messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("segment", help="segment slides into QuPath GeoJSON, scores and overlays")
@@ -267,18 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "several joined by commas average their scores")
     p.add_argument("--pretrained", default=None,
                    help="open_clip tag or checkpoint file; a preset's weights folder (comma-separated, one per model)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="run open_clip models given no --pretrained with seeded random weights, on purpose (tests)")
     p.add_argument("--out", default="zeus-out", help="output folder (default: zeus-out)")
-    p.add_argument("--patch-size", type=_positive_int, default=448)
-    p.add_argument("--stride", type=_positive_int, default=112)
-    p.add_argument("--target-mpp", type=_positive_float, default=None,
+    p.add_argument("--patch-size", type=_patch_px, default=448)
+    p.add_argument("--stride", type=_patch_px, default=112)
+    p.add_argument("--target-mpp", type=_mpp, default=None,
                    help="cut patches at this pixel size (um/px); default: level 0 as ZEUS does")
-    p.add_argument("--mpp", type=_positive_float, default=None, help="override the slide's pixel size (um/px)")
+    p.add_argument("--mpp", type=_mpp, default=None, help="override the slide's pixel size (um/px)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="patches per model call (default 64)")
-    p.add_argument("--workers", type=_positive_int, default=None,
+    p.add_argument("--batch-size", type=_batch, default=64, help="patches per model call (default 64)")
+    p.add_argument("--workers", type=_number(int, 1, 256, what="a thread count"), default=None,
                    help="slide-reading threads (default: 2 on the CPU; with a GPU, the cores less two, at most 16)")
-    p.add_argument("--prefetch", type=int, default=2, metavar="N",
+    p.add_argument("--prefetch", type=_number(int, 0, 1024, what="a region count"), default=2, metavar="N",
                    help="decoded regions read ahead beyond one per worker (bounds memory; default 2)")
     p.add_argument("--no-tissue", action="store_true", help="embed every patch, not only those touching tissue")
     p.add_argument("--tissue", choices=("zeus", "coarse"), default="zeus",
@@ -320,15 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("features", metavar="FEATURES.h5", help="HDF5 with coords (N, 2) and features (N, D)")
     p.add_argument("--model", required=True, help="the model whose text-aligned space the features are in")
     p.add_argument("--pretrained", default=None)
+    p.add_argument("--random-weights", action="store_true", help="as in zeus segment (tests only)")
     p.add_argument("--prompts", default=None, metavar="FILE_OR_SET",
                    help="prompt file or a bundled set's name (default: zeus_spindle_cell, ZEUS's published prompts)")
     p.add_argument("--positive-class", default=None)
     p.add_argument("--out", default="zeus-out")
-    p.add_argument("--patch-size", type=_positive_int, default=None, help="level-0 px (default: from the file)")
-    p.add_argument("--stride", type=_positive_int, default=None, help="level-0 px (default: from the coordinates)")
+    p.add_argument("--patch-size", type=_level0_px, default=None, help="level-0 px (default: from the file)")
+    p.add_argument("--stride", type=_level0_px, default=None, help="level-0 px (default: from the coordinates)")
     p.add_argument("--width", type=_positive_int, default=None)
     p.add_argument("--height", type=_positive_int, default=None)
-    p.add_argument("--mpp", type=_positive_float, default=None)
+    p.add_argument("--mpp", type=_mpp, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--prompt-screening", default=None, metavar="top-K", help="KEEP's prompt screening (off by default)")
     _add_polygon_options(p)
@@ -355,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="PROJECT_OR_DIR", help="QuPath project, or a folder of QuPath-exported GeoJSON")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--downsample", type=_positive_float, default=None, help="label mask downsample (default 16)")
-    p.add_argument("--mpp", type=_positive_float, default=None, help="label mask pixel size (um/px) instead")
+    p.add_argument("--mpp", type=_mpp, default=None, help="label mask pixel size (um/px) instead")
     p.add_argument("--classes", nargs="+", default=None, help="classes to export, in label order (1, 2, ...)")
     p.add_argument("--originals", default=None, metavar="DIR", help="ZEUS output folder (for a plain folder source)")
     p.add_argument("--positive-class", default=None, help="class compared with ZEUS's outline (default: Tumor)")
@@ -364,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="local HTTP service for the QuPath scripts (loopback, token, allowed roots)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--port", type=_port, default=8765)
     p.add_argument("--root", action="append", metavar="DIR",
                    help="folder whose slides may be segmented (repeatable; required)")
     p.add_argument("--token-env", default="ZEUS_TOKEN",
@@ -406,27 +424,53 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the tiny model is kept (default: OUT/tiny-model)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+    _add_debug_option(sub)
     return parser
+
+
+def _add_debug_option(sub: argparse._SubParsersAction) -> None:
+    """``--debug`` after the command too (``zeus segment ... --debug``), on every command and action."""
+    for command in sub.choices.values():
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        for action in nested:
+            _add_debug_option(action)
+        if not nested:
+            command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                 help="show tracebacks and other libraries' log messages")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.debug:
-        logging.getLogger().setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=UserWarning)
+    configure_console(args.debug)
     try:
         return int(args.func(args) or 0)
     except ZeusError as exc:
         if args.debug:
             raise
-        print(f"zeus: error: {exc}", file=sys.stderr)
+        print(f"zeus: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an unwritable folder, a full disk, a file that vanished: the environment's, not a bug
+        if args.debug:
+            raise
+        print(f"zeus: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("zeus: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
         print("zeus: error: out of memory (try a smaller --batch-size)", file=sys.stderr)
+        return 1
+    except RecursionError:
+        if args.debug:
+            raise
+        print("zeus: error: an input file is nested too deeply", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"zeus: internal error: {type(exc).__name__}: {one_line(str(exc))} "
+              "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
         return 1
 
 

@@ -60,15 +60,19 @@ class ModelSpec:
 
     spec: str
     pretrained: str | None = None
+    random_weights: bool = False  # --random-weights: seeded random weights on purpose (open_clip, tests)
 
 
-def parse_model_specs(model: str, pretrained: str | None) -> tuple[ModelSpec, ...]:
-    """``--model a,b`` with ``--pretrained p`` (one model) or ``--pretrained pa,pb`` (one per model, may be empty)."""
+def parse_model_specs(model: str, pretrained: str | None, random_weights: bool = False) -> tuple[ModelSpec, ...]:
+    """``--model a,b`` with ``--pretrained p`` (one model) or ``--pretrained pa,pb`` (one per model, may be empty).
+
+    ``random_weights`` applies to the models given no ``--pretrained`` entry.
+    """
     specs = [s.strip() for s in model.split(",")]
     if not all(specs):
         raise ModelError(f"--model {model!r}: empty model name in the list")
     if len(specs) == 1:
-        return (ModelSpec(specs[0], pretrained or None),)
+        return (ModelSpec(specs[0], pretrained or None, random_weights and not pretrained),)
     weights: list[str | None] = [None] * len(specs)
     if pretrained:
         parts = [p.strip() or None for p in pretrained.split(",")]
@@ -76,7 +80,7 @@ def parse_model_specs(model: str, pretrained: str | None) -> tuple[ModelSpec, ..
             raise ModelError(f"--pretrained needs one entry per model ({len(specs)}), comma-separated; "
                              f"got {len(parts)}")
         weights = parts
-    return tuple(ModelSpec(s, w) for s, w in zip(specs, weights, strict=True))
+    return tuple(ModelSpec(s, w, random_weights and w is None) for s, w in zip(specs, weights, strict=True))
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,8 @@ class RunModels:
 def load_run_models(settings: RunSettings) -> RunModels:
     """Load every model of an ensemble and its prototypes; one-line errors for bad prompts or models."""
     prompts = load_prompts(settings.prompts, settings.positive_class)
-    encoders = [load_encoder(m.spec, m.pretrained, settings.device, settings.precision) for m in settings.models]
+    encoders = [load_encoder(m.spec, m.pretrained, settings.device, settings.precision, random_weights=m.random_weights)
+                for m in settings.models]
     identities = [model_identity(m.spec, m.pretrained, e) for m, e in zip(settings.models, encoders, strict=True)]
     options: dict[str, Any] = {"model_specs": [m.spec for m in settings.models]}
     if settings.screening_k is not None:

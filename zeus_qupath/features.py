@@ -92,6 +92,24 @@ def _attrs(obj) -> dict[str, Any]:
     return out
 
 
+def _check_written(dset, source: str) -> None:
+    """Refuse a dataset whose data was never written: HDF5 returns fill values for it (a sparse file of
+    1.6 KB can declare 16 GB of "features"), so nothing of it is read."""
+    need = int(dset.size) * dset.dtype.itemsize
+    if need == 0:
+        return
+    if dset.chunks is None:
+        if dset.id.get_storage_size() < need and dset.compression is None:
+            raise ZeusError(f"{source}: '{dset.name.lstrip('/')}' holds {dset.id.get_storage_size():,} of its "
+                            f"{need:,} bytes (an incomplete or sparse file)")
+        return
+    expected = math.prod(-(-size // chunk) for size, chunk in zip(dset.shape, dset.chunks, strict=True))
+    written = dset.id.get_num_chunks()
+    if written < expected:
+        raise ZeusError(f"{source}: '{dset.name.lstrip('/')}' has {written:,} of its {expected:,} chunks written "
+                        "(an incomplete or sparse file)")
+
+
 def read_feature_file(path: str | Path) -> FeatureFile:
     """Read ``features`` and ``coords`` (CLAM/Trident layout); a one-line ZeusError for anything malformed."""
     p = Path(path)
@@ -123,6 +141,8 @@ def read_feature_file(path: str | Path) -> FeatureFile:
                 raise ZeusError(f"{p.name}: 'coords' has shape {cshape} for {n} feature rows, {layout_hint}")
             if not np.issubdtype(feats.dtype, np.number) or not np.issubdtype(coords.dtype, np.number):
                 raise ZeusError(f"{p.name}: 'features' and 'coords' must be numeric")
+            _check_written(coords, p.name)
+            _check_written(feats, p.name)
             out = np.empty(fshape, dtype=np.float32)
             for start in range(0, n, _CHUNK):
                 rows = feats[0, start : start + _CHUNK] if feats.ndim == 3 else feats[start : start + _CHUNK]
@@ -267,7 +287,7 @@ def score_features(
     Notes for the user (e.g. the slide size was taken from the patches' bounding box) are in
     ``meta["warnings"]``.
     """
-    ff = read_feature_file(h5_path)
+    ff = read_feature_file(h5_path)  # shapes and storage checked before anything large is read
     n, dim = ff.features.shape
     if n and dim != encoder.embed_dim:
         raise ModelError(

@@ -107,6 +107,9 @@ def parse_prompts(data: object, source: str, positive_class: str | None = None) 
         PromptClass(cls, tuple(dict.fromkeys(names[cls])), tuple(dict.fromkeys(templates[cls]))) for cls in names
     )
     positive = positive_class or file_positive
+    if positive is not None and not isinstance(positive, str):
+        raise PromptError(f"{source}: positive_class must be one class name (a string), "
+                          f"got {json.dumps(positive)[:80]}")
     if positive is None:
         guesses = [c for c in names if c.lower() in POSITIVE_GUESSES]
         if len(guesses) != 1:
@@ -129,10 +132,9 @@ def load_prompts(path: str | os.PathLike[str], positive_class: str | None = None
         raise PromptError(f"prompt file not found: {p}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PromptError(f"cannot read prompt file {p}: {exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PromptError(f"{p.name}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    from .json_input import parse_json
+
+    data = parse_json(text, p.name, PromptError)  # bounded nesting: a 100k-deep file is one line, not a crash
     return parse_prompts(data, p.name, positive_class)
 
 

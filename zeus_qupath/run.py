@@ -24,11 +24,14 @@ from typing import Any
 from tqdm import tqdm
 
 from . import __version__
-from .atomic import atomic_open
+from .atomic import atomic_open, writable_dir
 from .cohort import (
     SLIDE_SUFFIXES,
+    STATE_DIR,
     STATE_VERSION,
+    SlideEntry,
     SlideFailure,
+    SlideLocks,
     StateStore,
     collect_slides,
     format_summary,
@@ -44,12 +47,13 @@ from .executors import (
     run_local,
     run_ray,
 )
-from .identity import file_fingerprint, stable_hash
+from .identity import FingerprintMemo, file_fingerprint, stable_hash
 from .segment import SegmentParams, SlideReport
 
 __all__ = ["SLIDE_SUFFIXES", "RunConfig", "RunReport", "run_parameters", "run_segment", "versions"]
 
 CACHE_DIR = ".cache"
+FINGERPRINT_DIR = "fingerprints"  # slide fingerprints kept with their stat guards, in the cache (or .state)
 EXECUTORS = ("local", "ray")
 
 
@@ -74,6 +78,7 @@ class RunConfig:
     ray_address: str | None = None
     prefetch: int = 2  # decoded regions read ahead beyond one per worker
     screening_k: int | None = None  # --prompt-screening top-K (KEEP's), None: every prompt (ZEUS)
+    random_weights: bool = False  # --random-weights: open_clip models without --pretrained, seeded (tests)
 
 
 @dataclass
@@ -129,7 +134,8 @@ def _settings(config: RunConfig) -> RunSettings:
     cache = None
     if config.use_cache:
         cache = str(Path(config.cache_dir) if config.cache_dir else Path(config.out_dir) / CACHE_DIR)
-    return RunSettings(models=parse_model_specs(config.model, config.pretrained), prompts=config.prompts,
+    return RunSettings(models=parse_model_specs(config.model, config.pretrained, config.random_weights),
+                       prompts=config.prompts,
                        positive_class=config.positive_class, out_dir=config.out_dir, params=config.params,
                        device=config.device, precision=config.precision, cache_dir=cache, prefetch=config.prefetch,
                        progress=config.progress, screening_k=config.screening_k)
@@ -164,7 +170,12 @@ def run_segment(config: RunConfig, on_slide: Callable[[SlideReport], None] | Non
     """Segment every slide of ``config``; everything is validated before the first slide is read."""
     t_start = time.perf_counter()
     entries = collect_slides(config.slides, config.manifest)
+    if config.prefetch < 0:
+        raise ZeusError(f"--prefetch must be 0 or more, got {config.prefetch}")
     settings = _settings(config)
+    out = writable_dir(config.out_dir, "--out")  # before any model is loaded: fail in a second, not a minute
+    if settings.cache_dir is not None:
+        writable_dir(settings.cache_dir, "--cache")
     # Ray workers load their own models; here they are loaded on the CPU only to validate and identify them
     models = load_run_models(replace(settings, device="cpu") if config.executor == "ray" else settings)
     parameters = run_parameters(config, models)
@@ -181,21 +192,39 @@ def run_segment(config: RunConfig, on_slide: Callable[[SlideReport], None] | Non
         "zeus_version": __version__,
     }
     settings = replace(settings, meta=meta, parameters=parameters)
-    out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     store = StateStore(out)
-
-    jobs: list[SlideJob] = []
+    locks = SlideLocks(out)
+    memo = FingerprintMemo(Path(settings.cache_dir) / FINGERPRINT_DIR if settings.cache_dir
+                           else out / STATE_DIR / FINGERPRINT_DIR)
     reports: dict[str, SlideReport] = {}
-    for entry in entries:
-        fingerprint = file_fingerprint(entry.path)
+
+    def plan(entry: SlideEntry) -> SlideJob | None:
+        """The slide's job, or None when it was done before with the same parameters (it is skipped)."""
+        fingerprint = file_fingerprint(entry.path, memo)
         state_hash = stable_hash({"run": run_hash, "slide": fingerprint, "mpp": entry.mpp})
         record = store.completed(entry.stem, state_hash) if config.resume else None
         if record is not None:
             reports[entry.stem] = report_from_state(record, out)
             store.clean_partial(entry.stem)
-        else:
-            jobs.append(SlideJob(entry, fingerprint, state_hash))
+            return None
+        return SlideJob(entry, fingerprint, state_hash)
+
+    jobs: list[SlideJob] = []
+    busy: list[SlideEntry] = []  # another zeus run into this folder is working on them
+    try:
+        for entry in entries:
+            if not locks.try_acquire(entry.stem):
+                busy.append(entry)
+                continue
+            job = plan(entry)
+            if job is None:
+                locks.release(entry.stem)
+            else:
+                jobs.append(job)
+    except BaseException:
+        locks.release_all()
+        raise
 
     model_infos = [_model_info(m.spec, m.pretrained, e, i)
                    for m, e, i in zip(settings.models, models.encoders, models.identities, strict=True)]
@@ -237,25 +266,43 @@ def run_segment(config: RunConfig, on_slide: Callable[[SlideReport], None] | Non
 
     bar = tqdm(total=len(entries), initial=len(reports), desc="slides", unit="slide", disable=not config.progress,
                file=sys.stderr, dynamic_ncols=True, position=0)
-    outcomes = run_local(jobs, settings, models) if config.executor == "local" else \
-        run_ray(jobs, settings, config.ray_address)
+
+    def execute(batch: list[SlideJob]) -> None:
+        outcomes = run_local(batch, settings, models) if config.executor == "local" else \
+            run_ray(batch, settings, config.ray_address)
+        try:
+            for outcome in outcomes:
+                locks.release(outcome.job.entry.stem)  # its outputs and state are final: other runs may go on
+                bar.update(1)
+                if outcome.report is not None:
+                    reports[outcome.job.entry.stem] = outcome.report
+                    if on_slide:
+                        on_slide(outcome.report)
+                else:
+                    assert outcome.failure is not None
+                    failures.append(outcome.failure)
+                    if not config.skip_errors:
+                        if outcome.error is not None:
+                            raise outcome.error
+                        raise ZeusError(f"{Path(outcome.failure.slide).name}: {outcome.failure.reason}")
+                write_run_json(final=False)
+        finally:
+            outcomes.close()
+
     try:
-        for outcome in outcomes:
-            bar.update(1)
-            if outcome.report is not None:
-                reports[outcome.job.entry.stem] = outcome.report
-                if on_slide:
-                    on_slide(outcome.report)
+        execute(jobs)
+        for entry in busy:  # wait for the other run, then take over whatever it did not finish
+            print(f"zeus: {entry.stem}: another zeus run is segmenting it into {out}; waiting for it",
+                  file=sys.stderr)
+            locks.acquire(entry.stem)
+            job = plan(entry)
+            if job is None:
+                locks.release(entry.stem)
+                bar.update(1)
             else:
-                assert outcome.failure is not None
-                failures.append(outcome.failure)
-                if not config.skip_errors:
-                    if outcome.error is not None:
-                        raise outcome.error
-                    raise ZeusError(f"{Path(outcome.failure.slide).name}: {outcome.failure.reason}")
-            write_run_json(final=False)
+                execute([job])
     finally:
-        outcomes.close()
+        locks.release_all()
         bar.close()
         write_run_json(final=True)
     ordered = [reports[e.stem] for e in entries if e.stem in reports]

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import shapely
@@ -25,12 +25,11 @@ from PIL import Image
 from shapely.geometry.base import BaseGeometry
 
 from .annotations import build_annotations
-from .embed import StreamEncoder, pin_region, wants_device_cut
+from .atomic import atomic_set
 from .errors import SlideError
 from .geojson import feature_collection, write_geojson
 from .grid import PatchGeometry, PatchGrid, make_grid
 from .heatmap import TILES_SUFFIX, write_tiles
-from .models.base import Encoder
 from .outline import outline_patches, outline_polygons
 from .overlay import render_overlay, write_png
 from .polygons import tissue_geometry
@@ -40,6 +39,9 @@ from .reconstruct import Threshold
 from .scores import PatchScores
 from .slide import Slide, SlideInfo
 from .tissue import DEFAULT_TISSUE_RULE, TissueMask, clam_tissue, full_tissue, tissue_from_view, view_downsample
+
+if TYPE_CHECKING:  # the model side (torch) is imported where it runs: zeus polygons must not load it
+    from .models.base import Encoder
 
 
 @dataclass(frozen=True)
@@ -224,12 +226,16 @@ def finish_slide(
     scores, polygons = outline.scores, outline.polygons
     collection = outline.feature_collection()
     outputs = output_paths(out_dir, prepared.stem)
-    scores.save(outputs["scores"])
-    write_png(outputs["overlay"], render_overlay(prepared.thumbnail, scores, polygons))
     if params.heatmap_tiles:
         outputs["tiles"] = str(Path(out_dir) / f"{prepared.stem}{TILES_SUFFIX}")
-        write_tiles(outputs["tiles"], scores)
-    write_geojson(outputs["geojson"], collection)  # last: its presence marks a finished slide
+    kinds = [k for k in ("scores", "overlay", "tiles", "geojson") if k in outputs]  # geojson last: a finished slide
+    with atomic_set([outputs[k] for k in kinds]) as tmps:  # a slide's outputs appear together, or none of them
+        tmp = dict(zip(kinds, tmps, strict=True))
+        scores.save(tmp["scores"])
+        write_png(tmp["overlay"], render_overlay(prepared.thumbnail, scores, polygons))
+        if "tiles" in tmp:
+            write_tiles(tmp["tiles"], scores)
+        write_geojson(tmp["geojson"], collection)
     secs["polygons"] = time.perf_counter() - t2
     secs.setdefault("embed", 0.0)
     secs["total"] = secs.get("total", 0.0) + sum(secs[k] for k in ("tissue", "embed", "polygons"))
@@ -266,6 +272,9 @@ def segment_slide(
 
     ``progress(total, ...)`` makes a per-patch callback.
     """
+    from .embed import StreamEncoder, pin_region, wants_device_cut
+    from .models.base import Encoder
+
     encoders = [encoder] if isinstance(encoder, Encoder) else list(encoder)
     protos = [prototypes] if isinstance(prototypes, np.ndarray) else list(prototypes)
     with Slide(slide_path, mpp=params.mpp) as slide:

@@ -93,14 +93,21 @@ def preset_or_none(name: str) -> ModelPreset | None:
     return PRESETS.get(name.strip().lower())
 
 
-def load_encoder(model: str, pretrained: str | None = None, device: str = "auto", precision: str = "auto") -> Encoder:
-    """The encoder for one ``--model`` value (a preset or ``open_clip:...``); fails with a one-line ModelError."""
+def load_encoder(model: str, pretrained: str | None = None, device: str = "auto", precision: str = "auto",
+                 random_weights: bool = False) -> Encoder:
+    """The encoder for one ``--model`` value (a preset or ``open_clip:...``); fails with a one-line ModelError.
+
+    A model without its weights is refused; ``random_weights`` (``open_clip:`` models only) builds it with
+    seeded random weights on purpose, for tests.
+    """
     dev = resolve_device(device)
     spec = model.strip()
     if spec.startswith("open_clip:"):
         from .openclip import load_open_clip
 
-        return load_open_clip(spec[len("open_clip:") :], pretrained, dev, precision)
+        return load_open_clip(spec[len("open_clip:") :], pretrained, dev, precision, random_weights=random_weights)
+    if random_weights:
+        raise ModelError(f"--random-weights is for open_clip:NAME_OR_CONFIG_JSON models, not preset {spec!r}")
     preset = preset_or_none(spec)
     if preset is None:
         known = ", ".join(sorted(PRESETS))

@@ -12,6 +12,7 @@ import torch
 from ..errors import ModelError
 from .base import Encoder, ImagePreprocess
 
+_LOCAL_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_pytorch_model.bin", "open_clip_model.safetensors", "*.txt")
 
 
@@ -39,7 +40,8 @@ class OpenClipEncoder(Encoder):
 
 
 def load_open_clip(
-    spec: str, pretrained: str | None, device: torch.device, precision: str, display_name: str | None = None
+    spec: str, pretrained: str | None, device: torch.device, precision: str, display_name: str | None = None,
+    random_weights: bool = False, _weights_checked: bool = False,
 ) -> OpenClipEncoder:
     """Build an open_clip model from a built-in name, a config JSON file, or a ``local-dir:``/``hf-hub:`` id.
 
@@ -51,10 +53,18 @@ def load_open_clip(
 
     name = spec
     path = Path(spec).expanduser()
+    if not _weights_checked:
+        _refuse_missing_weights(spec, pretrained, display_name, random_weights)
+    if random_weights:  # asked for explicitly: seeded, so the same "model" every run (and cache key)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return load_open_clip(spec, None, device, precision, display_name, random_weights=False,
+                                  _weights_checked=True)
     if spec.endswith(".json"):
         with tempfile.TemporaryDirectory(prefix="zeus-open_clip-") as folder:
             _private_model_dir(path, pretrained, Path(folder))
-            return load_open_clip(f"local-dir:{folder}", None, device, precision, display_name or path.stem)
+            return load_open_clip(f"local-dir:{folder}", None, device, precision, display_name or path.stem,
+                                  _weights_checked=True)
     elif not spec.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
         raise ModelError(f"unknown open_clip model {spec!r} (see open_clip.list_models(), or pass a config .json)")
     if pretrained and not spec.startswith(("hf-hub:", "local-dir:")):
@@ -76,6 +86,32 @@ def load_open_clip(
         raise ModelError(f"model {display_name or spec}: cannot load ({first[:200]})") from exc
     return OpenClipEncoder(display_name or name, model, tokenizer, device, precision)
 
+
+
+def _refuse_missing_weights(spec: str, pretrained: str | None, display_name: str | None,
+                            random_weights: bool) -> None:
+    """A model runs with the weights the user meant, or with random weights only when asked for explicitly.
+
+    open_clip itself builds a randomly initialised model when given a config or a built-in name without
+    ``pretrained`` (it only logs a warning); zeus refuses that. ``hf-hub:`` ids fetch their own weights and
+    ``local-dir:`` folders must hold them.
+    """
+    label = display_name or spec
+    if random_weights:
+        if pretrained:
+            raise ModelError(f"model {label}: give --pretrained or --random-weights, not both")
+        return
+    if pretrained or spec.startswith("hf-hub:"):
+        return
+    if spec.startswith("local-dir:"):
+        folder = Path(spec[len("local-dir:"):]).expanduser()
+        if any((folder / f).is_file() for f in _LOCAL_DIR_WEIGHTS):
+            return
+        raise ModelError(f"model {label}: no weights in {folder} (expected one of {', '.join(_LOCAL_DIR_WEIGHTS)})")
+    raise ModelError(
+        f"model {label}: no weights given; pass --pretrained TAG_OR_FILE (open_clip's pretrained tag or a "
+        "checkpoint file), or --random-weights to run it with random weights on purpose (tests only)"
+    )
 
 
 def _private_model_dir(config: Path, pretrained: str | None, folder: Path) -> None:
