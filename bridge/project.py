@@ -34,6 +34,7 @@ class ProjectWriter(Protocol):
         magnification: float | None = None,
         tile_size: tuple[int, int] | None = None,
         image_name: str | None = None,
+        tiles: Sequence[Mapping[str, Any]] | None = None,
     ) -> str: ...
 
     def save(self) -> None: ...

@@ -6,6 +6,10 @@ What it writes (the layout QuPath 0.4 to 0.7 reads; entries as QuPath 0.5/0.6 wr
   ``randomizedName``, ``imageName``, ``metadata`` str->str with ``zeus.*`` keys),
 - ``classifiers/classes.json``: the classes, merged (existing classes and colours are kept),
 - ``data/<entryID>/zeus_annotations.geojson``: the ZEUS annotations of each image,
+- ``data/<entryID>/zeus_tiles.geojson``: its ZEUS heatmap tiles, when the run wrote them
+  (``zeus segment --tiles``); when a later run wrote none, an empty collection replaces the file,
+  so that the import script clears the old heatmap instead of leaving one that disagrees with the
+  new annotations,
 - ``scripts/import_zeus_annotations.groovy``: the script that brings them into the image's
   hierarchy inside QuPath, applying the keep-edits rule (``bridge/edits.py``).
 
@@ -41,6 +45,7 @@ from zeus_qupath.geojson import class_color
 
 from .edits import MergeResult
 from .entry_match import META_SLIDE, META_URI, EntryInfo, SlideKey, match_entry, next_entry_id
+from .heatmap_tiles import ZEUS_TILES
 from .uris import UriMap, map_path, path_to_file_uri, same_file_uri
 
 PROJECT_FILE = "project.qpproj"
@@ -276,6 +281,7 @@ class FilesProject:
         self._data: dict[str, Any] = self._load()
         self._classes: list[dict[str, Any]] | None = None  # loaded on demand
         self._pending_geojson: dict[str, list[dict[str, Any]]] = {}
+        self._pending_tiles: dict[str, list[dict[str, Any]]] = {}
         self._dirty = False
         self._uri_map: UriMap = ()
         self._claimed: set[str] = set()  # entries matched to a slide in this session
@@ -360,6 +366,7 @@ class FilesProject:
         tile_size: tuple[int, int] | None = None,
         image_name: str | None = None,
         provider: str = "bioformats",
+        tiles: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
         """Stage an entry for ``slide_path`` (new, or the existing one of the same file) and its annotations.
 
@@ -367,11 +374,15 @@ class FilesProject:
         them the entry carries the image metadata as QuPath writes it; without them it carries none
         and QuPath reads it from the file when the image is first opened (QuPath would otherwise use
         wrong levels). ``mpp`` then only reaches QuPath through the file itself.
+        ``tiles``: the image's ZEUS heatmap tiles (``bridge.heatmap_tiles``), written as
+        ``data/<entryID>/zeus_tiles.geojson``; an empty sequence clears an earlier heatmap (an existing
+        file is replaced by an empty collection); ``None`` leaves the heatmap as it is.
         Returns the entry ID (QuPath's ``ProjectImageEntry.getID()``).
         """
         if provider not in PROVIDERS:
             raise ProjectError(f"unknown image provider {provider!r} (choose from {', '.join(PROVIDERS)})")
         features = _check_features(geojson_features, str(slide_path))
+        tile_features = None if tiles is None else _check_features(tiles, f"{slide_path} (heatmap tiles)")
         uri = path_to_file_uri(slide_path, uri_map)
         name = image_name or Path(os.fspath(slide_path)).name
         slide_key = SlideKey(path=map_path(slide_path), uris=(uri, path_to_file_uri(slide_path)), name=name,
@@ -407,6 +418,8 @@ class FilesProject:
         entry["metadata"][META_URI] = uri
         entry_key = str(entry["entryID"])
         self._pending_geojson[entry_key] = features
+        if tile_features is not None:
+            self._pending_tiles[entry_key] = tile_features
         classes = self._load_classes()
         known = {c.get("name") for c in classes if isinstance(c, dict)}
         for cls_name, rgb in _feature_classes(features).items():
@@ -430,6 +443,11 @@ class FilesProject:
         for entry_id, features in self._pending_geojson.items():
             text = json.dumps({"type": "FeatureCollection", "features": features}, allow_nan=False)
             targets.append((self.path / "data" / entry_id / ZEUS_GEOJSON, text))
+        for entry_id, tile_features in self._pending_tiles.items():
+            target = self.path / "data" / entry_id / ZEUS_TILES
+            if tile_features or target.exists():  # no tiles now: an empty collection clears the old heatmap
+                targets.append((target, json.dumps({"type": "FeatureCollection", "features": tile_features},
+                                                   allow_nan=False)))
         classes_text = json.dumps({"pathClasses": self._load_classes()}, indent=2, ensure_ascii=False)
         targets.append((self.path / "classifiers" / "classes.json", classes_text))
         targets.append((self.path / "scripts" / IMPORT_SCRIPT, script))
@@ -450,6 +468,7 @@ class FilesProject:
         except OSError as exc:
             raise ProjectError(f"{self.path}: cannot write the QuPath project ({exc})") from None
         self._pending_geojson.clear()
+        self._pending_tiles.clear()
         self._dirty = False
 
     def _backup_stamp(self) -> str:

@@ -16,6 +16,12 @@ Annotators' edits live in each image's ``data.qpdata``; the keep-edits rule (``b
 is applied to the existing hierarchy here, in Python, before new ZEUS annotations are added (through
 QuPath's GeoJSON reader, so they keep ZEUS's IDs), and the image's import record
 (``zeus_imported.json``) is written after the image data, as the import script does.
+
+Heatmap tiles (``zeus segment --tiles``) are added to the hierarchy as QuPath tile objects, through
+QuPath's GeoJSON reader, replacing the image's earlier ZEUS tiles (``bridge.heatmap_tiles.is_zeus_tile``:
+tiles with ``ZEUS score: `` measurements; no annotation and no other tile is touched), as the import
+script does with ``zeus_tiles.geojson``; that file is kept beside the image data too, as by the files
+backend.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from .edits import (
     written_record,
 )
 from .entry_match import META_SLIDE, META_URI, EntryInfo, SlideKey, match_entry
+from .heatmap_tiles import ZEUS_TILES, is_zeus_tile
 from .project_files import PROJECT_FILE, ZEUS_GEOJSON, ImageUpdate, zeus_entry_metadata
 from .qupath_geojson import QuPathObject, feature_to_object, repair_geometry
 from .uris import UriMap, map_path, path_to_file_uri, same_file_uri
@@ -93,8 +100,16 @@ class PaquoProject:
     def _backup(self, path: Path) -> None:
         if path in self._backed_up or not path.exists():
             return
-        shutil.copy2(path, path.with_name(f"{path.name}.bak-{self._stamp}"))
+        shutil.copy2(path, self._backup_name(path))
         self._backed_up.add(path)
+
+    def _backup_name(self, path: Path) -> Path:
+        """``<name>.bak-<stamp>``, never one that exists (two runs within a second keep both backups)."""
+        target, n = path.with_name(f"{path.name}.bak-{self._stamp}"), 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.bak-{self._stamp}-{n}")
+        return target
 
     def _entry_info(self, entry: Any) -> EntryInfo | None:
         try:
@@ -142,11 +157,14 @@ class PaquoProject:
         tile_size: tuple[int, int] | None = None,
         image_name: str | None = None,
         provider: str = "auto",
+        tiles: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
         """Add the slide (or find its entry), merge the annotations by the keep-edits rule, save the image.
 
         ``width``, ``height``, ``mpp``, ``levels``, ``magnification``, ``tile_size`` and ``provider`` are
         accepted for interface parity; QuPath reads them from the slide itself here.
+        ``tiles``: the image's ZEUS heatmap tiles; they replace its earlier ZEUS tiles (an empty sequence
+        removes them); ``None`` leaves the heatmap as it is.
         """
         from paquo.images import QuPathImageType
         from paquo.pathobjects import QuPathPathAnnotationObject
@@ -155,6 +173,10 @@ class PaquoProject:
             features = [dict(f) for f in json.loads(json.dumps([dict(f) for f in geojson_features], allow_nan=False))]
         except (TypeError, ValueError) as exc:
             raise ProjectError(f"{slide_path}: the ZEUS annotations cannot be written as JSON ({exc})") from None
+        try:
+            tile_features = None if tiles is None else json.loads(json.dumps([dict(t) for t in tiles], allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise ProjectError(f"{slide_path}: the heatmap tiles cannot be written as JSON ({exc})") from None
         local_uri = path_to_file_uri(slide_path)
         mapped_uri = path_to_file_uri(slide_path, uri_map)
         name = image_name or Path(os.fspath(slide_path)).name
@@ -204,6 +226,8 @@ class PaquoProject:
             for feature in merge.added:
                 # through QuPath's own GeoJSON reader: the object keeps the ID, class, name and measurements
                 hierarchy.annotations.add(QuPathPathAnnotationObject.from_geojson(feature))
+            if tile_features is not None:
+                self._replace_zeus_tiles(hierarchy, tile_features)
         for key, value in zeus_entry_metadata(metadata).items():
             entry.metadata[key] = value
         entry.metadata[META_SLIDE] = slide_key.path
@@ -211,6 +235,8 @@ class PaquoProject:
         entry.save()
         write_import_record(entry_dir, merge.record)  # after the image data, as the import script does
         self._keep_written(entry_dir / ZEUS_GEOJSON, features)
+        if tile_features is not None and (tile_features or (entry_dir / ZEUS_TILES).exists()):
+            self._keep_written(entry_dir / ZEUS_TILES, tile_features, "heatmap tiles")
         if not same_file_uri(str(entry.uri), keep_uri):
             self._qp.update_image_paths(uri2uri={str(entry.uri): keep_uri})
         self._qp.save(images=False)
@@ -218,17 +244,30 @@ class PaquoProject:
         self.updates.append(ImageUpdate(entry_id, str(entry.image_name), created, len(features), merge))
         return entry_id
 
-    def _keep_written(self, path: Path, features: list[dict[str, Any]]) -> None:
+    @staticmethod
+    def _replace_zeus_tiles(hierarchy: Any, tiles: list[dict[str, Any]]) -> None:
+        """Remove the image's earlier ZEUS heatmap tiles, add ``tiles`` (one batch each, below the root,
+        as the import script's ``addObjects``)."""
+        from paquo.pathobjects import QuPathPathTileObject
+
+        earlier = [t for t in hierarchy.tiles if is_zeus_tile("tile", t.measurements)]
+        detections = hierarchy.detections  # tiles are detections; paquo's tile view is read-only
+        if earlier:
+            detections -= earlier
+        if tiles:
+            detections |= [QuPathPathTileObject.from_geojson(t) for t in tiles]
+
+    def _keep_written(self, path: Path, features: list[dict[str, Any]], what: str = "annotations") -> None:
         """ZEUS's result beside the image data, the record the keep-edits rule and ``zeus export`` read; a
         different older copy is kept as a backup (its IDs stay part of the record)."""
         text = json.dumps({"type": "FeatureCollection", "features": features}, allow_nan=False)
         try:
             if path.exists() and path.read_text(encoding="utf-8") != text:
-                shutil.copy2(path, path.with_name(f"{path.name}.bak-{self._stamp}"))
+                shutil.copy2(path, self._backup_name(path))
             with atomic_open(path, "w") as fh:
                 fh.write(text)
         except OSError as exc:
-            raise ProjectError(f"{path}: cannot keep the ZEUS annotations beside the image data ({exc})") from None
+            raise ProjectError(f"{path}: cannot keep the ZEUS {what} beside the image data ({exc})") from None
 
     @property
     def last_merge(self) -> MergeResult | None:

@@ -14,6 +14,12 @@ Two steps, both usable on their own:
   reads when the entry carries no image metadata), and saves the project once.
   ``publish_outputs(project_dir, paths)`` does both.
 
+Heatmap tiles (``zeus segment --tiles``): when the run wrote ``<stem>.tiles.geojson`` (``run.json``
+lists it; without ``run.json``, the file beside the GeoJSON), the image's ZEUS heatmap becomes those
+tiles (``data/<entryID>/zeus_tiles.geojson``, which the import script adds; the paquo backend adds them
+itself). When the run wrote none, the image's earlier ZEUS heatmap is cleared, so that it never
+disagrees with the new annotations (``bridge.heatmap_tiles``).
+
 Every GeoJSON is read and every slide identified before the project is touched, so bad input leaves
 the project as it was. Both backends keep the ZEUS result as ``data/<entryID>/zeus_annotations.geojson``
 (older versions as backups): the record of what ZEUS wrote, which the keep-edits rule and ``zeus export``
@@ -39,6 +45,7 @@ from typing import Any
 from zeus_qupath.errors import ProjectError, SlideError, ZeusError
 from zeus_qupath.scores import PatchScores
 
+from .heatmap_tiles import read_zeus_tiles
 from .project import open_project
 from .qupath_geojson import object_to_feature, read_qupath_geojson
 from .uris import parse_uri_map
@@ -46,6 +53,7 @@ from .uris import parse_uri_map
 RUN_JSON = "run.json"
 GEOJSON_SUFFIX = ".geojson"
 SCORES_SUFFIX = ".scores.npz"
+TILES_SUFFIX = ".tiles.geojson"  # zeus_qupath.heatmap.TILES_SUFFIX
 
 # entry metadata keys (str -> str in QuPath)
 META_MODEL = "zeus.model"
@@ -72,6 +80,7 @@ class ResultItem:
     prompts: str | None = None  # name of the prompt set (file stem)
     zeus_version: str | None = None
     date: str | None = None  # when ZEUS ran (ISO 8601); None = now
+    tiles_path: str | None = None  # <stem>.tiles.geojson when the run wrote heatmap tiles
 
     def entry_metadata(self, status: str = "pre-segmented") -> dict[str, str]:
         """The ``zeus.*`` entry metadata this item writes."""
@@ -102,6 +111,7 @@ class PublishedImage:
     created: bool  # False when the slide already had an entry
     n_features: int
     merge: str | None = None  # paquo backend: the keep-edits merge summary
+    n_tiles: int = 0  # heatmap tiles published (0: the run wrote none)
 
 
 @dataclass(frozen=True)
@@ -117,7 +127,8 @@ class PublishReport:
         lines = []
         for im in self.images:
             what = "added" if im.created else "updated"
-            extra = f"; {im.merge}" if im.merge else ""
+            extra = f"; {im.n_tiles} heatmap tile(s)" if im.n_tiles else ""
+            extra += f"; {im.merge}" if im.merge else ""
             lines.append(f"{im.image_name}: {what} entry {im.entry_id} with {im.n_features} ZEUS annotation(s){extra}")
         n_new = sum(im.created for im in self.images)
         lines.append(f"QuPath project {self.project} ({self.backend} backend): {n_new} image(s) added, "
@@ -173,11 +184,12 @@ def publish_results(
         seen[key] = item.geojson_path
     # read everything first: bad input must not leave a half-updated project
     features = [[object_to_feature(o) for o in read_qupath_geojson(item.geojson_path)] for item in items]
+    tiles = [read_zeus_tiles(item.tiles_path) if item.tiles_path else [] for item in items]
 
     project = open_project(project_dir, backend=backend)
     images: list[PublishedImage] = []
     try:
-        for item, feats in zip(items, features, strict=True):
+        for item, feats, item_tiles in zip(items, features, tiles, strict=True):
             entry_id = project.add_or_update_image(
                 item.slide_path,
                 feats,
@@ -187,6 +199,7 @@ def publish_results(
                 uri_map=pairs,
                 metadata=item.entry_metadata(status),
                 levels=item.levels,
+                tiles=item_tiles,  # none: the run wrote no heatmap, so an earlier one is cleared
             )
             update = project.updates[-1]
             images.append(PublishedImage(
@@ -196,6 +209,7 @@ def publish_results(
                 created=update.created,
                 n_features=len(feats),
                 merge=update.merge.summary() if update.merge is not None else None,
+                n_tiles=len(item_tiles),
             ))
         project.save()
     finally:
@@ -299,22 +313,32 @@ def _items_from_folder(folder: Path) -> list[ResultItem]:
     return [_item_from_report(folder, run, r) for r in reports]
 
 
-def _report_geojson(folder: Path, report: Mapping[str, Any]) -> Path:
-    """The report's GeoJSON: beside run.json first (the folder may have been moved), else as recorded."""
+def _report_geojson(folder: Path, report: Mapping[str, Any], kind: str = "geojson",
+                    suffix: str = GEOJSON_SUFFIX) -> Path:
+    """The report's GeoJSON (or its output ``kind``): beside run.json first (the folder may have been
+    moved), else as recorded."""
     outputs = report.get("outputs") if isinstance(report.get("outputs"), Mapping) else {}
-    recorded = outputs.get("geojson") if isinstance(outputs, Mapping) else None
+    recorded = outputs.get(kind) if isinstance(outputs, Mapping) else None
     candidates = []
     if recorded:
         candidates.append(folder / Path(str(recorded).replace("\\", "/")).name)
     if report.get("stem"):
-        candidates.append(folder / f"{report['stem']}{GEOJSON_SUFFIX}")
+        candidates.append(folder / f"{report['stem']}{suffix}")
     if recorded:
         candidates.append(Path(str(recorded)))
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    name = candidates[0].name if candidates else "<slide>.geojson"
+    name = candidates[0].name if candidates else f"<slide>{suffix}"
     raise ZeusError(f"{folder}: {name} listed in {RUN_JSON} is missing")
+
+
+def _report_tiles(folder: Path, report: Mapping[str, Any]) -> str | None:
+    """The report's heatmap tiles (``None`` when the run wrote none: a file left by an earlier run is stale)."""
+    outputs = report.get("outputs")
+    if not isinstance(outputs, Mapping) or not outputs.get("tiles"):
+        return None
+    return str(_report_geojson(folder, report, "tiles", TILES_SUFFIX))
 
 
 def _item_from_report(folder: Path, run: Mapping[str, Any], report: Mapping[str, Any],
@@ -331,6 +355,7 @@ def _item_from_report(folder: Path, run: Mapping[str, Any], report: Mapping[str,
     return ResultItem(
         slide_path=slide,
         geojson_path=str(geojson or _report_geojson(folder, report)),
+        tiles_path=_report_tiles(folder, report),
         width=width,
         height=height,
         mpp=mpp,
@@ -386,7 +411,19 @@ def _item_from_geojson(path: Path) -> ResultItem:
         prompts=_prompt_name(meta.get("prompts")),
         zeus_version=str(meta["zeus_version"]) if meta.get("zeus_version") else None,
         date=None,
+        tiles_path=_sibling_tiles(folder, stem, scores_path),
     )
+
+
+def _sibling_tiles(folder: Path, stem: str, scores_path: Path) -> str | None:
+    """``<stem>.tiles.geojson`` beside a GeoJSON that no ``run.json`` lists, unless it is older than the
+    scores file (then an earlier run wrote it: stale). ``zeus segment`` and ``zeus polygons --tiles``
+    write the tiles after the scores."""
+    tiles = folder / f"{stem}{TILES_SUFFIX}"
+    try:
+        return str(tiles) if tiles.is_file() and tiles.stat().st_mtime >= scores_path.stat().st_mtime else None
+    except OSError:
+        return None
 
 
 def _positive(value: Any) -> float | None:

@@ -252,10 +252,47 @@ class StandInAnnotation:
         return {"type": "Feature", "id": self.id, "geometry": geometry, "properties": props}
 
 
+class StandInTile:
+    """Test double of paquo's QuPathPathTileObject: a tile detection with measurements."""
+
+    def __init__(self, roi: Any, measurements: dict | None = None) -> None:
+        self.roi, self.measurements = roi, dict(measurements or {})
+
+    @classmethod
+    def from_geojson(cls, feature: dict) -> StandInTile:
+        assert (feature.get("properties") or {}).get("objectType") == "tile"
+        return cls(shape(feature["geometry"]), (feature.get("properties") or {}).get("measurements"))
+
+
+class StandInDetections(list):
+    """paquo's detections view: tiles are detections; ``-=`` and ``|=`` change the hierarchy in one batch."""
+
+    def __init__(self, hierarchy: StandInHierarchy) -> None:
+        super().__init__()
+        self.hierarchy = hierarchy
+
+    def __isub__(self, objects: Any) -> StandInDetections:
+        self.hierarchy.detection_batches += 1
+        gone = {id(o) for o in objects}
+        self[:] = [o for o in self if id(o) not in gone]
+        return self
+
+    def __ior__(self, objects: Any) -> StandInDetections:
+        self.hierarchy.detection_batches += 1
+        self.extend(objects)
+        return self
+
+
 class StandInHierarchy:
     def __init__(self) -> None:
         self.annotations = StandInAnnotations()
+        self.detections = StandInDetections(self)
         self.batches = 0
+        self.detection_batches = 0
+
+    @property
+    def tiles(self) -> list[StandInTile]:
+        return [o for o in self.detections if isinstance(o, StandInTile)]
 
     @contextmanager
     def no_autoflush(self):
@@ -335,6 +372,7 @@ def make_stand_in_paquo(state: dict) -> dict[str, types.ModuleType]:
     classes.QuPathPathClass = StandInPathClass
     pathobjects = types.ModuleType("paquo.pathobjects")
     pathobjects.QuPathPathAnnotationObject = StandInAnnotation
+    pathobjects.QuPathPathTileObject = StandInTile
     config = types.ModuleType("paquo._config")
     config.settings, config.to_kwargs = {}, lambda s: {}
     backend = types.ModuleType("paquo.jpype_backend")
@@ -429,3 +467,51 @@ def test_backend_with_stand_in_finds_an_entry_the_annotator_relocated(tmp_path: 
     assert len(qp.images) == 1 and project.updates[-1].created is False
     assert same_file_uri(entry.saved_with_uri[-1], slide.as_uri())  # worked on the local file
     assert entry.uri == "file:/C:/Users/ann/a.svs"  # and gave the annotator's URI back
+
+
+def _tile_features(seed: int, n: int = 6) -> list[dict]:
+    """ZEUS heatmap tiles as zeus segment --tiles writes them (zeus_qupath.heatmap), n patches in a row."""
+    import numpy as np
+
+    from zeus_qupath.heatmap import tile_collection
+    from zeus_qupath.scores import PatchScores
+
+    coords = np.array([[112 * i, 0] for i in range(n)], np.int64)
+    values = np.random.default_rng(seed).normal(0, 0.1, (n, 2)).astype(np.float32)
+    scores = PatchScores(coords, values, ("normal", "tumor"), "tumor", 448, 112, 2220, 2967, 0.5)
+    return tile_collection(scores)["features"]
+
+
+def test_backend_with_stand_in_replaces_only_zeus_tiles(tmp_path: Path, stand_in_paquo: dict) -> None:
+    from zeus_qupath.bridge.heatmap_tiles import ZEUS_TILES
+    from zeus_qupath.bridge.project_paquo import PaquoProject
+
+    slide = tmp_path / "slides" / "a.svs"
+    first = _tile_features(1)
+    PaquoProject(tmp_path / "p").add_or_update_image(slide, _features(), width=2220, height=2967, tiles=first)
+    (qp,) = stand_in_paquo.values()
+    (entry,) = qp.images
+    hierarchy = entry.hierarchy
+    assert [t.measurements for t in hierarchy.tiles] == [f["properties"]["measurements"] for f in first]
+    assert json.loads((entry.entry_path / ZEUS_TILES).read_text(encoding="utf-8"))["features"] == first
+    # another tool's tile (no ZEUS score) and the annotator's annotation stay whatever ZEUS does
+    other = StandInTile(Polygon([(0, 0), (50, 0), (50, 50), (0, 50)]), {"Tumor probability": 0.9})
+    hierarchy.detections.append(other)
+    drawn = hierarchy.add_annotation(Polygon([(10, 10), (90, 10), (90, 90)]))
+
+    second = _tile_features(2, n=4)
+    batches = hierarchy.detection_batches
+    PaquoProject(tmp_path / "p").add_or_update_image(slide, _features(), width=2220, height=2967, tiles=second)
+    assert hierarchy.detection_batches == batches + 2  # one removal, one addition
+    zeus = [t for t in hierarchy.tiles if t is not other]
+    assert [t.measurements for t in zeus] == [f["properties"]["measurements"] for f in second]  # no duplicates
+    assert other in hierarchy.tiles and drawn in hierarchy.annotations
+    assert len(list(entry.entry_path.glob(f"{ZEUS_TILES}.bak-*"))) == 1
+
+    PaquoProject(tmp_path / "p").add_or_update_image(slide, _features(), width=2220, height=2967)  # None: as is
+    assert len(hierarchy.tiles) == len(second) + 1
+    PaquoProject(tmp_path / "p").add_or_update_image(slide, _features(), width=2220, height=2967, tiles=[])
+    assert hierarchy.tiles == [other] and drawn in hierarchy.annotations
+    assert json.loads((entry.entry_path / ZEUS_TILES).read_text(encoding="utf-8"))["features"] == []
+    backups = sorted(entry.entry_path.glob(f"{ZEUS_TILES}.bak-*"))  # within one second too: none overwritten
+    assert [json.loads(b.read_text(encoding="utf-8"))["features"] for b in backups] == [first, second]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from shapely.geometry import Polygon, box
 
+from zeus_qupath.bridge.heatmap_tiles import ZEUS_TILES
 from zeus_qupath.bridge.project_files import ZEUS_GEOJSON
 from zeus_qupath.bridge.publish import (
     ResultItem,
@@ -25,6 +26,7 @@ from zeus_qupath.bridge.publish import (
 from zeus_qupath.bridge.qupath_geojson import read_qupath_geojson
 from zeus_qupath.errors import GeoJSONError, ProjectError, ZeusError
 from zeus_qupath.geojson import Annotation, feature_collection, write_geojson
+from zeus_qupath.heatmap import TILES_SUFFIX, measurement_name, write_tiles
 from zeus_qupath.scores import PatchScores
 from zeus_qupath.segment import SlideReport, output_stem
 
@@ -41,8 +43,9 @@ needs_slides = pytest.mark.skipif(
 
 def write_outputs(out: Path, slides: dict[Path, tuple[int, int, float | None]], *, shift: float = 0.0,
                   with_run: bool = True, model: str = "quiltnet-b32", started: str = "2025-01-02T03:04:05+00:00",
-                  ) -> dict[Path, list[dict[str, Any]]]:
-    """What ``zeus segment`` writes for ``slides``: <stem>.geojson, <stem>.scores.npz and run.json."""
+                  tiles_seed: int | None = None) -> dict[Path, list[dict[str, Any]]]:
+    """What ``zeus segment`` writes for ``slides``: <stem>.geojson, <stem>.scores.npz and run.json; with
+    ``tiles_seed``, random scores and <stem>.tiles.geojson, as ``--tiles`` does."""
     out.mkdir(parents=True, exist_ok=True)
     written: dict[Path, list[dict[str, Any]]] = {}
     reports = []
@@ -55,18 +58,23 @@ def write_outputs(out: Path, slides: dict[Path, tuple[int, int, float | None]], 
         written[slide] = collection["features"]
         coords = np.array([[x, y] for y in range(0, height - 448, 112) for x in range(0, width - 448, 112)],
                           dtype=np.int64)
-        scores = PatchScores(coords=coords, scores=np.zeros((len(coords), 2), np.float32),
+        values = (np.zeros((len(coords), 2), np.float32) if tiles_seed is None else
+                  np.random.default_rng(tiles_seed).normal(0, 0.1, (len(coords), 2)).astype(np.float32))
+        scores = PatchScores(coords=coords, scores=values,
                              classes=("tumor", "normal"), positive_class="tumor", patch_size=448, stride=112,
                              width=width, height=height, mpp=mpp,
                              meta={"model": model, "prompts": "spindle_cell.json", "zeus_version": "0.1.0",
                                    "slide": slide.name})
         scores.save(out / f"{stem}.scores.npz")
+        outputs = {k: str(out / f"{stem}{s}") for k, s in
+                   (("geojson", ".geojson"), ("scores", ".scores.npz"), ("overlay", ".overlay.png"))}
+        if tiles_seed is not None:
+            outputs["tiles"] = str(out / f"{stem}{TILES_SUFFIX}")
+            write_tiles(outputs["tiles"], scores)
         reports.append(SlideReport(
             slide=str(slide), stem=stem, width=width, height=height, mpp=mpp, patches=len(coords),
             tissue_fraction=0.5, regions=len(polys), tumor_area_um2=None, seconds={"total": 1.0},
-            patches_per_s=10.0, warnings=[],
-            outputs={k: str(out / f"{stem}{s}") for k, s in
-                     (("geojson", ".geojson"), ("scores", ".scores.npz"), ("overlay", ".overlay.png"))},
+            patches_per_s=10.0, warnings=[], outputs=outputs,
         ).to_dict())
     if with_run:
         run = {"started": started, "command": "segment",
@@ -266,3 +274,95 @@ def test_paquo_backend_keeps_zeus_result_beside_the_image_data(tmp_path: Path,
     publish_results(tmp_path / "p", [item])
     assert len(list((tmp_path / "p" / "data" / "1").glob(f"{ZEUS_GEOJSON}.bak-*"))) == 1
     assert read_qupath_geojson(tmp_path / "p" / "data" / "1" / ZEUS_GEOJSON)[0].geometry.bounds[2] == 600
+
+
+# ------------------------------------------------------------------------------------------ heatmap tiles
+
+
+def _tiles(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text(encoding="utf-8"))["features"]
+
+
+@needs_slides
+def test_heatmap_tiles_follow_the_latest_run(tmp_path: Path) -> None:
+    """--tiles: the run's tiles become data/<id>/zeus_tiles.geojson; a re-run replaces them (old file backed up);
+    a re-run without tiles leaves an empty collection (the import script then clears the old heatmap)."""
+    out, project = tmp_path / "out", tmp_path / "project"
+    write_outputs(out, {SVS: SLIDES[SVS]}, tiles_seed=1)
+    run_tiles = out / f"{output_stem(SVS)}{TILES_SUFFIX}"
+    scores = PatchScores.load(out / f"{output_stem(SVS)}.scores.npz")
+    report = publish_outputs(project, [out], backend="files")
+    assert report.images[0].n_tiles == len(scores.coords) and "heatmap tile(s)" in report.summary()
+    kept = project / "data" / "1" / ZEUS_TILES
+    assert _tiles(kept) == _tiles(run_tiles)
+    # the reference is the scores file: one tile per patch, its scores as float32 measurements
+    names = [measurement_name(c) for c in scores.classes]
+    values = np.array([[f["properties"]["measurements"][n] for n in names] for f in _tiles(kept)], np.float32)
+    np.testing.assert_array_equal(values, scores.scores)
+    qpdata = project / "data" / "1" / "data.qpdata"
+    qpdata.write_bytes(b"\xac\xed\x00\x05 saved by QuPath")
+
+    write_outputs(out, {SVS: SLIDES[SVS]}, tiles_seed=2, model="conch")
+    first_text = kept.read_text(encoding="utf-8")
+    publish_outputs(project, [out], backend="files")
+    assert _tiles(kept) == _tiles(run_tiles) != json.loads(first_text)["features"]
+    (backup,) = kept.parent.glob(f"{ZEUS_TILES}.bak-*")
+    assert backup.read_text(encoding="utf-8") == first_text
+
+    # a run without --tiles into the same folder: the old <stem>.tiles.geojson is still there, but run.json
+    # does not list it, so it is stale: the heatmap is cleared
+    write_outputs(out, {SVS: SLIDES[SVS]}, model="keep")
+    assert run_tiles.is_file()
+    report = publish_outputs(project, [out], backend="files")
+    assert report.images[0].n_tiles == 0
+    assert json.loads(kept.read_text(encoding="utf-8")) == {"type": "FeatureCollection", "features": []}
+    assert len(list(kept.parent.glob(f"{ZEUS_TILES}.bak-*"))) == 2
+    assert qpdata.read_bytes() == b"\xac\xed\x00\x05 saved by QuPath"  # never touched
+    publish_outputs(project, [out], backend="files")  # again: nothing new to back up
+    assert len(list(kept.parent.glob(f"{ZEUS_TILES}.bak-*"))) == 2
+
+    # an image that never had tiles gets no tiles file at all
+    publish_outputs(tmp_path / "other", [out], backend="files")
+    assert not (tmp_path / "other" / "data" / "1" / ZEUS_TILES).exists()
+
+
+@needs_slides
+def test_tiles_beside_a_geojson_without_run_json(tmp_path: Path) -> None:
+    alone = tmp_path / "alone"
+    write_outputs(alone, {OME: SLIDES[OME]}, with_run=False, tiles_seed=3)
+    os.symlink(OME, alone / OME.name)
+    stem = output_stem(OME)
+    (item,) = items_from_outputs([alone / f"{stem}.geojson"])
+    assert item.tiles_path == str(alone / f"{stem}{TILES_SUFFIX}")
+    # tiles older than the scores file: an earlier run wrote them, not used
+    scores = alone / f"{stem}.scores.npz"
+    os.utime(alone / f"{stem}{TILES_SUFFIX}", (scores.stat().st_mtime - 60,) * 2)
+    (item,) = items_from_outputs([alone])
+    assert item.tiles_path is None
+
+
+@needs_slides
+def test_bad_or_missing_tiles_leave_the_project_untouched(tmp_path: Path) -> None:
+    out, project = tmp_path / "out", tmp_path / "project"
+    write_outputs(out, {SVS: SLIDES[SVS]}, tiles_seed=4)
+    run_tiles = out / f"{output_stem(SVS)}{TILES_SUFFIX}"
+    good = _tiles(run_tiles)
+    not_tiles = [dict(good[0], properties={"objectType": "annotation", "measurements": {"ZEUS score: Tumor": 1.0}}),
+                 dict(good[0], properties={"objectType": "tile", "measurements": {"Other score": 1.0}})]
+    for bad, why in ((not_tiles[0], "objectType is not 'tile'"), (not_tiles[1], "no 'ZEUS score: <Class>'")):
+        run_tiles.write_text(json.dumps({"type": "FeatureCollection", "features": [*good, bad]}), encoding="utf-8")
+        with pytest.raises(ProjectError, match=f"feature {len(good)} is not a ZEUS heatmap tile \\({why}"):
+            publish_outputs(project, [out], backend="files")
+    run_tiles.write_text(json.dumps(good)[:-50], encoding="utf-8")
+    with pytest.raises(ProjectError, match="not valid JSON") as info:
+        publish_outputs(project, [out], backend="files")
+    assert "\n" not in str(info.value)
+    nan = json.loads(json.dumps(good[0]))
+    nan["properties"]["measurements"]["ZEUS score: Tumor"] = float("nan")
+    run_tiles.write_text(json.dumps({"type": "FeatureCollection", "features": [nan]}), encoding="utf-8")
+    with pytest.raises(ProjectError, match="feature 0 is not a ZEUS heatmap tile \\(a measurement is not a finite"):
+        publish_outputs(project, [out], backend="files")
+    run_tiles.unlink()
+    with pytest.raises(ZeusError, match=f"{run_tiles.name} listed in run.json is missing"):
+        publish_outputs(project, [out], backend="files")
+    assert not project.exists()
