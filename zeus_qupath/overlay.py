@@ -40,10 +40,12 @@ def render_overlay(
         xs = np.minimum(((np.arange(tw) + 0.5) / scale).astype(np.int64), scores.width - 1)
         mean, cov = score_margin_map(scores, xs, ys)  # at the level-0 pixel under each thumbnail pixel's centre
         lim = float(np.abs(mean[cov]).max()) if cov.any() else 1.0
-        t = np.clip((mean / (lim or 1.0) + 1) / 2, 0, 1)[..., None]  # 0: most negative margin .. 1: most positive
-        heat = (t * np.array(POSITIVE_RGB) + (1 - t) * np.array(NEGATIVE_RGB)).astype(np.uint8)
-        blend = (out.astype(np.float32) * (1 - alpha) + heat.astype(np.float32) * alpha).astype(np.uint8)
-        out[cov] = blend[cov]
+        t = np.clip((mean / (lim or 1.0) + 1) / 2, 0, 1)  # 0: most negative margin .. 1: most positive
+        # colours from a 256-entry ramp and a uint8 blend: no thumbnail-sized float temporaries
+        ramp = np.linspace(0.0, 1.0, 256)[:, None]
+        lut = np.rint(ramp * POSITIVE_RGB + (1 - ramp) * NEGATIVE_RGB).astype(np.uint8)
+        heat = lut[np.rint(t * 255).astype(np.uint8)]
+        np.copyto(out, cv2.addWeighted(out, 1 - alpha, heat, alpha, 0), where=cov[..., None])
     thickness = max(2, int(round(max(th, tw) / 500)))
     for poly in polygons:
         rings = [poly.exterior, *poly.interiors]
@@ -54,4 +56,4 @@ def render_overlay(
 
 def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
     with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
+        Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1)  # a preview: level 6 is ~3x slower, 15 % smaller
