@@ -21,8 +21,6 @@ from pathlib import Path
 
 import pytest
 import shapely
-from qupath.fixtures import qupath_or_skip
-from qupath.harness import VERSIONS, QuPath, route_images_to_test_server
 from shapely.geometry import MultiPolygon, Polygon, box, shape
 
 from zeus_qupath.bridge.edits import (
@@ -36,6 +34,9 @@ from zeus_qupath.bridge.edits import (
 )
 from zeus_qupath.bridge.project_files import ZEUS_GEOJSON, FilesProject
 from zeus_qupath.geojson import Annotation, annotation_feature
+
+from qupath.fixtures import qupath_or_skip
+from qupath.harness import VERSIONS, QuPath, route_images_to_test_server
 
 GROOVY = Path(__file__).resolve().parents[1] / "groovy" / "import_zeus_annotations.groovy"
 RULE_BLOCK = re.compile(r"// >>> ZEUS keep-edits rule.*?// <<< ZEUS keep-edits rule", re.S)
