@@ -246,3 +246,27 @@ def test_float32_coordinates_of_qupath_06_still_match(qupath: QuPath, tmp_path: 
         ours = shapely.get_coordinates(shapely.normalize(shape(feats[0]["geometry"])))
         theirs = shapely.get_coordinates(shapely.normalize(objects[0].geometry))
         assert 0 < abs(ours - theirs).max() <= 2.0**-23 * 123999.123
+
+
+def test_heatmap_tiles_are_replaced_not_doubled(qupath: QuPath, slide: Path, tmp_path: Path) -> None:
+    """zeus_tiles.geojson beside the annotations: the import puts the tiles in and replaces them next time."""
+    project = tmp_path / "project"
+    publish(project, slide, [feature(Polygon(ring(600, 600, 150)))])
+    route_images_to_test_server(project)
+    entry_dir = project / "data" / "1"
+
+    def tiles(score: float) -> None:
+        feats = [{"type": "Feature", "geometry": shapely.geometry.mapping(box(x, y, x + 112, y + 112)),
+                  "properties": {"objectType": "tile", "measurements": {"ZEUS score: Tumor": score}}}
+                 for x in range(0, 448, 112) for y in range(0, 336, 112)]
+        (entry_dir / "zeus_tiles.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+
+    for score in (0.25, 0.75):
+        tiles(score)
+        (run,) = qupath.run_for_project(project, GROOVY)
+        assert run.error is None and "12 heatmap tile(s)" in run.output, run
+        objects = qupath.load_project(project).entry("slide.tif").objects
+        tile_objects = [o for o in objects if o.object_type == "tile"]
+        assert len(tile_objects) == 12
+        assert {o.measurements["ZEUS score: Tumor"] for o in tile_objects} == {score}
+        assert len([o for o in objects if o.object_type == "annotation"]) == 1
