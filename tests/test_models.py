@@ -116,7 +116,7 @@ def test_image_preprocess_rejects_non_uint8():
 
 @pytest.fixture(scope="module")
 def vit_b32():
-    return load_encoder("open_clip:ViT-B-32", None, "cpu", "fp32")
+    return load_encoder("open_clip:ViT-B-32", None, "cpu", "fp32", random_weights=True)
 
 
 def test_open_clip_preprocess_equals_open_clip_val_transform(vit_b32):
