@@ -41,11 +41,18 @@ def read_zeus_tiles(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     features = data.get("features") if isinstance(data, Mapping) and data.get("type") == "FeatureCollection" else None
     if not isinstance(features, list):
         raise ProjectError(f"{p}: not a GeoJSON FeatureCollection of ZEUS heatmap tiles")
+    return check_tiles(features, str(p))
+
+
+def check_tiles(features: Iterable[Any], source: str) -> list[dict[str, Any]]:
+    """``features`` as a list, each checked to be a ZEUS heatmap tile (one ``ProjectError`` line otherwise)."""
+    out = []
     for i, f in enumerate(features):
         why = _tile_problem(f)
         if why:
-            raise ProjectError(f"{p}: feature {i} is not a ZEUS heatmap tile ({why})")
-    return features
+            raise ProjectError(f"{source}: feature {i} is not a ZEUS heatmap tile ({why})")
+        out.append(f)
+    return out
 
 
 def _tile_problem(feature: Any) -> str | None:

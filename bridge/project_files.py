@@ -45,7 +45,7 @@ from zeus_qupath.geojson import class_color
 
 from .edits import MergeResult
 from .entry_match import META_SLIDE, META_URI, EntryInfo, SlideKey, match_entry, next_entry_id
-from .heatmap_tiles import ZEUS_TILES
+from .heatmap_tiles import ZEUS_TILES, check_tiles
 from .uris import UriMap, map_path, path_to_file_uri, same_file_uri
 
 PROJECT_FILE = "project.qpproj"
@@ -382,7 +382,8 @@ class FilesProject:
         if provider not in PROVIDERS:
             raise ProjectError(f"unknown image provider {provider!r} (choose from {', '.join(PROVIDERS)})")
         features = _check_features(geojson_features, str(slide_path))
-        tile_features = None if tiles is None else _check_features(tiles, f"{slide_path} (heatmap tiles)")
+        tile_features = None if tiles is None else _check_features(
+            check_tiles(tiles, f"{slide_path} (heatmap tiles)"), f"{slide_path} (heatmap tiles)")
         uri = path_to_file_uri(slide_path, uri_map)
         name = image_name or Path(os.fspath(slide_path)).name
         slide_key = SlideKey(path=map_path(slide_path), uris=(uri, path_to_file_uri(slide_path)), name=name,

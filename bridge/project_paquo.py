@@ -48,7 +48,7 @@ from .edits import (
     written_record,
 )
 from .entry_match import META_SLIDE, META_URI, EntryInfo, SlideKey, match_entry
-from .heatmap_tiles import ZEUS_TILES, is_zeus_tile
+from .heatmap_tiles import ZEUS_TILES, check_tiles, is_zeus_tile
 from .project_files import PROJECT_FILE, ZEUS_GEOJSON, ImageUpdate, zeus_entry_metadata
 from .qupath_geojson import QuPathObject, feature_to_object, repair_geometry
 from .uris import UriMap, map_path, path_to_file_uri, same_file_uri
@@ -174,7 +174,8 @@ class PaquoProject:
         except (TypeError, ValueError) as exc:
             raise ProjectError(f"{slide_path}: the ZEUS annotations cannot be written as JSON ({exc})") from None
         try:
-            tile_features = None if tiles is None else json.loads(json.dumps([dict(t) for t in tiles], allow_nan=False))
+            tile_features = None if tiles is None else json.loads(json.dumps(
+                check_tiles(tiles, f"{slide_path} (heatmap tiles)"), allow_nan=False))
         except (TypeError, ValueError) as exc:
             raise ProjectError(f"{slide_path}: the heatmap tiles cannot be written as JSON ({exc})") from None
         local_uri = path_to_file_uri(slide_path)
@@ -227,7 +228,7 @@ class PaquoProject:
                 # through QuPath's own GeoJSON reader: the object keeps the ID, class, name and measurements
                 hierarchy.annotations.add(QuPathPathAnnotationObject.from_geojson(feature))
             if tile_features is not None:
-                self._replace_zeus_tiles(hierarchy, tile_features)
+                self._replace_zeus_tiles(hierarchy, entry_dir / ZEUS_TILES, tile_features)
         for key, value in zeus_entry_metadata(metadata).items():
             entry.metadata[key] = value
         entry.metadata[META_SLIDE] = slide_key.path
@@ -235,8 +236,6 @@ class PaquoProject:
         entry.save()
         write_import_record(entry_dir, merge.record)  # after the image data, as the import script does
         self._keep_written(entry_dir / ZEUS_GEOJSON, features)
-        if tile_features is not None and (tile_features or (entry_dir / ZEUS_TILES).exists()):
-            self._keep_written(entry_dir / ZEUS_TILES, tile_features, "heatmap tiles")
         if not same_file_uri(str(entry.uri), keep_uri):
             self._qp.update_image_paths(uri2uri={str(entry.uri): keep_uri})
         self._qp.save(images=False)
@@ -244,18 +243,28 @@ class PaquoProject:
         self.updates.append(ImageUpdate(entry_id, str(entry.image_name), created, len(features), merge))
         return entry_id
 
-    @staticmethod
-    def _replace_zeus_tiles(hierarchy: Any, tiles: list[dict[str, Any]]) -> None:
-        """Remove the image's earlier ZEUS heatmap tiles, add ``tiles`` (one batch each, below the root,
-        as the import script's ``addObjects``)."""
+    def _replace_zeus_tiles(self, hierarchy: Any, path: Path, tiles: list[dict[str, Any]]) -> None:
+        """Keep ``tiles`` as ``path`` (an empty collection only where a file was), then replace the image's
+        earlier ZEUS tiles by what QuPath's GeoJSON reader makes of that file, as the import script does
+        (one removal, one addition below the root; paquo's per-object reader takes ~5 ms a tile)."""
+        from paquo.java import File, PathIO
         from paquo.pathobjects import QuPathPathTileObject
 
+        if tiles or path.exists():
+            self._keep_written(path, tiles, "heatmap tiles")
+        try:
+            read = list(PathIO.readObjects(File(os.fspath(path)))) if tiles else []
+        except Exception as exc:  # a Java exception through JPype
+            raise ProjectError(f"{path}: QuPath cannot read the heatmap tiles ({exc})") from None
+        if len(read) != len(tiles) or not all(o.isTile() for o in read):
+            raise ProjectError(f"{path}: QuPath read {len(read)} object(s), not the {len(tiles)} heatmap tile(s)")
+        new = [QuPathPathTileObject(o) for o in read]
         earlier = [t for t in hierarchy.tiles if is_zeus_tile("tile", t.measurements)]
         detections = hierarchy.detections  # tiles are detections; paquo's tile view is read-only
         if earlier:
             detections -= earlier
-        if tiles:
-            detections |= [QuPathPathTileObject.from_geojson(t) for t in tiles]
+        if new:
+            detections |= new
 
     def _keep_written(self, path: Path, features: list[dict[str, Any]], what: str = "annotations") -> None:
         """ZEUS's result beside the image data, the record the keep-edits rule and ``zeus export`` read; a

@@ -172,6 +172,51 @@ def test_paquo_uri_map_rewrites_the_image_uri(tmp_path: Path) -> None:
     assert len(data["images"]) == 1 and data["images"][0]["serverBuilder"]["uri"].startswith("file:/Z:/")
 
 
+def _tiles_by_box(objects: Any) -> dict[tuple, dict[str, float]]:
+    """(x0, y0, x1, y1) -> measurements (as float32) of tile objects (paquo's, QuPath's or GeoJSON features)."""
+    import numpy as np
+
+    out = {}
+    for o in objects:
+        if isinstance(o, dict):
+            geometry, measurements = shape(o["geometry"]), o["properties"]["measurements"]
+        else:
+            geometry, measurements = (o.roi, o.measurements) if hasattr(o, "roi") else (o.geometry, o.measurements)
+        key = tuple(round(v, 2) for v in geometry.bounds)
+        assert key not in out, f"two tiles at {key}"
+        out[key] = {str(k): float(np.float32(v)) for k, v in dict(measurements).items()}
+    return out
+
+
+OTHER_TILE = {"Tumor probability": 0.75}  # another tool's tile: never ZEUS's
+
+
+@requires_qupath
+def test_paquo_heatmap_tiles_replace_only_zeus_tiles(tmp_path: Path) -> None:
+    from paquo.projects import QuPathProject
+
+    out = os.environ.get("ZEUS_PAQUO_OUT")
+    project_dir = Path(out) / "tiles" if out else tmp_path / "tiles"  # the outer test loads it with QuPath
+    first, second = _tile_features(1, n=19, rows=26), _tile_features(2, n=12, rows=20)  # 494, then 240 tiles
+    _add(project_dir, _features(), tiles=first)
+    entry, _ = _annotations(project_dir)
+    assert _tiles_by_box(entry.hierarchy.tiles) == _tiles_by_box(first)
+    # the annotator draws an annotation; another tool adds a tile of its own
+    with QuPathProject(project_dir / "project.qpproj", mode="r+") as qp:
+        entry = qp.images[0]
+        entry.hierarchy.add_annotation(roi=Polygon([(10, 10), (90, 10), (90, 90)]))
+        entry.hierarchy.add_tile(roi=Polygon([(2000, 2800), (2100, 2800), (2100, 2900), (2000, 2900)]),
+                                 measurements=OTHER_TILE)
+        entry.save()
+
+    _add(project_dir, _features(), tiles=second)  # a re-run with --tiles
+    entry, annotations = _annotations(project_dir)
+    tiles = _tiles_by_box(entry.hierarchy.tiles)
+    assert tiles.pop((2000.0, 2800.0, 2100.0, 2900.0)) == OTHER_TILE
+    assert tiles == _tiles_by_box(second)  # the earlier ZEUS tiles are gone, none twice
+    assert sorted(str(a.name) for a in annotations) == ["None", "ZEUS Normal", "ZEUS Tumor"]
+
+
 # ------------------------------------------------------------------------ paquo on real QuPath code
 
 
@@ -218,6 +263,13 @@ def test_paquo_on_real_qupath_code(qupath: Any, tmp_path: Path) -> None:
     assert {o.id for o in entry.annotations} == set(written)  # what the keep-edits rule will recognise
     assert all(same_geometry(o.geometry, written[o.id].geometry) for o in entry.annotations)
 
+    # the heatmap paquo wrote, as QuPath's readHierarchy sees it
+    (entry,) = qupath.load_project(tmp_path / "out" / "tiles").entries
+    tiles = _tiles_by_box(o for o in entry.objects if o.object_type == "tile")
+    assert tiles.pop((2000.0, 2800.0, 2100.0, 2900.0)) == OTHER_TILE
+    assert tiles == _tiles_by_box(_tile_features(2, n=12, rows=20))
+    assert sorted(o.name or "" for o in entry.annotations) == ["", "ZEUS Normal", "ZEUS Tumor"]
+
 
 # ------------------------------------------------------------------------ stand-in for paquo + QuPath
 
@@ -252,16 +304,36 @@ class StandInAnnotation:
         return {"type": "Feature", "id": self.id, "geometry": geometry, "properties": props}
 
 
+class StandInJavaObject:
+    """Test double of a QuPath PathObject as QuPath's GeoJSON reader (``PathIO.readObjects``) makes it."""
+
+    def __init__(self, roi: Any, object_type: str, measurements: dict | None = None) -> None:
+        self.roi, self.object_type, self.measurements = roi, object_type, dict(measurements or {})
+
+    def isTile(self) -> bool:  # noqa: N802 (Java's name)
+        return self.object_type == "tile"
+
+
+def stand_in_read_objects(file: Path) -> list[StandInJavaObject]:
+    """Test double of ``PathIO.readObjects(File)``."""
+    features = json.loads(Path(file).read_text(encoding="utf-8"))["features"]
+    return [StandInJavaObject(shape(f["geometry"]), f["properties"].get("objectType", "annotation"),
+                              f["properties"].get("measurements")) for f in features]
+
+
 class StandInTile:
-    """Test double of paquo's QuPathPathTileObject: a tile detection with measurements."""
+    """Test double of paquo's QuPathPathTileObject (a wrapper of the Java object)."""
 
-    def __init__(self, roi: Any, measurements: dict | None = None) -> None:
-        self.roi, self.measurements = roi, dict(measurements or {})
+    def __init__(self, java_object: StandInJavaObject) -> None:
+        self.java_object = java_object
 
-    @classmethod
-    def from_geojson(cls, feature: dict) -> StandInTile:
-        assert (feature.get("properties") or {}).get("objectType") == "tile"
-        return cls(shape(feature["geometry"]), (feature.get("properties") or {}).get("measurements"))
+    @property
+    def roi(self) -> Any:
+        return self.java_object.roi
+
+    @property
+    def measurements(self) -> dict:
+        return self.java_object.measurements
 
 
 class StandInDetections(list):
@@ -375,10 +447,14 @@ def make_stand_in_paquo(state: dict) -> dict[str, types.ModuleType]:
     pathobjects.QuPathPathTileObject = StandInTile
     config = types.ModuleType("paquo._config")
     config.settings, config.to_kwargs = {}, lambda s: {}
+    java = types.ModuleType("paquo.java")
+    java.File = Path
+    java.PathIO = types.SimpleNamespace(readObjects=stand_in_read_objects)
     backend = types.ModuleType("paquo.jpype_backend")
     backend.find_qupath = lambda **kwargs: "a QuPath install"
     return {"paquo": paquo, "paquo.projects": projects, "paquo.images": images, "paquo.classes": classes,
-            "paquo.pathobjects": pathobjects, "paquo._config": config, "paquo.jpype_backend": backend}
+            "paquo.pathobjects": pathobjects, "paquo._config": config, "paquo.jpype_backend": backend,
+            "paquo.java": java}
 
 
 @pytest.fixture
@@ -469,15 +545,15 @@ def test_backend_with_stand_in_finds_an_entry_the_annotator_relocated(tmp_path: 
     assert entry.uri == "file:/C:/Users/ann/a.svs"  # and gave the annotator's URI back
 
 
-def _tile_features(seed: int, n: int = 6) -> list[dict]:
-    """ZEUS heatmap tiles as zeus segment --tiles writes them (zeus_qupath.heatmap), n patches in a row."""
+def _tile_features(seed: int, n: int = 6, rows: int = 1) -> list[dict]:
+    """ZEUS heatmap tiles as zeus segment --tiles writes them (zeus_qupath.heatmap): rows x n patches."""
     import numpy as np
 
     from zeus_qupath.heatmap import tile_collection
     from zeus_qupath.scores import PatchScores
 
-    coords = np.array([[112 * i, 0] for i in range(n)], np.int64)
-    values = np.random.default_rng(seed).normal(0, 0.1, (n, 2)).astype(np.float32)
+    coords = np.array([[112 * i, 112 * j] for j in range(rows) for i in range(n)], np.int64)
+    values = np.random.default_rng(seed).normal(0, 0.1, (len(coords), 2)).astype(np.float32)
     scores = PatchScores(coords, values, ("normal", "tumor"), "tumor", 448, 112, 2220, 2967, 0.5)
     return tile_collection(scores)["features"]
 
@@ -495,7 +571,8 @@ def test_backend_with_stand_in_replaces_only_zeus_tiles(tmp_path: Path, stand_in
     assert [t.measurements for t in hierarchy.tiles] == [f["properties"]["measurements"] for f in first]
     assert json.loads((entry.entry_path / ZEUS_TILES).read_text(encoding="utf-8"))["features"] == first
     # another tool's tile (no ZEUS score) and the annotator's annotation stay whatever ZEUS does
-    other = StandInTile(Polygon([(0, 0), (50, 0), (50, 50), (0, 50)]), {"Tumor probability": 0.9})
+    other = StandInTile(StandInJavaObject(Polygon([(0, 0), (50, 0), (50, 50), (0, 50)]), "tile",
+                                          {"Tumor probability": 0.9}))
     hierarchy.detections.append(other)
     drawn = hierarchy.add_annotation(Polygon([(10, 10), (90, 10), (90, 90)]))
 
