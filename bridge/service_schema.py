@@ -25,6 +25,7 @@ from zeus_qupath.reconstruct import Threshold
 
 MAX_COORDINATE = 2.0**31  # level-0 px; no slide is larger
 DEFAULT_MAX_REGION_VERTICES = 10_000
+MAX_REPAIR_CROSSINGS = 64  # a hand-drawn outline that crosses itself does so a few times
 
 
 class RequestError(Exception):
@@ -156,6 +157,40 @@ def _polygon(rings: Any, budget: list[int], max_vertices: int) -> Polygon:
     return Polygon(parts[0], parts[1:])
 
 
+def crossings_over(geom: BaseGeometry, limit: int, chunk: int = 16) -> bool:
+    """Whether the rings of ``geom`` cross (or touch) each other more than ``limit`` times.
+
+    Repairing a self-intersecting outline costs time that grows with its crossings (a 300-vertex random
+    polygon: about a minute), so a region is repaired only below a limit. Counted chunk by chunk with an
+    R-tree of the ring segments, stopping as soon as the limit is passed: bounded work for any input.
+    """
+    rings = [shapely.get_coordinates(r) for r in shapely.get_rings(geom)]
+    starts, ends, ring_of, pos, size = [], [], [], [], []
+    for k, ring in enumerate(rings):
+        n = len(ring) - 1
+        starts.append(ring[:-1])
+        ends.append(ring[1:])
+        ring_of.append(np.full(n, k))
+        pos.append(np.arange(n))
+        size.append(np.full(n, n))
+    if not starts:
+        return False
+    a, b = np.concatenate(starts), np.concatenate(ends)
+    ring_id, position, ring_len = np.concatenate(ring_of), np.concatenate(pos), np.concatenate(size)
+    segments = shapely.linestrings(np.stack([a, b], axis=1))
+    tree = shapely.STRtree(segments)
+    count = 0
+    for start in range(0, len(segments), chunk):
+        i, j = tree.query(segments[start:start + chunk], predicate="intersects")
+        i = i + start
+        gap = np.abs(position[i] - position[j])
+        neighbours = (ring_id[i] == ring_id[j]) & ((gap <= 1) | (gap == ring_len[i] - 1))
+        count += int(np.sum((i < j) & ~neighbours))
+        if count > limit:
+            return True
+    return False
+
+
 def parse_region(value: Rectangle | Geometry | Feature,
                  max_vertices: int = DEFAULT_MAX_REGION_VERTICES) -> BaseGeometry:
     """A request's region as a valid areal geometry (level-0 px): 400 malformed, 422 unusable."""
@@ -175,6 +210,9 @@ def parse_region(value: Rectangle | Geometry | Feature,
     else:
         raise RequestError(422, f"region: a {geometry.type!r} has no area; send a Polygon or MultiPolygon")
     if not geom.is_valid:
+        if crossings_over(geom, MAX_REPAIR_CROSSINGS):
+            raise RequestError(422, f"region crosses itself more than {MAX_REPAIR_CROSSINGS} times; "
+                                    "send a valid (non-self-intersecting) outline")
         geom = polygonal(shapely.make_valid(geom))
     if geom.is_empty or geom.area <= 0 or not np.isfinite(geom.area):
         raise RequestError(422, "region has no area")

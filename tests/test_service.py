@@ -558,6 +558,11 @@ def test_region_vertex_and_patch_limits_are_422(server, folders):
         "type": "Polygon", "coordinates": [[*ring, ring[0]]]}})
     assert status == 422 and "vertices" in payload["error"]
     assert_one_line_error(payload, status)
+    # under the vertex limit, but crossing itself thousands of times: repairing it would take minutes
+    scribble = np.random.default_rng(0).uniform(0, 2000, size=(300, 2)).tolist()
+    status, payload, _ = call(server, "POST", "/segment", {"slide": small, "region": {
+        "type": "Polygon", "coordinates": [[*scribble, scribble[0]]]}})
+    assert status == 422 and "crosses itself" in payload["error"]
     limited = server.service.segmenter
     old = limited.max_patches
     limited.max_patches = 3
@@ -723,7 +728,7 @@ def test_parse_region_and_threshold():
 
     assert region({"x": 10, "y": 20, "width": 30, "height": 40}).equals(box(10, 20, 40, 60))
     bowtie = {"type": "Polygon", "coordinates": [[[0, 0], [10, 10], [10, 0], [0, 10], [0, 0]]]}
-    fixed = region(bowtie)
+    fixed = region(bowtie)  # crossing itself once, as drawn by hand: repaired
     assert fixed.is_valid and fixed.area == pytest.approx(50)
     feature = {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [
         [[[0, 0], [4, 0], [4, 4], [0, 4], [0, 0]]], [[[10, 10], [12, 10], [12, 12], [10, 12], [10, 10]]]]},
