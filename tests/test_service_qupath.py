@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pytest
 import shapely
-from qupath.fixtures import qupath_or_skip
-from qupath.harness import VERSIONS, QuPath, route_images_to_test_server
 from shapely import affinity
 from shapely.geometry import shape
 
 from zeus_qupath.bridge.project_files import FilesProject
 from zeus_qupath.bridge.service import ServiceConfig, make_server
 from zeus_qupath.segment import SegmentParams
+
+from qupath.fixtures import qupath_or_skip
+from qupath.harness import VERSIONS, QuPath, route_images_to_test_server
 
 SCRIPT = Path(__file__).resolve().parents[1] / "groovy" / "zeus_segment_current_image.groovy"
 TOKEN = "qupath-test-token-0123456789"
