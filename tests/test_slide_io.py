@@ -126,5 +126,8 @@ def test_scores_file_roundtrip_and_errors(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"garbage")
     with pytest.raises(ZeusError, match="bad.npz"):
         PatchScores.load(tmp_path / "bad.npz")
-    with pytest.raises(ZeusError, match="stride"):
-        PatchScores(np.array([[5, 0]]), np.zeros((1, 2), np.float32), ("a", "b"), "b", 448, 112, 10, 10, None)
+    # any grid (CLAM/ZEUS per-contour lattices): coords off the stride are kept, negative ones refused
+    assert PatchScores(np.array([[5, 0]]), np.zeros((1, 2), np.float32), ("a", "b"), "b", 448, 112, 10, 10,
+                       None).coords.tolist() == [[5, 0]]
+    with pytest.raises(ZeusError, match="non-negative"):
+        PatchScores(np.array([[-5, 0]]), np.zeros((1, 2), np.float32), ("a", "b"), "b", 448, 112, 10, 10, None)
