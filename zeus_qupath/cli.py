@@ -13,7 +13,6 @@ from . import __version__
 from .atomic import atomic_set, writable_dir
 from .console import configure_console, os_error_line
 from .errors import ZeusError, one_line
-from .reconstruct import Threshold
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +72,7 @@ def _add_polygon_options(p: argparse.ArgumentParser) -> None:
 
 
 def _segment_params(args: argparse.Namespace):
+    from .reconstruct import Threshold
     from .segment import SegmentParams
 
     return SegmentParams(
@@ -124,6 +124,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_polygons(args: argparse.Namespace) -> int:
     from .geojson import write_geojson
+    from .reconstruct import Threshold
     from .scores import PatchScores
     from .segment import SegmentParams, geojson_from_scores
 
@@ -156,6 +157,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .geojson import write_geojson
     from .models import load_encoder
     from .prompts import load_prompts, prompt_file
+    from .reconstruct import Threshold
     from .screening import parse_screening
     from .segment import SegmentParams, geojson_from_scores, output_stem
 
@@ -225,6 +227,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .bridge.service import ServiceConfig, serve
     from .prompts import DEFAULT_PROMPT_SET
+    from .reconstruct import Threshold
     from .segment import SegmentParams
 
     params = SegmentParams(threshold=Threshold.parse(args.threshold), batch_size=args.batch_size,
