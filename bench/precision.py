@@ -137,7 +137,8 @@ def main() -> int:
     with Slide(demo.path) as s:
         width, height = s.dimensions
         grid = make_grid(width, height, PatchGeometry(448, 112), detect_tissue(s))
-    info = {**machine(), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None, "torch": torch.__version__,
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else None
+    info = {**machine(), "gpu": gpu, "torch": torch.__version__,
             "slide": f"{width} x {height}", "patches": len(grid)}
     print(json.dumps(info), flush=True)
     results = []
