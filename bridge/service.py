@@ -27,9 +27,9 @@ from typing import Any
 from zeus_qupath import __version__
 from zeus_qupath.embedding_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, EmbeddingCache
 from zeus_qupath.errors import ModelError, ZeusError
-from zeus_qupath.executors import ModelSpec, parse_model_specs
-from zeus_qupath.model_pool import DEFAULT_MAX_MODELS, ModelPool
 from zeus_qupath.models import DEFAULT_MODEL
+from zeus_qupath.models.pool import DEFAULT_MAX_MODELS, ModelPool
+from zeus_qupath.models.specs import ModelSpec, parse_model_specs
 from zeus_qupath.on_demand import OnDemandSegmenter, SegmentRequest, SegmentResult
 from zeus_qupath.prompts import DEFAULT_PROMPT_SET, load_prompts
 from zeus_qupath.run import CACHE_DIR, versions
@@ -313,7 +313,7 @@ def serve(config: ServiceConfig, on_ready: Callable[[ZeusServer], None] | None =
     """
     if not logging.getLogger().handlers:  # requests and timings to stderr; other libraries' chatter stays quiet
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s zeus serve: %(message)s")
-    for name in (__name__, "zeus_qupath.on_demand", "zeus_qupath.model_pool", "uvicorn.access", "uvicorn.error"):
+    for name in (__name__, "zeus_qupath.on_demand", "zeus_qupath.models.pool", "uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).setLevel(logging.INFO)
     server = make_server(config)
     service = server.service

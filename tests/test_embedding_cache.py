@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from zeus_qupath.embedding_cache import EmbeddingCache, SlideEmbeddings
-from zeus_qupath.executors import ModelSpec
 from zeus_qupath.feature_cache import CacheKey
 from zeus_qupath.grid import PatchGeometry, PatchGrid
-from zeus_qupath.model_pool import ModelPool
+from zeus_qupath.models.pool import ModelPool
+from zeus_qupath.models.specs import ModelSpec
 from zeus_qupath.on_demand import OnDemandSegmenter, SegmentRequest
 from zeus_qupath.run import RunConfig, run_segment
 from zeus_qupath.samples import prompt_path

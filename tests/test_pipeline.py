@@ -11,8 +11,8 @@ import torch
 
 from zeus_qupath.embed import StreamEncoder, cut_patches_torch, embed_grid
 from zeus_qupath.errors import SlideError
-from zeus_qupath.executors import parse_model_specs
 from zeus_qupath.grid import PatchGeometry, PatchGrid, make_grid
+from zeus_qupath.models.specs import parse_model_specs
 from zeus_qupath.reader import (
     PlanFailure,
     ReadPlan,

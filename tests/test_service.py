@@ -39,8 +39,8 @@ from zeus_qupath.bridge.service_schema import RequestError, parse_region, parse_
 from zeus_qupath.cli import main as zeus_main
 from zeus_qupath.embedding_cache import EmbeddingCache
 from zeus_qupath.errors import ZeusError
-from zeus_qupath.executors import ModelSpec
-from zeus_qupath.model_pool import ModelPool
+from zeus_qupath.models.pool import ModelPool
+from zeus_qupath.models.specs import ModelSpec
 from zeus_qupath.on_demand import OnDemandSegmenter, SegmentRequest
 from zeus_qupath.reconstruct import Threshold
 from zeus_qupath.samples import prompt_path

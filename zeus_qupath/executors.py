@@ -26,20 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from .cohort import SlideEntry, SlideFailure, StateStore
 from .embed import SlideEmbedding, StreamEncoder, pin_region, wants_device_cut
 from .embedding_cache import EmbeddingCache, slide_key
-from .errors import ModelError, ZeusError
+from .errors import ZeusError
 from .feature_cache import CachedEmbeddings, CacheKey
-from .identity import ModelIdentity, effective_precision, model_identity
-from .models import load_encoder
-from .models.base import Encoder
-from .prompts import PromptSet, class_prototypes, load_prompts
+from .identity import effective_precision
+from .models.ensemble import RunModels, load_run_models
+from .models.specs import ModelSpec
 from .reader import DEFAULT_BLOCK_CELLS, PlanFailure, ReadPlan, RegionStream, SlideFailed, plan_blocks
-from .screening import embed_prompts
 from .segment import (
     PreparedSlide,
     SegmentParams,
@@ -52,35 +49,6 @@ from .segment import (
 from .slide import Slide
 
 MAX_PENDING_FINISH = 2
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One ``--model`` entry and its ``--pretrained``."""
-
-    spec: str
-    pretrained: str | None = None
-    random_weights: bool = False  # --random-weights: seeded random weights on purpose (open_clip, tests)
-
-
-def parse_model_specs(model: str, pretrained: str | None, random_weights: bool = False) -> tuple[ModelSpec, ...]:
-    """``--model a,b`` with ``--pretrained p`` (one model) or ``--pretrained pa,pb`` (one per model, may be empty).
-
-    ``random_weights`` applies to the models given no ``--pretrained`` entry.
-    """
-    specs = [s.strip() for s in model.split(",")]
-    if not all(specs):
-        raise ModelError(f"--model {model!r}: empty model name in the list")
-    if len(specs) == 1:
-        return (ModelSpec(specs[0], pretrained or None, random_weights and not pretrained),)
-    weights: list[str | None] = [None] * len(specs)
-    if pretrained:
-        parts = [p.strip() or None for p in pretrained.split(",")]
-        if len(parts) != len(specs):
-            raise ModelError(f"--pretrained needs one entry per model ({len(specs)}), comma-separated; "
-                             f"got {len(parts)}")
-        weights = parts
-    return tuple(ModelSpec(s, w, random_weights and w is None) for s, w in zip(specs, weights, strict=True))
 
 
 @dataclass(frozen=True)
@@ -103,31 +71,10 @@ class RunSettings:
     parameters: dict[str, Any] = field(default_factory=dict)  # recorded in every state file
 
 
-@dataclass
-class RunModels:
-    """Loaded encoders, their identities and class prototypes, and the prompts."""
-
-    encoders: list[Encoder]
-    identities: list[ModelIdentity]
-    prompts: PromptSet
-    prototypes: list[np.ndarray]
-    score_options: dict[str, Any] = field(default_factory=dict)  # for scoring.slide_scores
-
-
-def load_run_models(settings: RunSettings) -> RunModels:
-    """Load every model of an ensemble and its prototypes; one-line errors for bad prompts or models."""
-    prompts = load_prompts(settings.prompts, settings.positive_class)
-    encoders = [load_encoder(m.spec, m.pretrained, settings.device, settings.precision, random_weights=m.random_weights)
-                for m in settings.models]
-    identities = [model_identity(m.spec, m.pretrained, e) for m, e in zip(settings.models, encoders, strict=True)]
-    options: dict[str, Any] = {"model_specs": [m.spec for m in settings.models]}
-    if settings.screening_k is not None:
-        options["screening_k"] = settings.screening_k
-        options["text_embeddings"] = [embed_prompts(e, prompts) for e in encoders]
-        prototypes = [t.prototypes() for t in options["text_embeddings"]]
-    else:
-        prototypes = [class_prototypes(e, prompts) for e in encoders]
-    return RunModels(encoders, identities, prompts, prototypes, options)
+def load_settings_models(settings: RunSettings) -> RunModels:
+    """The models ``settings`` name, loaded on its device (see :func:`~zeus_qupath.models.ensemble.load_run_models`)."""
+    return load_run_models(settings.models, settings.prompts, settings.positive_class, settings.device,
+                           settings.precision, settings.screening_k)
 
 
 @dataclass(frozen=True)
@@ -302,7 +249,7 @@ def _ray_segment(settings: RunSettings, job: SlideJob) -> Outcome:
     settings = replace(settings, progress=False)
     t0 = time.perf_counter()
     try:
-        models = load_run_models(settings)
+        models = load_settings_models(settings)
         outcome = next(iter(run_local([job], settings, models)))
     except Exception as exc:
         outcome = _failure(job, exc, t0)

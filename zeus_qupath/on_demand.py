@@ -6,7 +6,7 @@ the embedding stream (:func:`~zeus_qupath.embed.embed_grid`), and
 (:func:`~zeus_qupath.embedding_cache.slide_key`). What differs is reuse: the two-tier
 :class:`~zeus_qupath.embedding_cache.EmbeddingCache` keeps each slide's features between requests, so
 a request embeds only the patches that neither a previous request nor a ``zeus segment`` run with the
-same cache folder embedded; models stay loaded in a :class:`~zeus_qupath.model_pool.ModelPool`.
+same cache folder embedded; models stay loaded in a :class:`~zeus_qupath.models.pool.ModelPool`.
 
 A region (level-0 polygon) selects the grid patches whose area meets it; its mask is computed on a
 window around it (see :mod:`zeus_qupath.outline`). ``max_patches`` caps the patches one request may
@@ -30,11 +30,11 @@ from shapely.geometry.base import BaseGeometry
 from .embed import StreamEncoder, pin_region, wants_device_cut
 from .embedding_cache import EmbeddingCache, SlideEmbeddings, slide_key
 from .errors import ZeusError
-from .executors import ModelSpec
 from .grid import PatchGrid
 from .identity import file_fingerprint
-from .model_pool import LoadedModel, ModelPool
 from .models.base import Encoder
+from .models.pool import LoadedModel, ModelPool
+from .models.specs import ModelSpec
 from .outline import SlideOutline, outline_patches, patches_in_region, polygonal
 from .polygons import tissue_geometry
 from .prompts import load_prompts

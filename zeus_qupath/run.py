@@ -39,15 +39,15 @@ from .cohort import (
 )
 from .errors import ZeusError
 from .executors import (
-    RunModels,
     RunSettings,
     SlideJob,
-    load_run_models,
-    parse_model_specs,
+    load_settings_models,
     run_local,
     run_ray,
 )
 from .identity import FingerprintMemo, file_fingerprint, stable_hash
+from .models.ensemble import RunModels
+from .models.specs import parse_model_specs
 from .segment import SegmentParams, SlideReport
 
 __all__ = ["SLIDE_SUFFIXES", "RunConfig", "RunReport", "run_parameters", "run_segment", "versions"]
@@ -177,7 +177,7 @@ def run_segment(config: RunConfig, on_slide: Callable[[SlideReport], None] | Non
     if settings.cache_dir is not None:
         writable_dir(settings.cache_dir, "--cache")
     # Ray workers load their own models; here they are loaded on the CPU only to validate and identify them
-    models = load_run_models(replace(settings, device="cpu") if config.executor == "ray" else settings)
+    models = load_settings_models(replace(settings, device="cpu") if config.executor == "ray" else settings)
     parameters = run_parameters(config, models)
     run_hash = stable_hash(parameters)
     prompts = models.prompts

@@ -2,7 +2,7 @@
 identities (the embedding cache's model key) and class prototypes per prompt set.
 
 Used by the service, which loads the models its requests name; a cohort run loads its models once
-(:func:`zeus_qupath.executors.load_run_models`). Loading a model touches no process-wide registry
+(:func:`zeus_qupath.models.ensemble.load_run_models`). Loading a model touches no process-wide registry
 (see :mod:`zeus_qupath.models.openclip`), so one request's model files cannot change another's model.
 """
 
@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .executors import ModelSpec
-from .identity import ModelIdentity, effective_precision, model_identity
-from .models import load_encoder
-from .models.base import Encoder
-from .prompts import PromptSet, class_prototypes
+from ..identity import ModelIdentity, effective_precision, model_identity
+from ..prompts import PromptSet, class_prototypes
+from . import load_encoder
+from .base import Encoder
+from .specs import ModelSpec
 
 log = logging.getLogger(__name__)
 
