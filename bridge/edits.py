@@ -45,9 +45,13 @@ from shapely.geometry import MultiPolygon, Polygon, shape
 from shapely.geometry.base import BaseGeometry
 
 from zeus_qupath.atomic import atomic_open
-from zeus_qupath.geojson import MEAS_AREA_PX, MEAS_CENTROID_X, MEAS_CENTROID_Y, MEAS_VERTICES, ZEUS_NAME_PREFIX
-
-from .qupath_geojson import QuPathObject, feature_to_object, read_qupath_geojson
+from zeus_qupath.qupath_geojson import (
+    ZEUS_MARKER_MEASUREMENTS,
+    ZEUS_NAME_PREFIX,
+    QuPathObject,
+    feature_to_object,
+    read_qupath_geojson,
+)
 
 #: one float32 ulp relative to the largest coordinate (QuPath 0.6 stores ROI coordinates as float32)
 FLOAT32_REL_TOL = 2.0**-23
@@ -58,8 +62,6 @@ RECORD_FORMAT = "zeus-imported/1"
 IMPORTED = "imported"
 REPLACED = "replaced"
 BACKUP_INFIX = ".bak-"
-#: every measurement ZEUS writes as part of its marker (``zeus export`` removes them)
-ZEUS_MARKER_MEASUREMENTS = (MEAS_AREA_PX, MEAS_VERTICES, MEAS_CENTROID_X, MEAS_CENTROID_Y)
 
 
 def zeus_class_from_name(name: str | None) -> str | None:

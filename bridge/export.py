@@ -68,9 +68,14 @@ from shapely.geometry.base import BaseGeometry
 from zeus_qupath.atomic import atomic_path
 from zeus_qupath.errors import GeoJSONError, ProjectError, ZeusError
 from zeus_qupath.output_set import OutputSet
+from zeus_qupath.qupath_geojson import (
+    ZEUS_MARKER_MEASUREMENTS,
+    QuPathObject,
+    objects_to_feature_collection,
+    read_qupath_geojson,
+)
 
 from .edits import (
-    ZEUS_MARKER_MEASUREMENTS,
     WrittenObject,
     has_zeus_marker,
     is_untouched_zeus,
@@ -81,7 +86,6 @@ from .edits import (
 )
 from .project import BACKENDS, paquo_status
 from .project_files import PROJECT_FILE, ZEUS_GEOJSON, FilesProject
-from .qupath_geojson import QuPathObject, objects_to_feature_collection, read_qupath_geojson
 
 DEFAULT_DOWNSAMPLE = 16.0  # as groovy/export_training_data.groovy
 DEFAULT_POSITIVE_CLASS = "Tumor"

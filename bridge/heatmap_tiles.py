@@ -1,10 +1,10 @@
 """ZEUS's heatmap tiles on the project side: read a run's ``<stem>.tiles.geojson``, and tell ZEUS's tiles apart.
 
 ``zeus segment --tiles`` writes each patch's class scores as QuPath tile detections with ``ZEUS score:
-<Class>`` measurements (``zeus_qupath.heatmap``). The project writers keep them as
-``data/<entryID>/zeus_tiles.geojson``, which the import script adds to the image (replacing the image's
-earlier ZEUS tiles); the paquo backend adds them itself. A tile is ZEUS's when it is a tile object with
-at least one ``ZEUS score: `` measurement: the rule the import script applies too. Nothing else in an
+<Class>`` measurements (``zeus_qupath.heatmap``, through ``zeus_qupath.qupath_geojson``). The project writers
+keep them as ``data/<entryID>/zeus_tiles.geojson``, which the import script adds to the image (replacing the
+image's earlier ZEUS tiles); the paquo backend adds them itself. A tile is ZEUS's when it is a tile object
+with at least one ``ZEUS score: `` measurement: the rule the import script applies too. Nothing else in an
 image (an annotator's objects, other tools' tiles) is ever taken for ZEUS's heatmap.
 """
 
@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from zeus_qupath.errors import ProjectError
-from zeus_qupath.heatmap import MEASUREMENT_PREFIX
-from zeus_qupath.json_input import read_json
+from zeus_qupath.qupath_geojson import TILE_MEASUREMENT_PREFIX, read_feature_collection
 
 ZEUS_TILES = "zeus_tiles.geojson"  # data/<entryID>/ZEUS_TILES: read by import_zeus_annotations.groovy
 
 
 def is_zeus_tile(object_type: str, measurement_names: Iterable[str]) -> bool:
     """Whether an object is one of ZEUS's heatmap tiles (a ``tile`` with a ``ZEUS score: `` measurement)."""
-    return object_type == "tile" and any(str(n).startswith(MEASUREMENT_PREFIX) for n in measurement_names)
+    return object_type == "tile" and any(str(n).startswith(TILE_MEASUREMENT_PREFIX) for n in measurement_names)
 
 
 def read_zeus_tiles(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -37,11 +36,7 @@ def read_zeus_tiles(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     building geometries (a slide has tens of thousands of tiles).
     """
     p = Path(path)
-    data = read_json(p, "ZEUS heatmap tiles", ProjectError)
-    features = data.get("features") if isinstance(data, Mapping) and data.get("type") == "FeatureCollection" else None
-    if not isinstance(features, list):
-        raise ProjectError(f"{p}: not a GeoJSON FeatureCollection of ZEUS heatmap tiles")
-    return check_tiles(features, str(p))
+    return check_tiles(read_feature_collection(p, "ZEUS heatmap tiles", ProjectError), str(p))
 
 
 def check_tiles(features: Iterable[Any], source: str) -> list[dict[str, Any]]:
@@ -71,7 +66,7 @@ def _tile_problem(feature: Any) -> str | None:
         return "objectType is not 'tile'"
     measurements = props.get("measurements")
     if not isinstance(measurements, Mapping) or not is_zeus_tile("tile", measurements):
-        return f"no '{MEASUREMENT_PREFIX}<Class>' measurement"
+        return f"no '{TILE_MEASUREMENT_PREFIX}<Class>' measurement"
     if not all(_finite(v) for v in measurements.values()):
         return "a measurement is not a finite number"
     return None

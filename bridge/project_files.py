@@ -41,7 +41,7 @@ from typing import Any
 from zeus_qupath import __version__
 from zeus_qupath.atomic import atomic_open
 from zeus_qupath.errors import ProjectError
-from zeus_qupath.geojson import class_color
+from zeus_qupath.qupath_geojson import class_color
 
 from .edits import MergeResult
 from .entry_match import META_SLIDE, META_URI, EntryInfo, SlideKey, match_entry, next_entry_id

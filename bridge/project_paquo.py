@@ -37,7 +37,7 @@ from typing import Any
 
 from zeus_qupath.atomic import atomic_open
 from zeus_qupath.errors import GeoJSONError, ProjectError
-from zeus_qupath.geojson import class_color
+from zeus_qupath.qupath_geojson import QuPathObject, class_color, feature_to_object, repair_geometry
 
 from .edits import (
     MergeResult,
@@ -50,7 +50,6 @@ from .edits import (
 from .entry_match import META_SLIDE, META_URI, EntryInfo, SlideKey, match_entry
 from .heatmap_tiles import ZEUS_TILES, check_tiles, is_zeus_tile
 from .project_files import PROJECT_FILE, ZEUS_GEOJSON, ImageUpdate, zeus_entry_metadata
-from .qupath_geojson import QuPathObject, feature_to_object, repair_geometry
 from .uris import UriMap, map_path, path_to_file_uri, same_file_uri
 
 

@@ -43,11 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from zeus_qupath.errors import ProjectError, SlideError, ZeusError
+from zeus_qupath.qupath_geojson import object_to_feature, read_qupath_geojson
 from zeus_qupath.scores import PatchScores
 
 from .heatmap_tiles import read_zeus_tiles
 from .project import open_project
-from .qupath_geojson import object_to_feature, read_qupath_geojson
 from .uris import parse_uri_map
 
 RUN_JSON = "run.json"

@@ -414,7 +414,7 @@ def test_no_space_left_on_a_small_tmpfs(tmp_path, slide, tiny_args):
 def test_failed_score_leaves_no_scores_file(tmp_path, capsys, tiny_args, monkeypatch):
     import errno
 
-    from zeus_qupath import geojson
+    from zeus_qupath import qupath_geojson
 
     h5 = tmp_path / "f.h5"
     with h5py.File(h5, "w") as f:
@@ -426,7 +426,7 @@ def test_failed_score_leaves_no_scores_file(tmp_path, capsys, tiny_args, monkeyp
         Path(path).write_text("{")
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(geojson, "write_geojson", disk_full)
+    monkeypatch.setattr(qupath_geojson, "write_geojson", disk_full)
     cli_one_error(capsys, ["score", str(h5), *tiny_args[:-1], "--patch-size", "448", "--width", "1000",
                            "--height", "1000", "--out", str(out)], "no space left on device (f.geojson")
     assert outputs_in(out) == []

@@ -26,8 +26,7 @@ from zeus_qupath.bridge.edits import (
     written_record,
     zeus_class_from_name,
 )
-from zeus_qupath.bridge.qupath_geojson import QuPathObject, feature_to_object
-from zeus_qupath.geojson import Annotation, annotation_feature
+from zeus_qupath.qupath_geojson import QuPathObject, annotation_feature, feature_to_object
 
 TUMOR = Polygon([(0, 0), (400, 0), (400, 300), (0, 300)], [[(100, 100), (200, 100), (200, 200), (100, 200)]])
 NORMAL = Polygon([(1000, 1000), (1500, 1000), (1250, 1400)])
@@ -35,7 +34,8 @@ NORMAL = Polygon([(1000, 1000), (1500, 1000), (1250, 1400)])
 
 def zeus_feature(geom=TUMOR, cls: str = "Tumor") -> dict:
     """A feature exactly as the ZEUS writer makes it, after a JSON round trip."""
-    return json.loads(json.dumps(annotation_feature(Annotation(geom, cls, {"Mean tumor score": 0.4}))))
+    obj = QuPathObject(geom, class_name=cls, measurements={"Mean tumor score": 0.4})
+    return json.loads(json.dumps(annotation_feature(obj)))
 
 
 def as_object(feature: dict) -> QuPathObject:

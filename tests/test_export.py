@@ -34,14 +34,14 @@ from zeus_qupath.bridge.export import (
 )
 from zeus_qupath.bridge.project_files import ZEUS_GEOJSON, packed_argb
 from zeus_qupath.bridge.publish import ResultItem, publish_results
-from zeus_qupath.bridge.qupath_geojson import QuPathObject, read_qupath_geojson
 from zeus_qupath.errors import ZeusError
-from zeus_qupath.geojson import (
+from zeus_qupath.qupath_geojson import (
     MEAS_AREA_PX,
     MEAS_CENTROID_X,
     MEAS_VERTICES,
-    Annotation,
+    QuPathObject,
     feature_collection,
+    read_qupath_geojson,
     write_geojson,
 )
 
@@ -71,7 +71,8 @@ needs_slides = pytest.mark.skipif(
 
 
 def zeus_features(*geoms: Any) -> list[dict[str, Any]]:
-    return feature_collection([Annotation(g, "Tumor", {"Mean tumor score": 0.3}) for g in geoms])["features"]
+    objs = [QuPathObject(g, class_name="Tumor", measurements={"Mean tumor score": 0.3}) for g in geoms]
+    return feature_collection(objs)["features"]
 
 
 def annotator_v04(original: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -420,8 +421,9 @@ def test_groovy_export_survives_a_missing_slide_and_agrees_with_zeus_export(qupa
     missing.parent.mkdir()
     missing.write_bytes(OME.read_bytes())
     out = tmp_path / "zeus-out"
-    write_geojson(out / "a.geojson", feature_collection([Annotation(A, "Tumor", {}), Annotation(B, "Tumor", {})]))
-    write_geojson(out / "b.geojson", feature_collection([Annotation(box(100, 100, 300, 400), "Tumor", {})]))
+    write_geojson(out / "a.geojson", feature_collection([QuPathObject(A, class_name="Tumor"),
+                                                         QuPathObject(B, class_name="Tumor")]))
+    write_geojson(out / "b.geojson", feature_collection([QuPathObject(box(100, 100, 300, 400), class_name="Tumor")]))
     items = [ResultItem(str(missing), str(out / "b.geojson"), 1101, 1101, 0.2271, ((1101, 1101),)),  # first: on
              ResultItem(str(SVS), str(out / "a.geojson"), 2220, 2967, MPP, ((2220, 2967),)),  # 0.4/0.5 QuPath
              ResultItem(str(OME), str(out / "b.geojson"), 1101, 1101, 0.2271, ((1101, 1101),))]  # skips it

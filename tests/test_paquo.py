@@ -30,9 +30,8 @@ from shapely.geometry import Polygon, mapping, shape
 
 from zeus_qupath.bridge.edits import same_geometry
 from zeus_qupath.bridge.project import open_project
-from zeus_qupath.bridge.qupath_geojson import read_qupath_geojson
 from zeus_qupath.bridge.uris import same_file_uri
-from zeus_qupath.geojson import Annotation, annotation_feature
+from zeus_qupath.qupath_geojson import QuPathObject, annotation_feature, read_qupath_geojson
 
 SLIDE = Path(__file__).resolve().parent / "data" / "wsi" / "CMU-1-Small-Region.svs"
 
@@ -62,8 +61,10 @@ def _features() -> list[dict]:
     tumor = Polygon([(200, 200), (1200, 200), (1200, 1400), (200, 1400)], [[(500, 500), (700, 500), (700, 700)]])
     normal = Polygon([(1500, 1800), (2100, 1800), (1800, 2600)])
     return [
-        json.loads(json.dumps(annotation_feature(Annotation(tumor, "Tumor", {"Mean tumor score": 0.4})))),
-        json.loads(json.dumps(annotation_feature(Annotation(normal, "Normal", {"Mean tumor score": 0.1})))),
+        json.loads(json.dumps(annotation_feature(
+            QuPathObject(tumor, class_name="Tumor", measurements={"Mean tumor score": 0.4})))),
+        json.loads(json.dumps(annotation_feature(
+            QuPathObject(normal, class_name="Normal", measurements={"Mean tumor score": 0.1})))),
     ]
 
 

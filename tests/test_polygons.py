@@ -8,8 +8,8 @@ import numpy as np
 import shapely
 from shapely.geometry import box, shape
 
-from zeus_qupath.geojson import MEAS_AREA_PX, MEAS_VERTICES, Annotation, feature_collection, write_geojson
 from zeus_qupath.polygons import PolygonParams, mask_polygons, raster_polygons
+from zeus_qupath.qupath_geojson import MEAS_AREA_PX, MEAS_VERTICES, QuPathObject, feature_collection, write_geojson
 from zeus_qupath.reconstruct import Mask
 
 
@@ -59,7 +59,8 @@ def test_simplification_stays_within_tolerance():
 
 def test_geojson_feature_is_quppath_ready(tmp_path):
     poly = box(0, 0, 10, 10).difference(box(3, 3, 6, 6))
-    fc = feature_collection([Annotation(poly, "tumor", {"Mean tumor score": 0.3, "bad": float("nan")})])
+    fc = feature_collection([QuPathObject(poly, class_name="tumor",
+                                          measurements={"Mean tumor score": 0.3, "bad": float("nan")})])
     path = tmp_path / "a.geojson"
     write_geojson(path, fc)
     data = json.loads(path.read_text())

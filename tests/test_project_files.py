@@ -23,7 +23,6 @@ from zeus_qupath.bridge.project_files import (
     packed_argb,
     server_metadata,
 )
-from zeus_qupath.bridge.qupath_geojson import read_qupath_geojson
 from zeus_qupath.bridge.uris import (
     file_uri,
     file_uri_to_path,
@@ -33,7 +32,7 @@ from zeus_qupath.bridge.uris import (
     same_file_uri,
 )
 from zeus_qupath.errors import ProjectError
-from zeus_qupath.geojson import Annotation, annotation_feature
+from zeus_qupath.qupath_geojson import QuPathObject, annotation_feature, read_qupath_geojson
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = ROOT / "tests" / "data"
@@ -49,7 +48,7 @@ needs_real_project = pytest.mark.skipif(
 def features(*classes: str) -> list[dict[str, Any]]:
     shapes = [Polygon([(100, 100), (900, 100), (900, 700), (100, 700)]),
               Polygon([(1000, 1000), (1500, 1000), (1200, 1600)])]
-    return [annotation_feature(Annotation(shapes[i % 2], cls, {"Mean tumor score": 0.3}))
+    return [annotation_feature(QuPathObject(shapes[i % 2], class_name=cls, measurements={"Mean tumor score": 0.3}))
             for i, cls in enumerate(classes)]
 
 

@@ -151,15 +151,15 @@ def test_import_script_replaces_tiles_on_older_qupath(version: str, tmp_path: Pa
     """The same replace/clear cycle on QuPath 0.4.4 and 0.5.1, published with ``zeus project add``'s code
     (``publish_results``) from outputs written here, so no model runs."""
     from zeus_qupath.bridge.publish import ResultItem, publish_results
-    from zeus_qupath.geojson import Annotation, feature_collection, write_geojson
     from zeus_qupath.heatmap import write_tiles
+    from zeus_qupath.qupath_geojson import QuPathObject, feature_collection, write_geojson
     from zeus_qupath.samples.synthetic import make_synthetic_slide
 
     qp = qupath_or_skip(version, tmp_path_factory)
     width, height = 1024, 768
     slide = make_synthetic_slide(tmp_path / NAME, width, height, seed=3, tumor_fraction=0.4).path
     geojson = tmp_path / "case.geojson"
-    write_geojson(geojson, feature_collection([Annotation(shapely.box(300, 300, 500, 450), "Tumor")]))
+    write_geojson(geojson, feature_collection([QuPathObject(shapely.box(300, 300, 500, 450), class_name="Tumor")]))
     project = tmp_path / "project"
     import_script = project / "scripts" / "import_zeus_annotations.groovy"
 

@@ -23,10 +23,9 @@ from zeus_qupath.bridge.publish import (
     publish_outputs,
     publish_results,
 )
-from zeus_qupath.bridge.qupath_geojson import read_qupath_geojson
 from zeus_qupath.errors import GeoJSONError, ProjectError, ZeusError
-from zeus_qupath.geojson import Annotation, feature_collection, write_geojson
 from zeus_qupath.heatmap import TILES_SUFFIX, measurement_name, write_tiles
+from zeus_qupath.qupath_geojson import QuPathObject, feature_collection, read_qupath_geojson, write_geojson
 from zeus_qupath.scores import PatchScores
 from zeus_qupath.segment import SlideReport, output_stem
 
@@ -53,7 +52,8 @@ def write_outputs(out: Path, slides: dict[Path, tuple[int, int, float | None]], 
         stem = output_stem(slide)
         polys = [box(100 + shift, 100, 600 + shift, 500),
                  Polygon([(700, 700), (1000, 720), (900, 1050)], [[(800, 800), (880, 810), (850, 900)]])]
-        collection = feature_collection([Annotation(p, "Tumor", {"Mean tumor score": 0.31}) for p in polys])
+        collection = feature_collection([QuPathObject(p, class_name="Tumor", measurements={"Mean tumor score": 0.31})
+                                         for p in polys])
         write_geojson(out / f"{stem}.geojson", collection)
         written[slide] = collection["features"]
         coords = np.array([[x, y] for y in range(0, height - 448, 112) for x in range(0, width - 448, 112)],
@@ -232,7 +232,7 @@ def test_wrong_slide_size_is_refused(tmp_path: Path) -> None:
 def test_bad_geojson_leaves_the_project_untouched(tmp_path: Path) -> None:
     project = tmp_path / "project"
     good = tmp_path / "good.geojson"
-    write_geojson(good, feature_collection([Annotation(box(0, 0, 10, 10), "Tumor")]))
+    write_geojson(good, feature_collection([QuPathObject(box(0, 0, 10, 10), class_name="Tumor")]))
     bad = tmp_path / "bad.geojson"
     bad.write_text("{ not json", encoding="utf-8")
     items = [ResultItem("/x/a.svs", str(good), 100, 100), ResultItem("/x/b.svs", str(bad), 100, 100)]
@@ -263,14 +263,14 @@ def test_paquo_backend_keeps_zeus_result_beside_the_image_data(tmp_path: Path,
     for name, module in _stand_in_paquo_modules()({}).items():
         monkeypatch.setitem(sys.modules, name, module)
     geo = tmp_path / "a.geojson"
-    write_geojson(geo, feature_collection([Annotation(box(10, 10, 500, 400), "Tumor")]))
+    write_geojson(geo, feature_collection([QuPathObject(box(10, 10, 500, 400), class_name="Tumor")]))
     item = ResultItem(str(tmp_path / "slides" / "a.svs"), str(geo), 2220, 2967, 0.5, model="conch")
     report = publish_results(tmp_path / "p", [item])  # auto: the stand-in "finds" QuPath
     assert report.backend == "paquo" and report.images[0].merge is not None
     assert "replaced 0 untouched" in report.summary()
     kept = read_qupath_geojson(tmp_path / "p" / "data" / "1" / ZEUS_GEOJSON)
     assert [o.id for o in kept] == [o.id for o in read_qupath_geojson(geo)]  # what `zeus export` compares with
-    write_geojson(geo, feature_collection([Annotation(box(20, 20, 600, 400), "Tumor")]))
+    write_geojson(geo, feature_collection([QuPathObject(box(20, 20, 600, 400), class_name="Tumor")]))
     publish_results(tmp_path / "p", [item])
     assert len(list((tmp_path / "p" / "data" / "1").glob(f"{ZEUS_GEOJSON}.bak-*"))) == 1
     assert read_qupath_geojson(tmp_path / "p" / "data" / "1" / ZEUS_GEOJSON)[0].geometry.bounds[2] == 600

@@ -10,15 +10,16 @@ import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Polygon
 
-from zeus_qupath.bridge.qupath_geojson import (
+from zeus_qupath.errors import GeoJSONError
+from zeus_qupath.qupath_geojson import (
     QuPathObject,
+    feature_collection,
     feature_to_object,
     objects_to_feature_collection,
     parse_qupath_geojson,
     read_qupath_geojson,
+    vertex_count,
 )
-from zeus_qupath.errors import GeoJSONError
-from zeus_qupath.geojson import vertex_count
 
 TESTDATA = Path(__file__).resolve().parent / "data" / "geojson"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "geojson"
@@ -254,10 +255,8 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_writer_output_is_read_back_by_the_reader() -> None:
-    from zeus_qupath.geojson import Annotation, feature_collection
-
     square = Polygon([(0, 0), (10, 0), (10, 10), (0, 10)])
-    collection = feature_collection([Annotation(square, "Tumor", {"Mean tumor score": 0.25})])
+    collection = feature_collection([QuPathObject(square, class_name="Tumor", measurements={"Mean tumor score": 0.25})])
     (obj,) = parse_qupath_geojson(json.loads(json.dumps(collection)))
     assert obj.name == "ZEUS Tumor" and obj.class_name == "Tumor" and obj.color == (200, 0, 0)
     assert obj.geometry.equals(square)

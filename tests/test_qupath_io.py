@@ -18,9 +18,9 @@ from PIL import Image
 from shapely.geometry import shape
 
 from zeus_qupath.bridge.project_files import ZEUS_GEOJSON
-from zeus_qupath.bridge.qupath_geojson import QuPathObject
 from zeus_qupath.bridge.uris import path_to_file_uri
 from zeus_qupath.cli import main
+from zeus_qupath.qupath_geojson import QuPathObject
 
 from conftest import shared_file
 from qupath.fixtures import qupath_or_skip

@@ -33,7 +33,7 @@ from zeus_qupath.bridge.edits import (
     written_record,
 )
 from zeus_qupath.bridge.project_files import ZEUS_GEOJSON, FilesProject
-from zeus_qupath.geojson import Annotation, annotation_feature
+from zeus_qupath.qupath_geojson import QuPathObject, annotation_feature
 
 from qupath.fixtures import qupath_or_skip
 from qupath.harness import VERSIONS, QuPath, route_images_to_test_server
@@ -50,7 +50,8 @@ def ring(cx: float, cy: float, r: float, n: int = 40) -> list[tuple[float, float
 
 
 def feature(geom, cls: str = "Tumor") -> dict:
-    return json.loads(json.dumps(annotation_feature(Annotation(geom, cls, {"Mean tumor score": 0.4}))))
+    obj = QuPathObject(geom, class_name=cls, measurements={"Mean tumor score": 0.4})
+    return json.loads(json.dumps(annotation_feature(obj)))
 
 
 # what ZEUS writes first: one object per edit kind, laid out on a 4 x 3 grid of 400 px cells

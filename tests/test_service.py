@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 from PIL import Image
 from shapely.geometry import Polygon, box, shape
 
-from zeus_qupath.bridge.qupath_geojson import parse_qupath_geojson
 from zeus_qupath.bridge.service import (
     MIN_TOKEN_LENGTH,
     ServiceConfig,
@@ -42,6 +41,7 @@ from zeus_qupath.errors import ZeusError
 from zeus_qupath.models.pool import ModelPool
 from zeus_qupath.models.specs import ModelSpec
 from zeus_qupath.on_demand import OnDemandSegmenter, SegmentRequest
+from zeus_qupath.qupath_geojson import parse_qupath_geojson
 from zeus_qupath.reconstruct import Threshold
 from zeus_qupath.samples import prompt_path
 from zeus_qupath.segment import SegmentParams

@@ -1,4 +1,4 @@
-"""Polygons to ZEUS annotations with the measurements an annotator sees in QuPath."""
+"""Polygons to ZEUS annotations (``QuPathObject``) with the measurements an annotator sees in QuPath."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon
 
-from .geojson import ZEUS_NAME_PREFIX, Annotation, qupath_class_name
+from .qupath_geojson import ZEUS_NAME_PREFIX, QuPathObject, qupath_class_name
 from .scores import PatchScores
 
 
-def build_annotations(polygons: list[Polygon], scores: PatchScores) -> list[Annotation]:
+def build_annotations(polygons: list[Polygon], scores: PatchScores) -> list[QuPathObject]:
     """One annotation per polygon, classified as the positive class, with area and mean scores.
 
     The mean score of a region is over the patches whose centre lies inside it.
@@ -32,5 +32,6 @@ def build_annotations(polygons: list[Polygon], scores: PatchScores) -> list[Anno
             meas[f"Mean {scores.positive_class} score"] = float(sel[:, pos].mean())
             others = np.delete(sel, pos, axis=1).max(axis=1)
             meas["Mean score margin"] = float((sel[:, pos] - others).mean())
-        out.append(Annotation(poly, class_name, meas, name=f"{ZEUS_NAME_PREFIX} {class_name}"))
+        name = f"{ZEUS_NAME_PREFIX} {class_name}"
+        out.append(QuPathObject(poly, class_name=class_name, measurements=meas, name=name))
     return out

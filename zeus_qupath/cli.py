@@ -88,7 +88,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle model threads must not spin on the readers' cores
     from .prompts import prompt_file
-    from .run import RunConfig, run_segment
+    from .runs.run import RunConfig, run_segment
     from .screening import parse_screening
 
     if not args.slides and not args.manifest:
@@ -123,7 +123,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_polygons(args: argparse.Namespace) -> int:
-    from .geojson import write_geojson
+    from .qupath_geojson import write_geojson
     from .reconstruct import Threshold
     from .scores import PatchScores
     from .segment import SegmentParams, geojson_from_scores
@@ -154,9 +154,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from .features import score_features
-    from .geojson import write_geojson
     from .models import load_encoder
     from .prompts import load_prompts, prompt_file
+    from .qupath_geojson import write_geojson
     from .reconstruct import Threshold
     from .screening import parse_screening
     from .segment import SegmentParams, geojson_from_scores, output_stem

@@ -65,7 +65,7 @@ def read_mask_image(path: str | os.PathLike[str]) -> np.ndarray:
 
 def read_geometry(path: str | os.PathLike[str], class_name: str | None) -> shapely.Geometry:
     """Union of the polygonal annotations (of ``class_name``, if given) in a QuPath GeoJSON file."""
-    from .bridge.qupath_geojson import read_qupath_geojson
+    from .qupath_geojson import read_qupath_geojson
 
     objs = read_qupath_geojson(path)
     polys = [

@@ -20,16 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from .geojson import COORDINATE_PRECISION, qupath_class_name, write_geojson
+from .qupath_geojson import (
+    COORDINATE_PRECISION,
+    TILE_MEASUREMENT_PREFIX,
+    qupath_class_name,
+    tile_feature,
+    write_geojson,
+)
 from .scores import PatchScores
 
-MEASUREMENT_PREFIX = "ZEUS score: "
 TILES_SUFFIX = ".tiles.geojson"
 
 
 def measurement_name(class_name: str) -> str:
     """The measurement holding a class's score, e.g. ``ZEUS score: Tumor``."""
-    return MEASUREMENT_PREFIX + qupath_class_name(class_name)
+    return TILE_MEASUREMENT_PREFIX + qupath_class_name(class_name)
 
 
 def tile_boxes(scores: PatchScores) -> tuple[np.ndarray, np.ndarray]:
@@ -49,13 +54,8 @@ def tile_collection(scores: PatchScores) -> dict[str, Any]:
     names = [measurement_name(c) for c in scores.classes]
     boxes, rows = tile_boxes(scores)
     values = scores.scores[rows].astype(np.float32)
-    features = []
-    for (x0, y0, x1, y1), row in zip(boxes.tolist(), values.tolist(), strict=True):
-        features.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
-            "properties": {"objectType": "tile", "measurements": dict(zip(names, row, strict=True))},
-        })
+    features = [tile_feature((x0, y0, x1, y1), dict(zip(names, row, strict=True)))
+                for (x0, y0, x1, y1), row in zip(boxes.tolist(), values.tolist(), strict=True)]
     return {"type": "FeatureCollection", "features": features}
 
 

@@ -22,10 +22,10 @@ from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
 from .annotations import build_annotations
-from .geojson import feature_collection
 from .grid import PatchGeometry, PatchGrid
 from .polygons import PolygonParams, mask_polygons
 from .prompts import PromptSet
+from .qupath_geojson import feature_collection
 from .reconstruct import Threshold, zeus_mask
 from .scores import PatchScores
 from .scoring import slide_scores

@@ -1,7 +1,7 @@
 """One slide, end to end: tissue -> grid -> embeddings -> scores -> mask -> polygons -> outputs.
 
 The stages are separate so that a cohort run can overlap them across slides (see
-:mod:`zeus_qupath.executors`): :func:`prepare_slide` (tissue mask, patch grid, thumbnail, from one
+:mod:`zeus_qupath.runs.local_executor`): :func:`prepare_slide` (tissue mask, patch grid, thumbnail, from one
 low-resolution read), the embedding (:mod:`zeus_qupath.embed`), and :func:`finish_slide` (scores,
 polygons, outputs). :func:`segment_slide` runs all three for one slide.
 ``finish_slide`` writes ``<stem>.scores.npz``, ``<stem>.overlay.png`` and ``<stem>.geojson`` into the
@@ -27,13 +27,13 @@ from shapely.geometry.base import BaseGeometry
 from .annotations import build_annotations
 from .atomic import atomic_set
 from .errors import SlideError
-from .geojson import feature_collection, write_geojson
 from .grid import PatchGeometry, PatchGrid, make_grid
 from .heatmap import TILES_SUFFIX, write_tiles
 from .outline import outline_patches, outline_polygons
 from .overlay import render_overlay, write_png
 from .polygons import tissue_geometry
 from .prompts import PromptSet
+from .qupath_geojson import feature_collection, write_geojson
 from .reader import ReadPlan, RegionStream, SlideFailed
 from .reconstruct import Threshold
 from .scores import PatchScores

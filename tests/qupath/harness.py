@@ -44,7 +44,7 @@ from typing import Any
 
 import shapely
 
-from zeus_qupath.bridge.qupath_geojson import QuPathObject
+from zeus_qupath.qupath_geojson import QuPathObject
 
 VERSIONS = ("0.4.4", "0.5.1", "0.6.0")
 REPO = Path(__file__).resolve().parents[2]

@@ -1,6 +1,9 @@
-"""Read QuPath GeoJSON of every version from 0.2 to 0.7 and write it back in the 0.4+ layout.
+"""QuPath GeoJSON, the one object model: read every version from 0.2 to 0.7, write the 0.4+ layout, mark ZEUS's.
 
-QuPath's GeoJSON changed over the years; this reader accepts all of these spellings:
+One object model, ``QuPathObject``, for what ZEUS writes and what it reads back from QuPath.
+
+Reading (``read_qupath_geojson``, ``parse_qupath_geojson``): QuPath's GeoJSON changed over the years;
+the reader accepts all of these spellings:
 
 - v0.2: ``id: "PathAnnotationObject"`` (the object type hidden in the id), ``classification.colorRGB``
   (a signed ARGB int), measurements as a list of ``{"name", "value"}``; files are often a bare
@@ -10,18 +13,30 @@ QuPath's GeoJSON changed over the years; this reader accepts all of these spelli
   ``classification.color`` ``[r, g, b]``, derived classes as ``classification.names``,
   ``name``, ``color``, ``isLocked`` and ``nucleusGeometry`` for cells.
 
-Coordinates are level-0 pixels in every version. Geometry that is not valid is repaired with
+Coordinates are level-0 pixels in every version. Coordinates must be finite and within
+``MAX_COORDINATE`` px, nesting is bounded. Geometry that is not valid is repaired with
 ``shapely.make_valid``; polygon objects keep only the polygonal parts of the repair.
+
+Writing (``object_to_feature``, ``objects_to_feature_collection``): the QuPath 0.4+ layout, every
+classification with a colour, no NaN. ZEUS's annotations (``annotation_feature``, ``feature_collection``)
+go through the same writer after being *marked*: QuPath's coordinate precision (2 decimals), a name
+starting with ``ZEUS_NAME_PREFIX`` and measurements with the ROI area (level-0 px^2), vertex count and
+centroid it had when written. QuPath keeps custom measurements when an annotator edits an outline, so
+an edited object no longer matches; the keep-edits rule (``bridge/edits.py`` and the Groovy import
+script) relies on this marker. ZEUS's heatmap tiles (``tile_feature``) carry ``ZEUS score: <Class>``
+measurements (``TILE_MEASUREMENT_PREFIX``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import uuid
+import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +44,48 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from zeus_qupath.errors import GeoJSONError
-from zeus_qupath.geojson import class_color
-from zeus_qupath.json_input import MAX_DEPTH, max_depth, parse_json
+from .atomic import atomic_open
+from .errors import GeoJSONError, ZeusError
+from .json_input import MAX_DEPTH, max_depth, parse_json, read_json
+
+# --------------------------------------------------------------------------------------------- ZEUS's marker
+
+ZEUS_NAME_PREFIX = "ZEUS"
+MEAS_AREA_PX = "ZEUS area px^2"
+MEAS_VERTICES = "ZEUS vertex count"
+MEAS_CENTROID_X = "ZEUS centroid x"
+MEAS_CENTROID_Y = "ZEUS centroid y"
+#: every measurement ZEUS writes as part of its marker (``zeus export`` removes them)
+ZEUS_MARKER_MEASUREMENTS = (MEAS_AREA_PX, MEAS_VERTICES, MEAS_CENTROID_X, MEAS_CENTROID_Y)
+#: a heatmap tile's class score measurement is ``TILE_MEASUREMENT_PREFIX + <Class>``
+TILE_MEASUREMENT_PREFIX = "ZEUS score: "
+COORDINATE_PRECISION = 0.01  # QuPath writes GeoJSON with 2 decimals; so do we, so a re-export matches
+DEFAULT_COLORS: dict[str, tuple[int, int, int]] = {
+    "tumor": (200, 0, 0),
+    "normal": (0, 150, 0),
+    "stroma": (150, 200, 150),
+    "background": (255, 255, 255),
+}
+
+
+def class_color(name: str) -> list[int]:
+    """A stable RGB colour for a class name (QuPath fails to import a classification without one)."""
+    key = name.lower()
+    if key in DEFAULT_COLORS:
+        return list(DEFAULT_COLORS[key])
+    h = zlib.crc32(key.encode("utf-8"))
+    return [64 + h % 160, 64 + (h // 160) % 160, 64 + (h // 25600) % 160]
+
+
+def qupath_class_name(name: str) -> str:
+    """The class name as QuPath users expect it (``tumor`` -> ``Tumor``, matching QuPath's built-in class)."""
+    return name[:1].upper() + name[1:]
+
+
+def vertex_count(geom: BaseGeometry) -> int:
+    """Vertex count as JTS ``Geometry.getNumPoints()`` reports it (closing points included)."""
+    return int(shapely.get_num_coordinates(geom))
+
 
 log = logging.getLogger(__name__)
 
@@ -371,3 +425,70 @@ def class_colors(objs: Iterable[QuPathObject]) -> Mapping[str, RGB]:
         if obj.class_name is not None and obj.color is not None:
             out.setdefault(obj.class_name, obj.color)
     return out
+
+
+def mark_zeus(obj: QuPathObject) -> QuPathObject:
+    """``obj`` as ZEUS writes it: QuPath's coordinate precision, a ``ZEUS <Class>`` name, the marker measurements.
+
+    ``obj`` must be a classified Polygon or MultiPolygon; its own measurements that are not finite are dropped
+    (QuPath rejects NaN/inf).
+    """
+    geom = obj.geometry
+    if not isinstance(geom, (Polygon, MultiPolygon)):
+        raise ValueError(f"annotation geometry must be Polygon or MultiPolygon, not {geom.geom_type}")
+    if obj.class_name is None:
+        raise ValueError("a ZEUS annotation needs a class")
+    geom = shapely.set_precision(geom, COORDINATE_PRECISION)
+    measurements = {
+        **{str(k): float(v) for k, v in obj.measurements.items() if math.isfinite(float(v))},
+        MEAS_AREA_PX: float(geom.area),
+        MEAS_VERTICES: float(vertex_count(geom)),
+        MEAS_CENTROID_X: float(geom.centroid.x),
+        MEAS_CENTROID_Y: float(geom.centroid.y),
+    }
+    return replace(obj, geometry=geom, measurements=measurements,
+                   name=obj.name or f"{ZEUS_NAME_PREFIX} {obj.class_name}")
+
+
+def annotation_feature(obj: QuPathObject) -> dict[str, Any]:
+    """One QuPath GeoJSON ``Feature`` for a ZEUS annotation, marked as written by ZEUS (``mark_zeus``)."""
+    return object_to_feature(mark_zeus(obj))
+
+
+def feature_collection(objs: Iterable[QuPathObject]) -> dict[str, Any]:
+    """A QuPath-readable ``FeatureCollection`` of ZEUS annotations (each marked, ``annotation_feature``)."""
+    return {"type": "FeatureCollection", "features": [annotation_feature(o) for o in objs]}
+
+
+def tile_feature(box: tuple[float, float, float, float], measurements: Mapping[str, float]) -> dict[str, Any]:
+    """One QuPath ``tile`` detection: the rectangle ``box`` = (x0, y0, x1, y1) with ``measurements``.
+
+    No id (QuPath gives one on import) and no shapely round trip: a slide has tens of thousands of tiles.
+    """
+    x0, y0, x1, y1 = box
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+        "properties": {"objectType": "tile", "measurements": dict(measurements)},
+    }
+
+
+def write_geojson(path: str | os.PathLike[str], collection: Mapping[str, Any]) -> None:
+    """Write a FeatureCollection atomically (temp file + rename)."""
+    with atomic_open(path, "w") as fh:
+        json.dump(collection, fh, allow_nan=False)
+
+
+def read_feature_collection(path: str | os.PathLike[str], what: str,
+                            error: type[ZeusError] = GeoJSONError) -> list[Any]:
+    """The features of a GeoJSON ``FeatureCollection`` file, as decoded JSON (no geometry built).
+
+    For files of many simple features (heatmap tiles) that the caller checks structurally; one ``error`` line
+    naming ``what`` and the file for anything that is not readable, bounded JSON of a FeatureCollection.
+    """
+    p = Path(path)
+    data = read_json(p, what, error)
+    features = data.get("features") if isinstance(data, Mapping) and data.get("type") == "FeatureCollection" else None
+    if not isinstance(features, list):
+        raise error(f"{p}: not a GeoJSON FeatureCollection of {what}")
+    return features
