@@ -119,7 +119,7 @@ RGB = tuple[int, int, int]
 
 @dataclass(frozen=True)
 class QuPathObject:
-    """One QuPath object read from GeoJSON (geometry in level-0 pixels)."""
+    """One QuPath object, as read from GeoJSON or to be written (geometry in level-0 pixels)."""
 
     geometry: BaseGeometry
     object_type: str = "annotation"  # "annotation", "detection", "cell", "tile", "tmaCore", "root"
@@ -477,6 +477,9 @@ def write_geojson(path: str | os.PathLike[str], collection: Mapping[str, Any]) -
     """Write a FeatureCollection atomically (temp file + rename)."""
     with atomic_open(path, "w") as fh:
         json.dump(collection, fh, allow_nan=False)
+
+
+# --------------------------------------------------------------------------------------------- raw features
 
 
 def read_feature_collection(path: str | os.PathLike[str], what: str,
