@@ -32,7 +32,7 @@ from zeus_qupath.models.pool import DEFAULT_MAX_MODELS, ModelPool
 from zeus_qupath.models.specs import ModelSpec, parse_model_specs
 from zeus_qupath.on_demand import OnDemandSegmenter, SegmentRequest, SegmentResult
 from zeus_qupath.prompts import DEFAULT_PROMPT_SET, load_prompts
-from zeus_qupath.run import CACHE_DIR, versions
+from zeus_qupath.runs.run import CACHE_DIR, versions
 from zeus_qupath.segment import SegmentParams
 
 from .sandbox import Roots, bundled_prompt_names, bundled_prompts

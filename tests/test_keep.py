@@ -276,7 +276,7 @@ def test_remote_modelling_code_is_never_run(hub_folder, keep):
 
 def test_default_model_is_keep():
     from zeus_qupath.cli import build_parser
-    from zeus_qupath.run import RunConfig
+    from zeus_qupath.runs.run import RunConfig
 
     assert DEFAULT_MODEL == "keep" and PRESETS[DEFAULT_MODEL].hf_repo == "Astaxanthin/KEEP"
     parser = build_parser()

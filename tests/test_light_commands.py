@@ -23,7 +23,8 @@ from conftest import shared_file
 
 # the model side: none of these may be imported by a light command
 MODEL_MODULES = ("torch", "torchvision", "open_clip", "transformers", "timm", "conch", "musk",
-                 "zeus_qupath.models", "zeus_qupath.embed", "zeus_qupath.identity", "zeus_qupath.executors")
+                 "zeus_qupath.models", "zeus_qupath.embed", "zeus_qupath.identity", "zeus_qupath.runs.local_executor",
+                 "zeus_qupath.runs.ray_executor")
 
 SLIDE = "CMU-1-Small-Region.svs"  # 2220 x 2967 px, 0.499 um/px
 WIDTH, HEIGHT, MPP = 2220, 2967, 0.499

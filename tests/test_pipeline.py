@@ -24,7 +24,7 @@ from zeus_qupath.reader import (
     SlideStart,
     patch_windows,
 )
-from zeus_qupath.run import RunConfig, run_segment
+from zeus_qupath.runs.run import RunConfig, run_segment
 from zeus_qupath.scores import PatchScores
 from zeus_qupath.segment import SegmentParams
 from zeus_qupath.slide import Slide

@@ -9,7 +9,7 @@ import pytest
 from shapely import unary_union
 from shapely.geometry import shape
 
-from zeus_qupath.run import RunConfig, run_segment
+from zeus_qupath.runs.run import RunConfig, run_segment
 from zeus_qupath.scores import PatchScores
 from zeus_qupath.segment import SegmentParams
 

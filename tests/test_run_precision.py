@@ -6,7 +6,7 @@ import types
 
 import torch
 
-from zeus_qupath.run import ran_in
+from zeus_qupath.runs.run import ran_in
 
 
 def test_cpu_model_computes_in_its_weights_dtype(tiny_encoder):

@@ -3,7 +3,7 @@
 The models (one, or an ensemble: ``--model a,b``) and prompts are loaded and checked before the
 first slide is read. Each slide's state hash covers every parameter that decides its outputs; a
 slide whose state matches and whose outputs are intact is skipped (``status: skipped``), the others
-run through an executor (:mod:`zeus_qupath.executors`: this process, or Ray tasks). ``run.json``
+run through an executor (:mod:`.local_executor`: this process, or :mod:`.ray_executor`: Ray tasks). ``run.json``
 (parameters, models, prompt hash, versions, every slide's report, the failures) is rewritten
 atomically after each slide, so it is current even if the run is killed.
 """
@@ -23,32 +23,19 @@ from typing import Any
 
 from tqdm import tqdm
 
-from . import __version__
-from .atomic import atomic_open, writable_dir
-from .cohort import (
-    SLIDE_SUFFIXES,
-    STATE_DIR,
-    STATE_VERSION,
-    SlideEntry,
-    SlideFailure,
-    SlideLocks,
-    StateStore,
-    collect_slides,
-    format_summary,
-    report_from_state,
-)
-from .errors import ZeusError
-from .executors import (
-    RunSettings,
-    SlideJob,
-    load_settings_models,
-    run_local,
-    run_ray,
-)
-from .identity import FingerprintMemo, file_fingerprint, stable_hash
-from .models.ensemble import RunModels
-from .models.specs import parse_model_specs
-from .segment import SegmentParams, SlideReport
+from .. import __version__
+from ..atomic import atomic_open, writable_dir
+from ..errors import ZeusError
+from ..identity import FingerprintMemo, file_fingerprint, stable_hash
+from ..models.ensemble import RunModels
+from ..models.specs import parse_model_specs
+from ..segment import SegmentParams, SlideReport
+from .discovery import SLIDE_SUFFIXES, SlideEntry, collect_slides
+from .jobs import RunSettings, SlideFailure, SlideJob, load_settings_models
+from .local_executor import run_local
+from .ray_executor import run_ray
+from .state import STATE_DIR, STATE_VERSION, SlideLocks, StateStore, report_from_state
+from .summary import format_summary
 
 __all__ = ["SLIDE_SUFFIXES", "RunConfig", "RunReport", "run_parameters", "run_segment", "versions"]
 
@@ -147,7 +134,7 @@ def ran_in(encoder: Any) -> dict[str, Any]:
     ``computes`` is what the matrix products ran in: the autocast dtype where autocast is on (CUDA with
     --precision auto/bf16/fp16), else the weights' dtype (fp32 on the CPU). Embeddings are stored as fp32.
     """
-    from .models.base import autocast_dtype
+    from ..models.base import autocast_dtype
 
     weights = sorted({str(p.dtype).removeprefix("torch.") for p in encoder.model.parameters()})
     autocast = autocast_dtype(encoder.device, encoder.precision)
