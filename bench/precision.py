@@ -89,8 +89,8 @@ def run_precision(model, tokenizer, name: str, precision: str, slide: Path, grid
 
 
 def compare(name: str, ref: np.ndarray, other: np.ndarray, grid, prompts, width: int, height: int) -> dict:
+    from zeus_qupath.outputs import PatchScores
     from zeus_qupath.reconstruct import zeus_mask
-    from zeus_qupath.scores import PatchScores
 
     def mask(scores: np.ndarray) -> np.ndarray:
         ps = PatchScores(grid.coords, scores.astype(np.float32), tuple(prompts.class_names),

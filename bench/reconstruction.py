@@ -22,7 +22,7 @@ def make_scores(size: int, seed: int = 0):
     from scipy import ndimage
 
     from zeus_qupath.grid import grid_shape
-    from zeus_qupath.scores import PatchScores
+    from zeus_qupath.outputs import PatchScores
 
     rng = np.random.default_rng(seed)
     rows, cols = grid_shape(size, size, 448, 112)

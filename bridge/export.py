@@ -68,6 +68,7 @@ from shapely.geometry.base import BaseGeometry
 from zeus_qupath.atomic import atomic_path
 from zeus_qupath.errors import GeoJSONError, ProjectError, ZeusError
 from zeus_qupath.output_set import OutputSet
+from zeus_qupath.outputs import RUN_JSON, SCORES_SUFFIX, PatchScores, positive_number, read_run_json
 from zeus_qupath.qupath_geojson import (
     ZEUS_MARKER_MEASUREMENTS,
     QuPathObject,
@@ -97,7 +98,7 @@ MAX_PNG_SIDE = 32767
 MAX_PNG_PIXELS = 2**28
 _SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs", ".vsi",
                    ".qptiff", ".czi", ".jpg", ".jpeg", ".png", ".bmp")
-_SKIP_JSON = {LABELS_JSON, "run.json", "project.qpproj", "classes.json"}
+_SKIP_JSON = {LABELS_JSON, RUN_JSON, "project.qpproj", "classes.json"}
 _MICROMETER_UNITS = {"\u00b5m", "\u03bcm", "um", "micron", "microns", "micrometer", "micrometre"}
 
 
@@ -416,11 +417,11 @@ def _entry_dimensions(entry: Mapping[str, Any]) -> tuple[int | None, int | None,
         cal = meta.get("pixelCalibration")
         pw = cal.get("pixelWidth") if isinstance(cal, Mapping) else None
         if isinstance(pw, Mapping) and str(pw.get("unit", "")).lower() in _MICROMETER_UNITS:
-            mpp = _positive(pw.get("value"))
+            mpp = positive_number(pw.get("value"))
     zmeta = entry.get("metadata") if isinstance(entry.get("metadata"), Mapping) else {}
     width = width or _int(zmeta.get("zeus.width"))
     height = height or _int(zmeta.get("zeus.height"))
-    mpp = mpp or _positive(zmeta.get("zeus.mpp"))
+    mpp = mpp or positive_number(zmeta.get("zeus.mpp"))
     return width, height, mpp
 
 
@@ -445,7 +446,7 @@ def _read_folder(folder: Path, originals: Path | None) -> tuple[list[SlideSource
     if not files:
         raise ZeusError(f"{folder}: no QuPath project (project.qpproj) and no GeoJSON files to export")
 
-    run = _read_run(originals) if originals is not None else None
+    run = read_run_json(originals) if originals is not None else None
     sources: list[SlideSource] = []
     names: set[str] = set()
     for base, path, objs in files:
@@ -470,29 +471,16 @@ def _script_labels(folder: Path) -> dict[str, int] | None:
     return data if isinstance(data, dict) else None
 
 
-def _read_run(folder: Path) -> dict[str, Any] | None:
-    path = folder / "run.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ZeusError(f"{path}: cannot read the ZEUS run summary ({exc})") from None
-    return data if isinstance(data, dict) else None
-
-
 def _folder_dimensions(stems: list[str], folders: list[Path], run: Mapping[str, Any] | None,
                        ) -> tuple[int | None, int | None, float | None]:
     if run is not None:
         for report in run.get("slides", []) or []:
             if isinstance(report, Mapping) and report.get("stem") in stems:
-                return _int(report.get("width")), _int(report.get("height")), _positive(report.get("mpp"))
+                return _int(report.get("width")), _int(report.get("height")), positive_number(report.get("mpp"))
     for folder in folders:
         for stem in stems:
-            scores = folder / f"{stem}.scores.npz"
+            scores = folder / f"{stem}{SCORES_SUFFIX}"
             if scores.is_file():
-                from zeus_qupath.scores import PatchScores
-
                 s = PatchScores.load(scores)
                 return s.width, s.height, s.mpp
     return None, None, None
@@ -551,12 +539,6 @@ def _int(value: Any) -> int | None:
     return v if v > 0 else None
 
 
-def _positive(value: Any) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) and v > 0 else None
 
 
 def class_key(class_name: str) -> str:

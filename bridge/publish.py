@@ -34,7 +34,6 @@ when the image is first opened.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,17 +42,20 @@ from pathlib import Path
 from typing import Any
 
 from zeus_qupath.errors import ProjectError, SlideError, ZeusError
+from zeus_qupath.outputs import (
+    GEOJSON_SUFFIX,
+    RUN_JSON,
+    SCORES_SUFFIX,
+    TILES_SUFFIX,
+    PatchScores,
+    positive_number,
+    read_run_json,
+)
 from zeus_qupath.qupath_geojson import object_to_feature, read_qupath_geojson
-from zeus_qupath.scores import PatchScores
 
 from .heatmap_tiles import read_zeus_tiles
 from .project import open_project
 from .uris import parse_uri_map
-
-RUN_JSON = "run.json"
-GEOJSON_SUFFIX = ".geojson"
-SCORES_SUFFIX = ".scores.npz"
-TILES_SUFFIX = ".tiles.geojson"  # zeus_qupath.heatmap.TILES_SUFFIX
 
 # entry metadata keys (str -> str in QuPath)
 META_MODEL = "zeus.model"
@@ -261,19 +263,6 @@ def items_from_outputs(paths: Sequence[str | os.PathLike[str]]) -> list[ResultIt
     return items
 
 
-def _read_run(folder: Path) -> dict[str, Any] | None:
-    path = folder / RUN_JSON
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ZeusError(f"{path}: cannot read the ZEUS run summary ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("slides", []), list):
-        raise ZeusError(f"{path}: not a ZEUS run summary (no 'slides' list)")
-    return data
-
-
 def _run_fields(run: Mapping[str, Any] | None) -> dict[str, str | None]:
     """model, prompts (name), zeus_version and date from ``run.json``."""
     if not run:
@@ -299,7 +288,7 @@ def _prompt_name(value: Any) -> str | None:
 
 
 def _items_from_folder(folder: Path) -> list[ResultItem]:
-    run = _read_run(folder)
+    run = read_run_json(folder)
     if run is None:
         geojsons = sorted(f for f in folder.glob("*" + GEOJSON_SUFFIX)
                           if (folder / (f.name[: -len(GEOJSON_SUFFIX)] + SCORES_SUFFIX)).is_file())
@@ -350,7 +339,7 @@ def _item_from_report(folder: Path, run: Mapping[str, Any], report: Mapping[str,
         width, height = int(report["width"]), int(report["height"])
     except (KeyError, TypeError, ValueError):
         raise ZeusError(f"{folder / RUN_JSON}: the report of {slide_value} has no width/height") from None
-    mpp = _positive(report.get("mpp"))
+    mpp = positive_number(report.get("mpp"))
     slide = _locate_slide(str(slide_value), folder)
     return ResultItem(
         slide_path=slide,
@@ -370,7 +359,7 @@ def _item_from_geojson(path: Path) -> ResultItem:
         raise ZeusError(f"{path}: expected a ZEUS output folder or a <slide>.geojson written by zeus segment")
     folder = path.parent
     stem = name[: -len(GEOJSON_SUFFIX)]
-    run = _read_run(folder)
+    run = read_run_json(folder)
     scores_path = folder / (stem + SCORES_SUFFIX)
     scores = PatchScores.load(scores_path) if scores_path.is_file() else None
     slide_name = str(scores.meta.get("slide")) if scores is not None and scores.meta.get("slide") else None
@@ -424,14 +413,6 @@ def _sibling_tiles(folder: Path, stem: str, scores_path: Path) -> str | None:
         return str(tiles) if tiles.is_file() and tiles.stat().st_mtime >= scores_path.stat().st_mtime else None
     except OSError:
         return None
-
-
-def _positive(value: Any) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) and v > 0 else None
 
 
 def _locate_slide(value: str, folder: Path) -> str:

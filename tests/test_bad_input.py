@@ -26,7 +26,7 @@ import tifffile
 from PIL import Image
 
 from zeus_qupath.cli import main
-from zeus_qupath.scores import PatchScores
+from zeus_qupath.outputs import PatchScores
 
 OUTPUT_SUFFIXES = (".geojson", ".npz", ".png", ".csv", ".json")
 

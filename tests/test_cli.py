@@ -13,7 +13,7 @@ from PIL import Image
 from shapely.geometry import shape
 
 from zeus_qupath.cli import main
-from zeus_qupath.scores import PatchScores
+from zeus_qupath.outputs import PatchScores
 
 from conftest import shared_file
 

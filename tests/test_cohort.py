@@ -18,9 +18,9 @@ from shapely.geometry import shape
 
 from zeus_qupath.cli import main
 from zeus_qupath.errors import SlideError, ZeusError
+from zeus_qupath.outputs import PatchScores
 from zeus_qupath.runs.discovery import collect_slides, read_manifest
 from zeus_qupath.runs.state import StateStore
-from zeus_qupath.scores import PatchScores
 
 
 @pytest.fixture(scope="module")

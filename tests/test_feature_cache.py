@@ -16,8 +16,8 @@ import torch
 from zeus_qupath.feature_cache import CachedEmbeddings, CacheKey, FeatureCache
 from zeus_qupath.grid import PatchGeometry
 from zeus_qupath.identity import file_fingerprint, model_identity
+from zeus_qupath.outputs import PatchScores
 from zeus_qupath.runs.run import RunConfig, run_segment
-from zeus_qupath.scores import PatchScores
 from zeus_qupath.segment import SegmentParams
 from zeus_qupath.tissue import TissueMask
 

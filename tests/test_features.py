@@ -7,8 +7,8 @@ import pytest
 
 from zeus_qupath.errors import ModelError, ZeusError
 from zeus_qupath.features import read_feature_file, score_features, unit_features
+from zeus_qupath.outputs import PatchScores
 from zeus_qupath.prompts import class_prototypes, load_prompts
-from zeus_qupath.scores import PatchScores
 from zeus_qupath.scoring import cosine_scores
 
 h5py = pytest.importorskip("h5py")

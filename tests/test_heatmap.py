@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from zeus_qupath.cli import main
-from zeus_qupath.heatmap import TILES_SUFFIX, measurement_name, tile_collection, write_tiles
-from zeus_qupath.scores import PatchScores
+from zeus_qupath.heatmap import measurement_name, tile_collection, write_tiles
+from zeus_qupath.outputs import TILES_SUFFIX, PatchScores
 
 from qupath.fixtures import qupath_or_skip
 from qupath.harness import VERSIONS

@@ -17,7 +17,7 @@ import pytest
 import shapely
 from shapely.geometry import box, mapping, shape
 
-from zeus_qupath.scores import PatchScores
+from zeus_qupath.outputs import PatchScores
 
 from conftest import shared_file
 

@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 from shapely.geometry import box
 
+from zeus_qupath.outputs import PatchScores
 from zeus_qupath.overlay import NEGATIVE_RGB, POSITIVE_RGB, render_overlay, write_png
-from zeus_qupath.scores import PatchScores
 
 
 def test_overlay_colours_coverage_and_outlines(tmp_path):

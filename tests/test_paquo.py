@@ -551,7 +551,7 @@ def _tile_features(seed: int, n: int = 6, rows: int = 1) -> list[dict]:
     import numpy as np
 
     from zeus_qupath.heatmap import tile_collection
-    from zeus_qupath.scores import PatchScores
+    from zeus_qupath.outputs import PatchScores
 
     coords = np.array([[112 * i, 112 * j] for j in range(rows) for i in range(n)], np.int64)
     values = np.random.default_rng(seed).normal(0, 0.1, (len(coords), 2)).astype(np.float32)

@@ -13,6 +13,7 @@ from zeus_qupath.embed import StreamEncoder, cut_patches_torch, embed_grid
 from zeus_qupath.errors import SlideError
 from zeus_qupath.grid import PatchGeometry, PatchGrid, make_grid
 from zeus_qupath.models.specs import parse_model_specs
+from zeus_qupath.outputs import PatchScores
 from zeus_qupath.reader import (
     PlanFailure,
     ReadPlan,
@@ -25,7 +26,6 @@ from zeus_qupath.reader import (
     patch_windows,
 )
 from zeus_qupath.runs.run import RunConfig, run_segment
-from zeus_qupath.scores import PatchScores
 from zeus_qupath.segment import SegmentParams
 from zeus_qupath.slide import Slide
 from zeus_qupath.tissue import detect_tissue

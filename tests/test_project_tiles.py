@@ -21,9 +21,9 @@ import shapely
 
 from zeus_qupath.bridge.heatmap_tiles import ZEUS_TILES
 from zeus_qupath.cli import main
-from zeus_qupath.heatmap import TILES_SUFFIX, measurement_name
+from zeus_qupath.heatmap import measurement_name
+from zeus_qupath.outputs import TILES_SUFFIX, PatchScores
 from zeus_qupath.samples import prompt_path
-from zeus_qupath.scores import PatchScores
 
 from qupath.fixtures import qupath_or_skip
 from qupath.harness import QuPath, route_images_to_test_server

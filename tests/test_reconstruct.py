@@ -20,6 +20,7 @@ from scipy import ndimage
 from zeus_qupath import reconstruct
 from zeus_qupath.errors import ZeusError
 from zeus_qupath.grid import grid_shape
+from zeus_qupath.outputs import PatchScores
 from zeus_qupath.reconstruct import (
     Threshold,
     band_sums,
@@ -31,7 +32,6 @@ from zeus_qupath.reconstruct import (
     sample_centres,
     zeus_mask,
 )
-from zeus_qupath.scores import PatchScores
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -9,8 +9,8 @@ from PIL import Image
 
 from zeus_qupath.errors import SlideError, ZeusError
 from zeus_qupath.grid import PatchGeometry, make_grid
+from zeus_qupath.outputs import PatchScores
 from zeus_qupath.reader import RegionReader
-from zeus_qupath.scores import PatchScores
 from zeus_qupath.slide import Slide
 from zeus_qupath.tissue import detect_tissue, segment_tissue
 

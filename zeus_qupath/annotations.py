@@ -6,8 +6,8 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon
 
+from .outputs import PatchScores
 from .qupath_geojson import ZEUS_NAME_PREFIX, QuPathObject, qupath_class_name
-from .scores import PatchScores
 
 
 def build_annotations(polygons: list[Polygon], scores: PatchScores) -> list[QuPathObject]:

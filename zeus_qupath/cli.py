@@ -123,9 +123,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_polygons(args: argparse.Namespace) -> int:
+    from .outputs import PatchScores
     from .qupath_geojson import write_geojson
     from .reconstruct import Threshold
-    from .scores import PatchScores
     from .segment import SegmentParams, geojson_from_scores
 
     scores = PatchScores.load(args.scores)
@@ -136,7 +136,8 @@ def cmd_polygons(args: argparse.Namespace) -> int:
     write_geojson(out, collection)
     print(f"{len(collection['features'])} regions -> {out}")
     if args.tiles:
-        from .heatmap import TILES_SUFFIX, write_tiles
+        from .heatmap import write_tiles
+        from .outputs import TILES_SUFFIX
 
         tiles = out.removesuffix(".geojson") + TILES_SUFFIX
         print(f"{write_tiles(tiles, scores)} tiles -> {tiles}")
@@ -155,11 +156,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from .features import score_features
     from .models import load_encoder
+    from .outputs import output_stem
     from .prompts import load_prompts, prompt_file
     from .qupath_geojson import write_geojson
     from .reconstruct import Threshold
     from .screening import parse_screening
-    from .segment import SegmentParams, geojson_from_scores, output_stem
+    from .segment import SegmentParams, geojson_from_scores
 
     screening_k = parse_screening(args.prompt_screening)
     threshold = Threshold.parse(args.threshold)

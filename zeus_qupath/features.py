@@ -31,8 +31,8 @@ import numpy as np
 
 from . import __version__
 from .errors import ModelError, ZeusError
+from .outputs import PatchScores
 from .prompts import PromptSet
-from .scores import PatchScores
 from .scoring import slide_scores
 
 if TYPE_CHECKING:

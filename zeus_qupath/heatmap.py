@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .outputs import PatchScores
 from .qupath_geojson import (
     COORDINATE_PRECISION,
     TILE_MEASUREMENT_PREFIX,
@@ -27,9 +28,6 @@ from .qupath_geojson import (
     tile_feature,
     write_geojson,
 )
-from .scores import PatchScores
-
-TILES_SUFFIX = ".tiles.geojson"
 
 
 def measurement_name(class_name: str) -> str:

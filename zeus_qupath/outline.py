@@ -23,11 +23,11 @@ from shapely.geometry.base import BaseGeometry
 
 from .annotations import build_annotations
 from .grid import PatchGeometry, PatchGrid
+from .outputs import PatchScores
 from .polygons import PolygonParams, mask_polygons
 from .prompts import PromptSet
 from .qupath_geojson import feature_collection
 from .reconstruct import Threshold, zeus_mask
-from .scores import PatchScores
 from .scoring import slide_scores
 
 if TYPE_CHECKING:

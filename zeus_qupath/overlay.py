@@ -10,8 +10,8 @@ from PIL import Image
 from shapely.geometry import Polygon
 
 from .atomic import atomic_path
+from .outputs import PatchScores
 from .reconstruct import sample_sums
-from .scores import PatchScores
 
 POSITIVE_RGB = (230, 20, 20)
 NEGATIVE_RGB = (30, 90, 230)

@@ -34,7 +34,7 @@ import numpy as np
 import scipy.sparse
 
 from .errors import ZeusError
-from .scores import PatchScores
+from .outputs import PatchScores
 
 ZEUS_BLUR_THRESHOLD = 0.1
 MAX_FINE_PIXELS = 32_000_000

@@ -28,15 +28,15 @@ from .annotations import build_annotations
 from .atomic import atomic_set
 from .errors import SlideError
 from .grid import PatchGeometry, PatchGrid, make_grid
-from .heatmap import TILES_SUFFIX, write_tiles
+from .heatmap import write_tiles
 from .outline import outline_patches, outline_polygons
+from .outputs import TILES_SUFFIX, PatchScores, output_paths, output_stem
 from .overlay import render_overlay, write_png
 from .polygons import tissue_geometry
 from .prompts import PromptSet
 from .qupath_geojson import feature_collection, write_geojson
 from .reader import ReadPlan, RegionStream, SlideFailed
 from .reconstruct import Threshold
-from .scores import PatchScores
 from .slide import Slide, SlideInfo
 from .tissue import DEFAULT_TISSUE_RULE, TissueMask, clam_tissue, full_tissue, tissue_from_view, view_downsample
 
@@ -81,15 +81,6 @@ class SlideReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def output_stem(slide_path: str | Path) -> str:
-    """File stem for a slide's outputs (``a.ome.tif`` -> ``a``)."""
-    name = Path(slide_path).name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def encode_tissue(tissue: TissueMask) -> dict[str, Any]:
@@ -186,15 +177,6 @@ def drop_filtered(prepared: PreparedSlide, features: Sequence[np.ndarray], kept:
         prepared.warnings.append(f"{Path(prepared.path).name}: no tissue found (every patch in the tissue contours "
                                  "is white or black); writing an empty FeatureCollection")
     return [f[kept] for f in features]
-
-
-def output_paths(out_dir: str | Path, stem: str) -> dict[str, str]:
-    out = Path(out_dir)
-    return {
-        "geojson": str(out / f"{stem}.geojson"),
-        "scores": str(out / f"{stem}.scores.npz"),
-        "overlay": str(out / f"{stem}.overlay.png"),
-    }
 
 
 def finish_slide(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SlideError, ZeusError
-from ..segment import output_stem
+from ..outputs import output_stem
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".jpg", ".jpeg", ".png", ".bmp", ".qptiff")
 _GLOB_CHARS = set("*?[")

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_open
-from ..segment import SlideReport, output_paths
+from ..outputs import output_paths
+from ..segment import SlideReport
 
 STATE_DIR = ".state"
 STATE_VERSION = 1

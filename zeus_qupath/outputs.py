@@ -1,5 +1,10 @@
-"""The scores file: the interchange format between embedding and polygons (design.md section 7).
+"""The output contract: what a run writes per slide and per folder, named, read and written in one place.
 
+Per slide ``<stem>`` (:func:`output_stem`): ``<stem>.geojson`` (QuPath annotations), ``<stem>.scores.npz``
+(:class:`PatchScores`), ``<stem>.overlay.png``, and with ``--tiles`` ``<stem>.tiles.geojson``; per output
+folder ``run.json`` (the run summary, :func:`read_run_json`).
+
+The scores file is the interchange format between embedding and polygons (design.md section 7).
 ``<slide>.scores.npz`` holds ``coords`` int64 (N, 2) patch top-left (x, y) in level-0 px, ``scores``
 float32 (N, C) cosine similarities, ``classes`` str (C,), ``positive_class`` str, ``patch_size`` and
 ``stride`` int (level-0 px), ``width`` and ``height`` int (level-0 px), ``mpp`` float (NaN if unknown)
@@ -23,6 +28,56 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import ZeusError, one_line
+
+GEOJSON_SUFFIX = ".geojson"
+SCORES_SUFFIX = ".scores.npz"
+OVERLAY_SUFFIX = ".overlay.png"
+TILES_SUFFIX = ".tiles.geojson"
+RUN_JSON = "run.json"
+_OME_SUFFIXES = (".ome.tiff", ".ome.tif")
+
+
+def output_stem(slide_path: str | Path) -> str:
+    """File stem for a slide's outputs (``a.ome.tif`` -> ``a``)."""
+    name = Path(slide_path).name
+    for suffix in _OME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def output_paths(out_dir: str | Path, stem: str) -> dict[str, str]:
+    """The outputs every segmented slide has (``--tiles`` adds ``tiles``: :data:`TILES_SUFFIX`), by kind."""
+    out = Path(out_dir)
+    return {
+        "geojson": str(out / f"{stem}{GEOJSON_SUFFIX}"),
+        "scores": str(out / f"{stem}{SCORES_SUFFIX}"),
+        "overlay": str(out / f"{stem}{OVERLAY_SUFFIX}"),
+    }
+
+
+def read_run_json(folder: str | Path) -> dict[str, Any] | None:
+    """A folder's ``run.json`` (None when it has none); one-line :class:`ZeusError` when it is not a run summary."""
+    path = Path(folder) / RUN_JSON
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ZeusError(f"{path}: cannot read the ZEUS run summary ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("slides", []), list):
+        raise ZeusError(f"{path}: not a ZEUS run summary (no 'slides' list)")
+    return data
+
+
+def positive_number(value: Any) -> float | None:
+    """A recorded size or pixel size as a finite positive float, else None (missing, malformed, NaN, <= 0)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
 
 MAX_SIDE = 1 << 31  # level-0 px
 MAX_CLASSES = 1000
