@@ -75,6 +75,7 @@ from zeus_qupath.qupath_geojson import (
     objects_to_feature_collection,
     read_qupath_geojson,
 )
+from zeus_qupath.slide import QUPATH_ONLY_SUFFIXES, SLIDE_SUFFIXES
 
 from .edits import (
     WrittenObject,
@@ -96,8 +97,6 @@ LABELS_JSON = "labels.json"
 CORRECTIONS_CSV = "corrections.csv"
 MAX_PNG_SIDE = 32767
 MAX_PNG_PIXELS = 2**28
-_SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs", ".vsi",
-                   ".qptiff", ".czi", ".jpg", ".jpeg", ".png", ".bmp")
 _SKIP_JSON = {LABELS_JSON, RUN_JSON, "project.qpproj", "classes.json"}
 _MICROMETER_UNITS = {"\u00b5m", "\u03bcm", "um", "micron", "microns", "micrometer", "micrometre"}
 
@@ -496,7 +495,7 @@ def safe_name(name: str) -> str:
 
 def _slide_stem(name: str) -> str:
     lower = name.lower()
-    for suffix in _SLIDE_SUFFIXES:
+    for suffix in SLIDE_SUFFIXES + QUPATH_ONLY_SUFFIXES:  # a QuPath image name may be any of them
         if lower.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name

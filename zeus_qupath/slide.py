@@ -12,13 +12,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
 from .errors import SlideError
 
-PLAIN_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+PLAIN_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")  # read through Pillow, the others through tiffslide
+# every file suffix zeus reads, compound ones first (stripping the first that matches leaves the stem)
+SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff",
+                  *PLAIN_IMAGE_SUFFIXES)
+QUPATH_ONLY_SUFFIXES = (".mrxs", ".vsi", ".czi")  # slides QuPath opens (OpenSlide, Bio-Formats) and zeus does not
 WHITE = 255
 
 
@@ -192,6 +195,8 @@ class Slide:
         The level is read in blocks of ``block`` px and each block is shrunk on its own, so memory
         stays proportional to the output, even for a slide without a pyramid.
         """
+        import cv2  # here: opening a slide (export, publish) does not need OpenCV
+
         level = self.best_level_for_downsample(downsample)
         lw, lh = self._dims[level]
         ds_level = self._downsamples[level]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ..errors import SlideError, ZeusError
 from ..outputs import output_stem
+from ..slide import SLIDE_SUFFIXES
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".jpg", ".jpeg", ".png", ".bmp", ".qptiff")
 _GLOB_CHARS = set("*?[")
 
 

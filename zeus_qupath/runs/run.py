@@ -30,14 +30,14 @@ from ..identity import FingerprintMemo, file_fingerprint, stable_hash
 from ..models.ensemble import RunModels
 from ..models.specs import parse_model_specs
 from ..segment import SegmentParams, SlideReport
-from .discovery import SLIDE_SUFFIXES, SlideEntry, collect_slides
+from .discovery import SlideEntry, collect_slides
 from .jobs import RunSettings, SlideFailure, SlideJob, load_settings_models
 from .local_executor import run_local
 from .ray_executor import run_ray
 from .state import STATE_DIR, STATE_VERSION, SlideLocks, StateStore, report_from_state
 from .summary import format_summary
 
-__all__ = ["SLIDE_SUFFIXES", "RunConfig", "RunReport", "run_parameters", "run_segment", "versions"]
+__all__ = ["RunConfig", "RunReport", "run_parameters", "run_segment", "versions"]
 
 CACHE_DIR = ".cache"
 FINGERPRINT_DIR = "fingerprints"  # slide fingerprints kept with their stat guards, in the cache (or .state)
