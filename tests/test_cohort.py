@@ -186,3 +186,27 @@ def test_manifest_run_uses_its_pixel_sizes(cohort, tiny_cli, tmp_path):
     assert main(["segment", "--manifest", str(manifest), *tiny_cli, "--out", str(out)]) == 0
     assert PatchScores.load(out / "a.scores.npz").mpp == pytest.approx(0.8)
     assert main(["segment", *tiny_cli, "--out", str(out)]) == 2  # neither slides nor a manifest
+
+
+def test_stale_temporaries_of_killed_writers_are_removed_live_ones_kept(tmp_path):
+    from zeus_qupath.atomic import atomic_open, remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        target = tmp_path / "run.json"
+        stale = tmp_path / f".run.json.{dead.pid}-abc.json"
+        running = tmp_path / f".run.json.{live.pid}-def.json"
+        other = tmp_path / f".other.json.{dead.pid}-ghi.json"
+        for f in (stale, running, other):
+            f.write_text("{}")
+        assert remove_stale_temporaries(target) == 1
+        assert not stale.exists() and running.exists() and other.exists()
+        with atomic_open(target) as fh:  # our own temporary names carry our pid, so the rule finds them
+            (name,) = [p.name for p in tmp_path.glob(f".run.json.{os.getpid()}-*")]
+            fh.write("{}")
+        assert name.endswith(".json") and target.read_text() == "{}"
+    finally:
+        live.kill()
+        live.wait()

@@ -23,8 +23,9 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=suffix if suffix is not None else target.suffix, dir=target.parent
+    fd, tmp = tempfile.mkstemp(  # the writer's pid in the name lets a later run remove what a killed one left
+        prefix=f".{target.name}.{os.getpid()}-", suffix=suffix if suffix is not None else target.suffix,
+        dir=target.parent,
     )
     os.close(fd)
     tmp_path = Path(tmp)
@@ -37,6 +38,36 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> int:
+    """Remove the temporary files that writers of ``path`` left when they were killed (kill -9, power loss).
+
+    Only files whose writer process (the pid in their name) is gone on this machine are removed, so a
+    concurrent run's file being written is never touched. Returns how many were removed.
+    """
+    target = Path(path)
+    prefix = f".{target.name}."
+    removed = 0
+    with contextlib.suppress(OSError):
+        for entry in target.parent.iterdir():
+            if not entry.name.startswith(prefix):
+                continue
+            pid_text = entry.name[len(prefix):].split("-", 1)[0]
+            if pid_text.isdigit() and int(pid_text) != os.getpid() and not _alive(int(pid_text)):
+                entry.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .. import __version__
-from ..atomic import atomic_open, writable_dir
+from ..atomic import atomic_open, remove_stale_temporaries, writable_dir
 from ..errors import ZeusError
 from ..identity import FingerprintMemo, file_fingerprint, stable_hash
 from ..models.ensemble import RunModels
@@ -237,6 +237,7 @@ def run_segment(config: RunConfig, on_slide: Callable[[SlideReport], None] | Non
     }
     failures: list[SlideFailure] = []
     run_path = out / "run.json"
+    remove_stale_temporaries(run_path)  # what a killed run left while rewriting run.json
 
     def write_run_json(final: bool) -> None:
         ordered = [reports[e.stem] for e in entries if e.stem in reports]
