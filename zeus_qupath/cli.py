@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .atomic import atomic_set, writable_dir
 from .console import configure_console, os_error_line
 from .errors import ZeusError, one_line
+from .output_set import OutputSet, writable_dir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,6 +80,7 @@ def _segment_params(args: argparse.Namespace):
         batch_size=args.batch_size, workers=args.workers, threshold=Threshold.parse(args.threshold),
         min_area_um2=args.min_area, min_hole_area_um2=args.min_hole_area, tolerance_px=args.tolerance,
         detect_tissue=not args.no_tissue, tissue=args.tissue, heatmap_tiles=args.tiles,
+        sampling=getattr(args, "sampling", "exact"),
     )
 
 
@@ -105,6 +106,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         manifest=args.manifest, cache_dir=args.cache, use_cache=not args.no_cache, resume=not args.redo,
         skip_errors=args.skip_errors, executor=args.executor, ray_address=args.ray_address, prefetch=args.prefetch,
         screening_k=parse_screening(args.prompt_screening), random_weights=args.random_weights,
+        adapter=args.adapter,
     )
     report = run_segment(config)
     if args.project and report.slides:
@@ -123,7 +125,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_polygons(args: argparse.Namespace) -> int:
-    from .outputs import PatchScores
+    from .heatmap import write_tiles
+    from .outputs import TILES_SUFFIX, PatchScores
     from .qupath_geojson import write_geojson
     from .reconstruct import Threshold
     from .segment import SegmentParams, geojson_from_scores
@@ -133,14 +136,14 @@ def cmd_polygons(args: argparse.Namespace) -> int:
                            tolerance_px=args.tolerance)
     collection = geojson_from_scores(scores, Threshold.parse(args.threshold), params)
     out = args.out or str(Path(args.scores).with_suffix("").with_suffix("")) + ".geojson"
-    write_geojson(out, collection)
+    tiles = out.removesuffix(".geojson") + TILES_SUFFIX
+    with OutputSet(Path(out).parent) as staged:  # the GeoJSON and its tiles appear together, or neither
+        if args.tiles:
+            n_tiles = write_tiles(staged.path(Path(tiles).name), scores)
+        write_geojson(staged.path(Path(out).name), collection)
     print(f"{len(collection['features'])} regions -> {out}")
     if args.tiles:
-        from .heatmap import write_tiles
-        from .outputs import TILES_SUFFIX
-
-        tiles = out.removesuffix(".geojson") + TILES_SUFFIX
-        print(f"{write_tiles(tiles, scores)} tiles -> {tiles}")
+        print(f"{n_tiles} tiles -> {tiles}")
     return 0
 
 
@@ -167,20 +170,86 @@ def cmd_score(args: argparse.Namespace) -> int:
     threshold = Threshold.parse(args.threshold)
     prompts = load_prompts(prompt_file(args.prompts), args.positive_class)
     out = writable_dir(args.out, "--out")
+    adapter = _load_adapter(args.adapter, screening_k)
     encoder = load_encoder(args.model, args.pretrained, args.device, random_weights=args.random_weights)
+    if adapter is not None:
+        from .identity import model_identity
+
+        ident = model_identity(args.model, args.pretrained, encoder)
+        applied = {**adapter.header["identity"], "model_digest": ident.digest, "prompts_sha256": prompts.sha256,
+                   "classes": prompts.class_names, "positive_class": prompts.positive_class}
+        adapter.check(applied, f"adapter {Path(args.adapter).name}")  # precision and tissue: the features' maker's
     scores = score_features(args.features, encoder, prompts, patch_size=args.patch_size, stride=args.stride,
-                            width=args.width, height=args.height, mpp=args.mpp, screening_k=screening_k)
+                            width=args.width, height=args.height, mpp=args.mpp, screening_k=screening_k,
+                            adapter=adapter)
+    if adapter is not None:
+        geometry = adapter.header["identity"]["geometry"]
+        if (scores.patch_size, scores.stride) != (geometry["patch_size"], geometry["stride"]):
+            raise ZeusError(f"adapter {Path(args.adapter).name} was learned on {geometry['patch_size']} px patches "
+                            f"at stride {geometry['stride']}, the features are {scores.patch_size} / {scores.stride}")
     for warning in scores.meta.get("warnings", []):
         print(f"zeus: warning: {warning}", file=sys.stderr)
     stem = output_stem(Path(args.features).name.removesuffix(".h5").removesuffix(".hdf5"))
     params = SegmentParams(min_area_um2=args.min_area, min_hole_area_um2=args.min_hole_area,
                            tolerance_px=args.tolerance)
     collection = geojson_from_scores(scores, threshold, params)
-    with atomic_set([out / f"{stem}.scores.npz", out / f"{stem}.geojson"]) as (scores_tmp, geojson_tmp):
-        scores.save(scores_tmp)  # both files, or neither
-        write_geojson(geojson_tmp, collection)
+    with OutputSet(out) as staged:  # both files, or neither
+        scores.save(staged.path(f"{stem}.scores.npz"))
+        write_geojson(staged.path(f"{stem}.geojson"), collection)
     print(f"{len(scores.coords)} patches, {len(collection['features'])} regions -> {out / (stem + '.geojson')}")
     return 0
+
+
+def _load_adapter(path: str | None, screening_k: int | None):
+    """The adapter file, checked (one line, exit 2, when damaged), before any model is loaded."""
+    if path is None:
+        return None
+    from .adapter import Adapter
+
+    if screening_k is not None:
+        raise ZeusError("--adapter and --prompt-screening do not go together (the adapter replaces the prompt scores)")
+    return Adapter.load(path)
+
+
+def _class_map(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        src, sep, dst = item.partition("=")
+        if not sep or not src.strip() or not dst.strip():
+            raise ZeusError(f"--map expects ANNOTATOR_CLASS=PROMPT_CLASS (or =negative), got {item!r}")
+        out[src.strip()] = dst.strip()
+    return out
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .bridge.corrections import read_corrections
+    from .learn import LearnConfig, format_table, learn_from_corrections
+    from .prompts import prompt_file
+
+    slides = _class_map(args.slide) if args.slide else {}
+    images, notes = read_corrections(args.source, originals=args.originals, slides=slides, images=args.images,
+                                     backend=args.backend)
+    for note in notes:
+        print(f"zeus: {note}", file=sys.stderr)
+    config = LearnConfig(out=args.out, model=args.model, pretrained=args.pretrained,
+                         random_weights=args.random_weights, prompts=str(prompt_file(args.prompts)),
+                         positive_class=args.positive_class, device=args.device, precision=args.precision,
+                         params=_segment_params(args), cache_dir=args.cache, class_map=_class_map(args.map),
+                         force=args.force)
+    result = learn_from_corrections(images, config)
+    print(format_table(result.cv))
+    if result.written:
+        extra = "" if result.cv.better else " (--force: cross-validation did not find it better than zero-shot)"
+        print(f"adapter -> {args.out}{extra}")
+        print(f"apply it: zeus segment SLIDES --adapter {args.out} (same --model, --prompts and patch options)")
+        return 0
+    print(f"zeus: the adapter is not better than zero-shot in cross-validation (mean held-out Dice "
+          f"{result.cv.mean(result.cv.best):.3f} vs {result.cv.zero_shot_mean:.3f}); not written "
+          "(--force writes it anyway)", file=sys.stderr)
+    return 1
 
 
 def cmd_project_add(args: argparse.Namespace) -> int:
@@ -307,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tissue and patch rule: zeus (default; CLAM's contours, per-contour grids, four-point test, "
                         "white/black filters, as ZEUS) or coarse (earlier versions' rule: every patch touching a "
                         "coarse tissue mask; finds tissue in small crops where CLAM's area filter finds none)")
+    p.add_argument("--sampling", choices=("exact", "adaptive"), default="exact",
+                   help="which grid patches are embedded: exact (default; every one, as ZEUS) or adaptive (a coarse "
+                        "lattice, then only patches that could change the mask; see the README's Adaptive sampling)")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="patch embedding cache (default: OUT/.cache); a rerun with other prompts only re-scores")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
@@ -320,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster to use (default: start a local one on the loopback interface)")
     p.add_argument("--prompt-screening", default=None, metavar="top-K",
                    help="KEEP's prompt screening per slide (off by default: every prompt, as ZEUS)")
+    p.add_argument("--adapter", default=None, metavar="FILE",
+                   help="score with an adapter zeus learn wrote (learned from corrected slides; same model, "
+                        "precision, patch geometry, tissue rule and prompts, else refused)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--project", default=None, metavar="DIR", help="also add the results to this QuPath project")
     _add_project_options(p)
@@ -354,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=_mpp, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--prompt-screening", default=None, metavar="top-K", help="KEEP's prompt screening (off by default)")
+    p.add_argument("--adapter", default=None, metavar="FILE", help="score with an adapter zeus learn wrote")
     _add_polygon_options(p)
     p.set_defaults(func=cmd_score)
 
@@ -384,6 +460,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positive-class", default=None, help="class compared with ZEUS's outline (default: Tumor)")
     p.add_argument("--backend", default="auto", choices=["auto", "paquo", "files"])
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("learn", help="learn an adapter from corrected slides (cross-validated; zeus segment --adapter)")
+    p.add_argument("source", metavar="PROJECT_OR_DIR",
+                   help="QuPath project, or a folder of QuPath-exported GeoJSON named after their images")
+    p.add_argument("--out", required=True, metavar="ADAPTER.npz", help="the adapter file to write")
+    p.add_argument("--images", nargs="+", default=None, metavar="NAME",
+                   help="learn from these images (default: those an annotator changed after ZEUS's import)")
+    p.add_argument("--slide", action="append", default=[], metavar="NAME=PATH",
+                   help="the slide file of an image (default: the project entry's URI, or --originals' run.json)")
+    p.add_argument("--originals", default=None, metavar="DIR", help="ZEUS output folder (for a plain folder source)")
+    p.add_argument("--map", action="append", default=[], metavar="CLASS=PROMPT_CLASS",
+                   help="label an annotator class as a prompt class (or =negative); other classes the prompts "
+                        "lack are negative, Ignore* is left out (repeatable)")
+    p.add_argument("--force", action="store_true", help="write the adapter even if cross-validation finds it no better")
+    p.add_argument("--backend", default="auto", choices=["auto", "paquo", "files"])
+    p.add_argument("--prompts", default=None, metavar="FILE_OR_SET", help="as in zeus segment")
+    p.add_argument("--positive-class", default=None)
+    p.add_argument("--model", default="keep", help="as in zeus segment (one model)")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--random-weights", action="store_true", help="as in zeus segment (tests only)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--patch-size", type=_patch_px, default=448)
+    p.add_argument("--stride", type=_patch_px, default=112)
+    p.add_argument("--target-mpp", type=_mpp, default=None)
+    p.add_argument("--mpp", type=_mpp, default=None)
+    p.add_argument("--no-tissue", action="store_true")
+    p.add_argument("--tissue", choices=("zeus", "coarse"), default="zeus")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="the embedding cache zeus segment filled (its --cache, or OUT/.cache); uncached slides are "
+                        "embedded once and stored there")
+    p.add_argument("--batch-size", type=_batch, default=64)
+    p.add_argument("--workers", type=_number(int, 1, 256, what="a thread count"), default=2)
+    p.add_argument("--threshold", default="zeus", help="the mask rule the Dice is computed with (as zeus segment)")
+    p.set_defaults(func=cmd_learn, min_area=0.0, min_hole_area=0.0, tolerance=None, tiles=False)
 
     p = sub.add_parser("serve", help="local HTTP service for the QuPath scripts (loopback, token, allowed roots)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")

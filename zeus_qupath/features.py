@@ -279,6 +279,7 @@ def score_features(
     height: int | None = None,
     mpp: float | None = None,
     screening_k: int | None = None,
+    adapter: Any = None,
 ) -> PatchScores:
     """Score the patch features of ``h5_path`` against ``encoder``'s prototypes of ``prompts``.
 
@@ -306,7 +307,7 @@ def score_features(
             raise ZeusError(f"{ff.name}: patch ({x}, {y}) lies outside the slide ({w} x {h} px)")
     # the file's array is ours alone: normalise it in place (features are the largest array here)
     feats = unit_features(ff.features, ff.name, inplace=True) if n else np.zeros((0, encoder.embed_dim), np.float32)
-    scores, score_meta = slide_scores([feats], [encoder], prompts, screening_k=screening_k)
+    scores, score_meta = slide_scores([feats], [encoder], prompts, screening_k=screening_k, adapter=adapter)
     meta = {
         **score_meta,
         "source": "features file",

@@ -19,6 +19,7 @@ from .prompts import PromptSet, class_prototypes
 from .screening import PromptEmbeddings, screen_prompts
 
 if TYPE_CHECKING:
+    from .adapter import Adapter
     from .models.base import Encoder  # for annotations only: importing it imports torch
 
 __all__ = ["cosine_scores", "prototype_sha256", "slide_scores"]
@@ -50,6 +51,7 @@ def slide_scores(
     screening_k: int | None = None,
     text_embeddings: Sequence[PromptEmbeddings] | None = None,
     model_specs: Sequence[str] | None = None,
+    adapter: Adapter | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """(N, C) float32 scores of one slide, averaged over the models, and what to record about them.
 
@@ -59,7 +61,9 @@ def slide_scores(
     best ``k`` prompt classifiers on this slide (KEEP's screening) and build its prototypes from them;
     ``prototypes`` is then not used. ``text_embeddings`` (one per model, from
     ``screening.embed_prompts``) saves encoding the texts again for every slide. ``model_specs``:
-    the ``--model`` values, recorded in the meta.
+    the ``--model`` values, recorded in the meta. ``adapter`` (``zeus learn``'s, one model only): the scores
+    are the adapter's (:meth:`~zeus_qupath.adapter.Adapter.scores`) instead of the text prototypes' cosines,
+    and the meta records it as ``adapter``.
 
     The meta holds ``models`` (names), ``model_specs``, ``ensemble``, ``prompts_sha256`` (the prompt
     file) and per model ``prototype_sha256`` (the texts and weights its prototypes were built from)
@@ -75,6 +79,8 @@ def slide_scores(
             raise ValueError(f"one entry of {name} per encoder is needed")
     n_patches = n.pop()
     screen = screening_k is not None and n_patches > 0
+    if adapter is not None and (len(encoders) != 1 or screening_k is not None):
+        raise ValueError("an adapter applies to one model without prompt screening")
 
     per_model_scores: list[np.ndarray] = []
     per_model_meta: list[dict[str, Any]] = []
@@ -101,7 +107,9 @@ def slide_scores(
         per_model_scores.append(cosine_scores(feats, protos))
         per_model_meta.append(entry)
 
-    if len(per_model_scores) == 1:
+    if adapter is not None:
+        scores = adapter.scores(features[0])
+    elif len(per_model_scores) == 1:
         scores = per_model_scores[0]
     else:
         scores = np.mean(np.stack(per_model_scores), axis=0, dtype=np.float64).astype(np.float32)
@@ -116,4 +124,6 @@ def slide_scores(
     }
     if model_specs is not None:
         meta["model_specs"] = list(model_specs)
+    if adapter is not None:
+        meta["adapter"] = adapter.summary()
     return scores, meta

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import ZeusError
@@ -30,14 +31,26 @@ class RunSettings:
     block_cells: int = DEFAULT_BLOCK_CELLS
     progress: bool = True
     screening_k: int | None = None  # KEEP's prompt screening: keep each model's top-k prompt classifiers per slide
+    adapter: str | None = None  # zeus learn's adapter file (--adapter): its scores replace the zero-shot ones
     meta: dict[str, Any] = field(default_factory=dict)  # recorded in every scores file
     parameters: dict[str, Any] = field(default_factory=dict)  # recorded in every state file
 
 
 def load_settings_models(settings: RunSettings) -> RunModels:
     """The models ``settings`` name, loaded on its device (see :func:`~zeus_qupath.models.ensemble.load_run_models`)."""
-    return load_run_models(settings.models, settings.prompts, settings.positive_class, settings.device,
-                           settings.precision, settings.screening_k)
+    models = load_run_models(settings.models, settings.prompts, settings.positive_class, settings.device,
+                             settings.precision, settings.screening_k)
+    if settings.adapter is not None:
+        from ..adapter import Adapter, applied_identity
+        from ..identity import effective_precision
+
+        if len(models.encoders) != 1 or settings.screening_k is not None:
+            raise ZeusError("--adapter applies to one model without --prompt-screening (it was learned that way)")
+        adapter = Adapter.load(settings.adapter)
+        adapter.check(applied_identity(models.identities[0], effective_precision(models.encoders[0]),
+                                       settings.params, models.prompts), f"adapter {Path(settings.adapter).name}")
+        models.score_options["adapter"] = adapter
+    return models
 
 
 @dataclass(frozen=True)

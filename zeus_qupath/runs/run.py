@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
-import json
 import platform
 import sys
 import time
@@ -24,12 +23,13 @@ from typing import Any
 from tqdm import tqdm
 
 from .. import __version__
-from ..atomic import atomic_open, remove_stale_temporaries, writable_dir
 from ..errors import ZeusError
 from ..identity import FingerprintMemo, file_fingerprint, stable_hash
 from ..models.ensemble import RunModels
 from ..models.specs import parse_model_specs
-from ..segment import SegmentParams, SlideReport
+from ..output_set import remove_stale_temporaries, writable_dir
+from ..outputs import RUN_JSON, RunRecord, SlideReport, write_run_record
+from ..segment import SegmentParams
 from .discovery import SlideEntry, collect_slides
 from .jobs import RunSettings, SlideFailure, SlideJob, load_settings_models
 from .local_executor import run_local
@@ -66,6 +66,7 @@ class RunConfig:
     prefetch: int = 2  # decoded regions read ahead beyond one per worker
     screening_k: int | None = None  # --prompt-screening top-K (KEEP's), None: every prompt (ZEUS)
     random_weights: bool = False  # --random-weights: open_clip models without --pretrained, seeded (tests)
+    adapter: str | None = None  # --adapter FILE: zeus learn's adapter scores the slides (checked before any slide)
 
 
 @dataclass
@@ -108,10 +109,12 @@ def run_parameters(config: RunConfig, models: RunModels) -> dict[str, Any]:
         "prompts_sha256": models.prompts.sha256,
         "positive_class": models.prompts.positive_class,
         "prompt_screening": config.screening_k,
+        **({"adapter": models.score_options["adapter"].sha256} if "adapter" in models.score_options else {}),
         "segment": {"patch_size": p.patch_size, "stride": p.stride, "target_mpp": p.target_mpp, "mpp": p.mpp,
                     "threshold": str(p.threshold), "min_area_um2": p.min_area_um2,
                     "min_hole_area_um2": p.min_hole_area_um2, "tolerance_px": p.tolerance_px,
-                    "detect_tissue": p.detect_tissue, "tissue": p.tissue, "heatmap_tiles": p.heatmap_tiles},
+                    "detect_tissue": p.detect_tissue, "tissue": p.tissue, "heatmap_tiles": p.heatmap_tiles,
+                    **({"sampling": p.sampling} if p.sampling != "exact" else {})},  # exact runs keep their hash
     }
 
 
@@ -125,7 +128,7 @@ def _settings(config: RunConfig) -> RunSettings:
                        prompts=config.prompts,
                        positive_class=config.positive_class, out_dir=config.out_dir, params=config.params,
                        device=config.device, precision=config.precision, cache_dir=cache, prefetch=config.prefetch,
-                       progress=config.progress, screening_k=config.screening_k)
+                       progress=config.progress, screening_k=config.screening_k, adapter=config.adapter)
 
 
 def ran_in(encoder: Any) -> dict[str, Any]:
@@ -164,6 +167,10 @@ def run_segment(config: RunConfig, on_slide: Callable[[SlideReport], None] | Non
     if settings.cache_dir is not None:
         writable_dir(settings.cache_dir, "--cache")
     # Ray workers load their own models; here they are loaded on the CPU only to validate and identify them
+    if config.adapter is not None:  # a damaged adapter file fails here, before any model is loaded
+        from ..adapter import Adapter
+
+        Adapter.load(config.adapter)
     models = load_settings_models(replace(settings, device="cpu") if config.executor == "ray" else settings)
     parameters = run_parameters(config, models)
     run_hash = stable_hash(parameters)
@@ -189,6 +196,7 @@ def run_segment(config: RunConfig, on_slide: Callable[[SlideReport], None] | Non
     def plan(entry: SlideEntry) -> SlideJob | None:
         """The slide's job, or None when it was done before with the same parameters (it is skipped)."""
         fingerprint = file_fingerprint(entry.path, memo)
+        store.check_owner(entry.stem, entry.path, fingerprint)  # a taken stem is refused, never overwritten
         state_hash = stable_hash({"run": run_hash, "slide": fingerprint, "mpp": entry.mpp})
         record = store.completed(entry.stem, state_hash) if config.resume else None
         if record is not None:
@@ -219,38 +227,39 @@ def run_segment(config: RunConfig, on_slide: Callable[[SlideReport], None] | Non
         for info in model_infos:
             info["precision"] = {"requested": config.precision, "device": "each Ray worker's",
                                  "computes": "fp32 on a CPU worker; on a CUDA worker as --precision decides there"}
-    run_info: dict[str, Any] = {
-        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "segment",
-        "model": {**model_infos[0], "spec": config.model, "pretrained": config.pretrained},
-        "models": model_infos,
-        "prompts": {"file": config.prompts, "sha256": prompts.sha256, "classes": prompts.class_names,
-                    "positive_class": prompts.positive_class,
-                    "texts_per_class": {c.name: len(c.texts()) for c in prompts.classes}},
-        "parameters": {**{k: v for k, v in vars(config.params).items() if k != "threshold"},
-                       "threshold": str(config.params.threshold), "precision": config.precision,
-                       "prompt_screening": config.screening_k},
-        "parameters_sha256": run_hash,
-        "executor": config.executor,
-        "cache": settings.cache_dir,
-        "versions": versions(),
-    }
+    record = RunRecord(
+        started=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        command="segment",
+        model={**model_infos[0], "spec": config.model, "pretrained": config.pretrained},
+        models=model_infos,
+        prompts={"file": config.prompts, "sha256": prompts.sha256, "classes": prompts.class_names,
+                 "positive_class": prompts.positive_class,
+                 "texts_per_class": {c.name: len(c.texts()) for c in prompts.classes}},
+        parameters={**{k: v for k, v in vars(config.params).items() if k != "threshold"},
+                    "threshold": str(config.params.threshold), "precision": config.precision,
+                    "prompt_screening": config.screening_k},
+        parameters_sha256=run_hash,
+        executor=config.executor,
+        cache=settings.cache_dir,
+        versions=versions(),
+        sampling=config.params.sampling,
+        adapter=models.score_options["adapter"].summary() if "adapter" in models.score_options else None,
+    )
     failures: list[SlideFailure] = []
-    run_path = out / "run.json"
+    run_path = out / RUN_JSON
     remove_stale_temporaries(run_path)  # what a killed run left while rewriting run.json
 
     def write_run_json(final: bool) -> None:
         ordered = [reports[e.stem] for e in entries if e.stem in reports]
-        run_info["slides"] = [r.to_dict() for r in ordered]
-        run_info["failed"] = [f.to_dict() for f in failures]
-        run_info["summary"] = {"slides": len(entries), "done": sum(r.status == "done" for r in ordered),
-                               "skipped": sum(r.status == "skipped" for r in ordered), "failed": len(failures)}
-        run_info["complete"] = len(ordered) == len(entries)
+        record.slides = ordered
+        record.failed = [f.to_dict() for f in failures]
+        record.summary = {"slides": len(entries), "done": sum(r.status == "done" for r in ordered),
+                          "skipped": sum(r.status == "skipped" for r in ordered), "failed": len(failures)}
+        record.complete = len(ordered) == len(entries)
         if final:
-            run_info["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-            run_info["seconds"] = round(time.perf_counter() - t_start, 3)
-        with atomic_open(run_path) as fh:
-            json.dump(run_info, fh, indent=2, default=str)
+            record.finished = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            record.seconds = round(time.perf_counter() - t_start, 3)
+        write_run_record(out, record)
 
     bar = tqdm(total=len(entries), initial=len(reports), desc="slides", unit="slide", disable=not config.progress,
                file=sys.stderr, dynamic_ncols=True, position=0)
@@ -294,4 +303,4 @@ def run_segment(config: RunConfig, on_slide: Callable[[SlideReport], None] | Non
         bar.close()
         write_run_json(final=True)
     ordered = [reports[e.stem] for e in entries if e.stem in reports]
-    return RunReport(run_info, ordered, str(run_path), failures, time.perf_counter() - t_start)
+    return RunReport(record.to_dict(), ordered, str(run_path), failures, time.perf_counter() - t_start)

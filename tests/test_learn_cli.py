@@ -1,0 +1,116 @@
+"""zeus learn and --adapter end to end with the tiny open_clip model: cache reuse, records, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio.features
+import shapely
+from affine import Affine
+from PIL import Image
+from shapely.geometry import shape
+
+from zeus_qupath.cli import main
+from zeus_qupath.outputs import PatchScores
+from zeus_qupath.qupath_geojson import QuPathObject, objects_to_feature_collection
+from zeus_qupath.samples.synthetic import make_synthetic_slide
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_args(tiny_model, spindle_prompts):
+    return ["--model", f"open_clip:{tiny_model.config_path}", "--pretrained", str(tiny_model.checkpoint_path),
+            "--prompts", str(spindle_prompts), "--device", "cpu"]
+
+
+def truth_objects(syn) -> list[QuPathObject]:
+    """The slide's true tumor outline as annotator-drawn Tumor annotations (level-0 px)."""
+    mask = np.asarray(Image.open(syn.tumor_mask_path)) > 127
+    ds = syn.mask_downsample
+    polys = [shape(g) for g, v in rasterio.features.shapes(mask.astype(np.uint8), mask=mask,
+                                                            transform=Affine.scale(ds)) if v == 1]
+    return [QuPathObject(p, class_name="Tumor", color=(200, 0, 0)) for p in polys]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, tiny_args):
+    root = tmp_path_factory.mktemp("learn")
+    slides = [make_synthetic_slide(root / f"s{i}.tif", 2560, 1792, seed=80 + i, tumor_fraction=0.35) for i in range(2)]
+    out, cache = root / "zeus", root / "cache"
+    assert main(["segment", *(str(s.path) for s in slides), *tiny_args, "--quiet", "--out", str(out),
+                 "--cache", str(cache)]) == 0
+    corrected = root / "corrected"
+    corrected.mkdir()
+    (corrected / "s0.geojson").write_text(json.dumps(objects_to_feature_collection(truth_objects(slides[0]))))
+    return root, slides, out, cache, corrected
+
+
+def test_learn_from_cached_embeddings_and_apply_without_embedding(cohort, tiny_args, capsys):
+    root, slides, out, cache, corrected = cohort
+    adapter = root / "adapter.npz"
+    args = ["learn", str(corrected), "--originals", str(out), "--cache", str(cache), "--force", *tiny_args]
+    assert main([*args, "--out", str(adapter)]) == 0
+    captured = capsys.readouterr()
+    assert "0 embedded now, cache hit" in captured.err  # the embeddings zeus segment cached, not the model
+    assert "zero-shot Dice" in captured.out and "s0 (half 1)" in captured.out
+    assert main([*args, "--out", str(root / "again.npz")]) == 0  # same inputs, same bytes
+    assert adapter.read_bytes() == (root / "again.npz").read_bytes()
+
+    out2 = root / "adapted"
+    assert main(["segment", str(slides[1].path), *tiny_args, "--quiet", "--out", str(out2), "--cache", str(cache),
+                 "--adapter", str(adapter)]) == 0
+    run = json.loads((out2 / "run.json").read_text())
+    assert run["adapter"]["slides"] == ["s0"] and run["slides"][0]["cache"] == "hit"  # re-scored, 0 embedded
+    scores = PatchScores.load(out2 / "s1.scores.npz")
+    zero_shot = PatchScores.load(out / "s1.scores.npz")
+    assert scores.meta["adapter"]["sha256"] == run["adapter"]["sha256"]
+    assert np.array_equal(scores.coords, zero_shot.coords) and not np.allclose(scores.scores, zero_shot.scores)
+    # the adapted scores are the adapter applied to the cached features: recompute them from the cache
+    from zeus_qupath.adapter import Adapter
+
+    a = Adapter.load(adapter)
+    entries = list(cache.glob("*/*.npz"))
+    feats = None
+    for entry in entries:
+        with np.load(entry) as z:
+            if len(z["features"]) == len(scores.coords) and json.loads(str(z["meta"]))["key_parts"]:
+                cand = z["features"]
+                if np.allclose(cand @ a.weights.T + a.bias, scores.scores, atol=1e-5):
+                    feats = cand
+    assert feats is not None
+
+
+def test_mismatched_or_damaged_adapter_is_refused_before_any_work(cohort, tiny_args, capsys, tmp_path):
+    root, slides, out, cache, corrected = cohort
+    adapter = root / "adapter.npz"
+    if not adapter.is_file():
+        assert main(["learn", str(corrected), "--originals", str(out), "--cache", str(cache), "--force",
+                     *tiny_args, "--out", str(adapter)]) == 0
+    capsys.readouterr()
+    dest = tmp_path / "o"
+    rc = main(["segment", str(slides[1].path), *tiny_args, "--quiet", "--out", str(dest), "--stride", "224",
+               "--adapter", str(adapter)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "learned with another patch geometry" in err and len(err.strip().splitlines()) == 1
+    assert not list(dest.glob("*.geojson"))
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(adapter.read_bytes()[:-100])
+    rc = main(["segment", str(slides[1].path), *tiny_args, "--quiet", "--out", str(dest), "--adapter", str(broken)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "adapter broken.npz" in err and len(err.strip().splitlines()) == 1
+    assert not list(dest.glob("*.geojson"))
+
+
+def test_learn_refuses_corrections_of_the_wrong_image(cohort, tiny_args, capsys, tmp_path):
+    root, slides, out, cache, corrected = cohort
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    far = QuPathObject(shapely.box(5000, 5000, 6000, 6000), class_name="Tumor", color=(200, 0, 0))
+    (wrong / "s0.geojson").write_text(json.dumps(objects_to_feature_collection([far])))
+    rc = main(["learn", str(wrong), "--originals", str(out), "--cache", str(cache), *tiny_args,
+               "--out", str(tmp_path / "a.npz")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "wrong slide" in err and not (tmp_path / "a.npz").exists()
