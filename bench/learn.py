@@ -121,7 +121,7 @@ def cohort_run(seed: int, confounder: bool, ks=(1, 2, 4), size: int = 4096, dim:
         cv, adapter = learn(train[:k], text, CLASSES, "tumor", Threshold(), LOGIT_SCALE, ident)
         used = held_out_dice(test, adapter.weights, adapter.bias) if cv.better else zs
         row[f"k{k}"] = {"adapted": held_out_dice(test, adapter.weights, adapter.bias), "applied": used,
-                        "written": cv.better, "method": f"{cv.best[0]}:{cv.best[1]:g}",
+                        "written": cv.better, "method": f"{cv.best[0]}:{cv.best[1]:g}:{cv.best[2]:g}",
                         "cv_zero_shot": cv.zero_shot_mean, "cv_adapted": cv.mean(cv.best)}
     return row
 

@@ -200,16 +200,16 @@ def test_cross_validation_never_fits_on_the_held_out_slide():
     assert kind == "slides"
     seen = []
 
-    def recording_fit(stats, text_, kind_, strength):
+    def recording_fit(stats, *args):
         seen.append(stats.names)
-        return fit(stats, text_, kind_, strength)
+        return fit(stats, *args)
 
     cv, stats = cross_validate(units, text, ("normal", "tumor"), "tumor", Threshold(), 100.0,
                                cands=[("prototype", 0.5), ("ridge", 0.01)], fit_fn=recording_fit)
     assert [f.held_out for f in cv.folds] == ["s0", "s1", "s2"]
     for fold in cv.folds:
         assert fold.trained_on == {"s0", "s1", "s2"} - {fold.held_out}
-    assert len(seen) == 6 and all(len(names) == 2 for names in seen)
+    assert len(seen) == 3 * (2 + 3) and all(len(names) == 2 for names in seen)  # 2 candidates, then 3 shifts
     # each held-out Dice is that of an adapter fitted from the other slides' patches alone, recomputed here
     from zeus_qupath.learn import train_labels
 
@@ -220,7 +220,7 @@ def test_cross_validation_never_fits_on_the_held_out_slide():
                                for s in others])
         w, b = fit(fit_stats(feats, labs, text), text, "ridge", 0.01)
         d = unit_dice(unit, unit.slide.features @ w.T + b, ("normal", "tumor"), "tumor", Threshold(), 100.0)
-        assert d == pytest.approx(cv.per_candidate[("ridge", 0.01)][i], abs=1e-9)
+        assert d == pytest.approx(cv.per_candidate[("ridge", 0.01, 0.0)][i], abs=1e-9)
 
 
 def test_one_slide_is_cross_validated_on_its_halves():

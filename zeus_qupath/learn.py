@@ -30,7 +30,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from . import __version__
-from .adapter import Adapter, FitStats, applied_identity, candidates, fit, fit_stats
+from .adapter import SHIFTS, Adapter, FitStats, applied_identity, candidates, fit, fit_stats
 from .errors import ZeusError
 from .outputs import PatchScores
 from .patch_labels import LEFT_OUT, NEGATIVE, Correction, LabelRule, patch_labels
@@ -39,6 +39,7 @@ from .tissue import TissueMask
 
 EVAL_PIXELS = 250_000  # mask samples per slide for the cross-validation Dice
 MIN_GAIN = 0.01  # the adapter must beat zero-shot's mean held-out Dice by more than this
+MAX_LOSS = 0.01  # ... and lose no more than this on any held-out slide (or half)
 RULE_TEXT = ("central stride cell; mixed cells (the positive class with anything else), Ignore* and unclassified "
              "areas left out; uncovered tissue and classes the prompts lack are negative")
 
@@ -163,29 +164,32 @@ class CrossValidation:
     units: list[str]
     labelled: list[int]
     zero_shot: list[float]
-    per_candidate: dict[tuple[str, float], list[float]]
+    per_candidate: dict[tuple[str, float, float], list[float]]  # (kind, strength, shift) -> Dice per unit
     folds: list[Fold]
 
     @property
     def zero_shot_mean(self) -> float:
         return float(np.mean(self.zero_shot))
 
-    def mean(self, cand: tuple[str, float]) -> float:
+    def mean(self, cand: tuple[str, float, float]) -> float:
         return float(np.mean(self.per_candidate[cand]))
 
     @property
-    def best(self) -> tuple[str, float]:
+    def best(self) -> tuple[str, float, float]:
         return max(self.per_candidate, key=lambda c: (self.mean(c), -list(self.per_candidate).index(c)))
 
     @property
     def better(self) -> bool:
-        return self.mean(self.best) > self.zero_shot_mean + MIN_GAIN
+        """Written only when better in mean by MIN_GAIN and worse on no held-out unit by more than MAX_LOSS."""
+        best = self.per_candidate[self.best]
+        return self.mean(self.best) > self.zero_shot_mean + MIN_GAIN and \
+            all(a >= z - MAX_LOSS for a, z in zip(best, self.zero_shot, strict=True))
 
     def table(self) -> dict[str, Any]:
         best = self.best
         return {
             "folds": self.folds_of,
-            "selected": {"kind": best[0], "strength": best[1]},
+            "selected": {"kind": best[0], "strength": best[1], "shift": best[2]},
             "zero_shot_mean": round(self.zero_shot_mean, 4),
             "adapted_mean": round(self.mean(best), 4),
             "better": self.better,
@@ -193,8 +197,8 @@ class CrossValidation:
                         "adapted_dice": round(a, 4)}
                        for u, n, z, a in zip(self.units, self.labelled, self.zero_shot, self.per_candidate[best],
                                              strict=True)],
-            "candidates": [{"kind": k, "strength": s, "mean_dice": round(self.mean((k, s)), 4)}
-                           for k, s in self.per_candidate],
+            "candidates": [{"kind": k, "strength": s, "shift": h, "mean_dice": round(self.mean((k, s, h)), 4)}
+                           for k, s, h in self.per_candidate],
         }
 
 
@@ -205,6 +209,7 @@ def cross_validate(units: Sequence[Unit], text: np.ndarray, classes: Sequence[st
                    ) -> tuple[CrossValidation, list[FitStats]]:
     """Leave-one-unit-out Dice of zero-shot and of each candidate; returns it and each unit's statistics."""
     pos = list(classes).index(positive_class)
+    text = np.asarray(text, np.float32)
     stats, zero_shot, labelled = [], [], []
     for u in units:
         s = u.slide
@@ -214,19 +219,28 @@ def cross_validate(units: Sequence[Unit], text: np.ndarray, classes: Sequence[st
         labelled.append(int(train.sum()))
         zero_shot.append(unit_dice(u, s.features[u.patches] @ text.T, classes, positive_class, threshold,
                                    logit_scale))
-    per_candidate: dict[tuple[str, float], list[float]] = {}
-    folds: list[Fold] = []
+    trains, folds = [], []
     for i, u in enumerate(units):
         others = [st for j, st in enumerate(stats) if j != i]
         train = others[0]
         for st in others[1:]:
             train = train + st
+        trains.append(train)
         folds.append(Fold(u.name, train.names))
-        feats = u.slide.features[u.patches]
-        for cand in cands or candidates():
-            w, b = fit_fn(train, text, cand[0], cand[1])
+    per_candidate: dict[tuple[str, float, float], list[float]] = {}
+
+    def score(cand: tuple[str, float, float]) -> None:
+        for u, train in zip(units, trains, strict=True):
+            w, b = fit_fn(train, text, cand[0], cand[1], cand[2], pos)
             per_candidate.setdefault(cand, []).append(
-                unit_dice(u, feats @ w.T + b, classes, positive_class, threshold, logit_scale))
+                unit_dice(u, u.slide.features[u.patches] @ w.T + b, classes, positive_class, threshold, logit_scale))
+
+    for kind, strength in cands or candidates():
+        score((kind, strength, 0.0))
+    kind, strength, _ = max(per_candidate, key=lambda c: (float(np.mean(per_candidate[c])),
+                                                         -list(per_candidate).index(c)))
+    for shift in SHIFTS:
+        score((kind, strength, shift))
     return CrossValidation(folds_of, [u.name for u in units], labelled, zero_shot, per_candidate, folds), stats
 
 
@@ -241,7 +255,7 @@ def format_table(cv: CrossValidation) -> str:
     lines.append(f"{'mean'.ljust(name_w)}  {'':8}  {t['zero_shot_mean']:14.3f}  {t['adapted_mean']:12.3f}  "
                  f"{t['adapted_mean'] - t['zero_shot_mean']:+6.3f}")
     sel = t["selected"]
-    lines.append(f"selected: {sel['kind']} (strength {sel['strength']:g}), by leave-one-"
+    lines.append(f"selected: {sel['kind']} (strength {sel['strength']:g}, shift {sel['shift']:g}), by leave-one-"
                  f"{'slide' if cv.folds_of == 'slides' else 'half'}-out cross-validation "
                  f"(each row scored by an adapter that never saw it)")
     return "\n".join(lines)
@@ -283,11 +297,11 @@ def learn(slides: Sequence[LabelledSlide], text: np.ndarray, classes: Sequence[s
     total = stats[0]
     for st in stats[1:]:
         total = total + st
-    kind, strength = cv.best
-    w, b = fit(total, text, kind, strength)
+    kind, strength, shift = cv.best
+    w, b = fit(total, text, kind, strength, shift, pos)
     header = {
         "identity": dict(ident),
-        "method": {"kind": kind, "strength": strength, "label_rule": RULE_TEXT,
+        "method": {"kind": kind, "strength": strength, "shift": shift, "label_rule": RULE_TEXT,
                    "class_map": dict(sorted((class_map or {}).items())), "threshold": str(threshold)},
         "slides": [{"name": s.name, "fingerprint": s.fingerprint,
                     "labelled_patches": int(np.sum(s.labels != LEFT_OUT)),
