@@ -44,7 +44,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, shape
 from shapely.geometry.base import BaseGeometry
 
-from zeus_qupath.atomic import atomic_open
+from zeus_qupath.output_set import atomic_open
 from zeus_qupath.qupath_geojson import (
     ZEUS_MARKER_MEASUREMENTS,
     ZEUS_NAME_PREFIX,

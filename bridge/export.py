@@ -65,10 +65,9 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
-from zeus_qupath.atomic import atomic_path
 from zeus_qupath.errors import GeoJSONError, ProjectError, ZeusError
-from zeus_qupath.output_set import OutputSet
-from zeus_qupath.outputs import RUN_JSON, SCORES_SUFFIX, PatchScores, positive_number, read_run_json
+from zeus_qupath.output_set import OutputSet, atomic_path
+from zeus_qupath.outputs import RUN_JSON, SCORES_SUFFIX, PatchScores, RunRecord, positive_number, read_run_record
 from zeus_qupath.qupath_geojson import (
     ZEUS_MARKER_MEASUREMENTS,
     QuPathObject,
@@ -445,7 +444,7 @@ def _read_folder(folder: Path, originals: Path | None) -> tuple[list[SlideSource
     if not files:
         raise ZeusError(f"{folder}: no QuPath project (project.qpproj) and no GeoJSON files to export")
 
-    run = read_run_json(originals) if originals is not None else None
+    run = read_run_record(originals) if originals is not None else None
     sources: list[SlideSource] = []
     names: set[str] = set()
     for base, path, objs in files:
@@ -470,12 +469,12 @@ def _script_labels(folder: Path) -> dict[str, int] | None:
     return data if isinstance(data, dict) else None
 
 
-def _folder_dimensions(stems: list[str], folders: list[Path], run: Mapping[str, Any] | None,
+def _folder_dimensions(stems: list[str], folders: list[Path], run: RunRecord | None,
                        ) -> tuple[int | None, int | None, float | None]:
     if run is not None:
-        for report in run.get("slides", []) or []:
-            if isinstance(report, Mapping) and report.get("stem") in stems:
-                return _int(report.get("width")), _int(report.get("height")), positive_number(report.get("mpp"))
+        for report in run.slides:
+            if report.stem in stems:
+                return report.width, report.height, report.mpp
     for folder in folders:
         for stem in stems:
             scores = folder / f"{stem}{SCORES_SUFFIX}"

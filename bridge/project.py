@@ -1,9 +1,12 @@
-"""Choose a QuPath project writer: paquo where a QuPath install is available, the QuPath-free one otherwise."""
+"""Choose a QuPath project writer: paquo where a QuPath install is available, the QuPath-free one otherwise;
+and the one lock every writer of a project holds (:func:`project_lock`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from zeus_qupath.errors import ProjectError
@@ -12,6 +15,47 @@ from .project_files import FilesProject, ImageUpdate
 from .uris import UriMap
 
 BACKENDS = ("auto", "paquo", "files")
+LOCK_FILE = ".zeus-project.lock"  # in the project folder; QuPath ignores it
+
+
+def project_root(path: str | os.PathLike[str]) -> Path:
+    """The project folder of ``path`` (a folder or its ``project.qpproj``)."""
+    p = Path(path)
+    return p.parent if p.suffix == ".qpproj" else p
+
+
+@contextlib.contextmanager
+def project_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the project's writer lock: every zeus writer of a project (``project add``, ``segment --project``,
+    either backend) reads, changes and saves it under this lock, so concurrent writers all land.
+
+    The lock is the operating system's (``flock``/``LockFileEx`` through ``filelock``): a writer that dies,
+    even by ``kill -9``, leaves none behind. A folder created only for the lock is removed again when nothing
+    was written into it.
+    """
+    from filelock import FileLock
+
+    root = project_root(path)
+    if root.exists() and not root.is_dir():
+        raise ProjectError(f"{root}: not a folder, cannot hold a QuPath project")
+    created = not root.exists()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ProjectError(f"{root}: cannot create the QuPath project folder ({exc.strerror or exc})") from None
+    lock = FileLock(str(root / LOCK_FILE), thread_local=False)
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise ProjectError(f"{root}: cannot lock the QuPath project ({exc.strerror or exc})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if created and {p.name for p in root.iterdir()} <= {LOCK_FILE}:
+            with contextlib.suppress(OSError):
+                (root / LOCK_FILE).unlink(missing_ok=True)
+                root.rmdir()
 
 
 class ProjectWriter(Protocol):

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from zeus_qupath import __version__
-from zeus_qupath.atomic import atomic_open
 from zeus_qupath.errors import ProjectError
+from zeus_qupath.output_set import atomic_open
 from zeus_qupath.qupath_geojson import class_color
 
 from .edits import MergeResult
@@ -262,6 +262,25 @@ def _int_or_none(value: Any) -> int | None:
     return v if v > 0 else None
 
 
+def check_entry_ids(entries: Sequence[Any], project_file: str | os.PathLike[str]) -> None:
+    """Refuse a project whose entries share an ID (one-line ``ProjectError``).
+
+    QuPath keeps each image's data in ``data/<entryID>``: two entries with one ID share (and overwrite) one
+    image's annotations, and ZEUS could not tell which entry is the slide's. Repair it in QuPath (remove one
+    entry and add the image again) or restore a ``project.qpproj.bak-*``.
+    """
+    seen: dict[str, Any] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or "entryID" not in entry:
+            continue
+        key = str(entry["entryID"])
+        if key in seen:
+            names = f"{seen[key].get('imageName', '?')!s} and {entry.get('imageName', '?')!s}"
+            raise ProjectError(f"{project_file}: two entries have the ID {key} ({names}); their data would be "
+                               f"mixed: remove one in QuPath, or restore a {PROJECT_FILE}.bak-* file")
+        seen[key] = entry
+
+
 class FilesProject:
     """A QuPath project folder written without QuPath (see the module docstring).
 
@@ -307,6 +326,7 @@ class FilesProject:
         if not isinstance(data, dict) or not isinstance(data.get("images", []), list):
             raise ProjectError(f"{self.project_file}: not a QuPath project file (no 'images' list)")
         data.setdefault("images", [])
+        check_entry_ids(data["images"], self.project_file)
         return data
 
     @property

@@ -35,8 +35,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from zeus_qupath.atomic import atomic_open
 from zeus_qupath.errors import GeoJSONError, ProjectError
+from zeus_qupath.output_set import atomic_open
 from zeus_qupath.qupath_geojson import QuPathObject, class_color, feature_to_object, repair_geometry
 
 from .edits import (

@@ -34,9 +34,10 @@ when the image is first opened.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,17 +45,20 @@ from typing import Any
 from zeus_qupath.errors import ProjectError, SlideError, ZeusError
 from zeus_qupath.outputs import (
     GEOJSON_SUFFIX,
+    OUTPUT_KINDS,
     RUN_JSON,
     SCORES_SUFFIX,
     TILES_SUFFIX,
     PatchScores,
-    positive_number,
-    read_run_json,
+    RunRecord,
+    SlideReport,
+    read_run_record,
 )
 from zeus_qupath.qupath_geojson import object_to_feature, read_qupath_geojson
 
 from .heatmap_tiles import read_zeus_tiles
-from .project import open_project
+from .project import ProjectWriter, open_project, project_lock, project_root
+from .project_files import PROJECT_FILE, check_entry_ids
 from .uris import parse_uri_map
 
 # entry metadata keys (str -> str in QuPath)
@@ -188,7 +192,30 @@ def publish_results(
     features = [[object_to_feature(o) for o in read_qupath_geojson(item.geojson_path)] for item in items]
     tiles = [read_zeus_tiles(item.tiles_path) if item.tiles_path else [] for item in items]
 
-    project = open_project(project_dir, backend=backend)
+    with project_lock(project_dir):  # read, changed and saved by one writer at a time: concurrent writers all land
+        _check_project_file(project_dir)
+        project = open_project(project_dir, backend=backend)
+        images = _publish_items(project, items, features, tiles, pairs, status)
+    root = Path(project_dir)
+    root = root.parent if root.suffix == ".qpproj" else root
+    return PublishReport(project=str(root), backend=project.backend, images=tuple(images))
+
+
+def _check_project_file(project_dir: str | os.PathLike[str]) -> None:
+    """Refuse a project file whose entries share an ID, whichever backend writes it (before anything changes)."""
+    project_file = project_root(project_dir) / PROJECT_FILE
+    if not project_file.is_file():
+        return
+    try:
+        data = json.loads(project_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return  # the writer says what is wrong with it
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        check_entry_ids(data["images"], project_file)
+
+
+def _publish_items(project: ProjectWriter, items: Sequence[ResultItem], features: list[list[dict[str, Any]]],
+                   tiles: list[Any], pairs: list[tuple[str, str]], status: str) -> list[PublishedImage]:
     images: list[PublishedImage] = []
     try:
         for item, feats, item_tiles in zip(items, features, tiles, strict=True):
@@ -216,9 +243,7 @@ def publish_results(
         project.save()
     finally:
         project.close()
-    root = Path(project_dir)
-    root = root.parent if root.suffix == ".qpproj" else root
-    return PublishReport(project=str(root), backend=project.backend, images=tuple(images))
+    return images
 
 
 def publish_outputs(
@@ -263,21 +288,12 @@ def items_from_outputs(paths: Sequence[str | os.PathLike[str]]) -> list[ResultIt
     return items
 
 
-def _run_fields(run: Mapping[str, Any] | None) -> dict[str, str | None]:
+def _run_fields(run: RunRecord | None) -> dict[str, str | None]:
     """model, prompts (name), zeus_version and date from ``run.json``."""
-    if not run:
+    if run is None:
         return {"model": None, "prompts": None, "zeus_version": None, "date": None}
-    model = run.get("model")
-    prompts = run.get("prompts")
-    versions = run.get("versions")
-    prompt_file = prompts.get("file") if isinstance(prompts, Mapping) else None
-    return {
-        "model": str(model.get("spec")) if isinstance(model, Mapping) and model.get("spec") else None,
-        "prompts": _prompt_name(prompt_file),
-        "zeus_version": str(versions.get("zeus-qupath")) if isinstance(versions, Mapping) and
-        versions.get("zeus-qupath") else None,
-        "date": str(run["started"]) if run.get("started") else None,
-    }
+    return {"model": run.model_spec, "prompts": _prompt_name(run.prompt_file), "zeus_version": run.zeus_version,
+            "date": run.started or None}
 
 
 def _prompt_name(value: Any) -> str | None:
@@ -288,7 +304,7 @@ def _prompt_name(value: Any) -> str | None:
 
 
 def _items_from_folder(folder: Path) -> list[ResultItem]:
-    run = read_run_json(folder)
+    run = read_run_record(folder)
     if run is None:
         geojsons = sorted(f for f in folder.glob("*" + GEOJSON_SUFFIX)
                           if (folder / (f.name[: -len(GEOJSON_SUFFIX)] + SCORES_SUFFIX)).is_file())
@@ -296,59 +312,43 @@ def _items_from_folder(folder: Path) -> list[ResultItem]:
             raise ZeusError(f"{folder}: not a ZEUS output folder (no {RUN_JSON}, and no <slide>.geojson "
                             f"with a <slide>{SCORES_SUFFIX} beside it)")
         return [_item_from_geojson(f) for f in geojsons]
-    reports = [r for r in run.get("slides", []) if isinstance(r, Mapping)]
-    if not reports:
+    if not run.slides:
         raise ZeusError(f"{folder / RUN_JSON}: the run lists no finished slides")
-    return [_item_from_report(folder, run, r) for r in reports]
+    return [_item_from_report(folder, run, r) for r in run.slides]
 
 
-def _report_geojson(folder: Path, report: Mapping[str, Any], kind: str = "geojson",
-                    suffix: str = GEOJSON_SUFFIX) -> Path:
-    """The report's GeoJSON (or its output ``kind``): beside run.json first (the folder may have been
-    moved), else as recorded."""
-    outputs = report.get("outputs") if isinstance(report.get("outputs"), Mapping) else {}
-    recorded = outputs.get(kind) if isinstance(outputs, Mapping) else None
+def _report_output(folder: Path, report: SlideReport, kind: str = "geojson") -> Path:
+    """The report's output ``kind``: beside run.json first (the folder may have been moved), else as recorded."""
+    recorded = report.outputs.get(kind)
     candidates = []
     if recorded:
-        candidates.append(folder / Path(str(recorded).replace("\\", "/")).name)
-    if report.get("stem"):
-        candidates.append(folder / f"{report['stem']}{suffix}")
+        candidates.append(folder / Path(recorded.replace("\\", "/")).name)
+    candidates.append(folder / f"{report.stem}{OUTPUT_KINDS[kind]}")
     if recorded:
-        candidates.append(Path(str(recorded)))
+        candidates.append(Path(recorded))
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    name = candidates[0].name if candidates else f"<slide>{suffix}"
-    raise ZeusError(f"{folder}: {name} listed in {RUN_JSON} is missing")
+    raise ZeusError(f"{folder}: {candidates[0].name} listed in {RUN_JSON} is missing")
 
 
-def _report_tiles(folder: Path, report: Mapping[str, Any]) -> str | None:
+def _report_tiles(folder: Path, report: SlideReport) -> str | None:
     """The report's heatmap tiles (``None`` when the run wrote none: a file left by an earlier run is stale)."""
-    outputs = report.get("outputs")
-    if not isinstance(outputs, Mapping) or not outputs.get("tiles"):
+    if not report.outputs.get("tiles"):
         return None
-    return str(_report_geojson(folder, report, "tiles", TILES_SUFFIX))
+    return str(_report_output(folder, report, "tiles"))
 
 
-def _item_from_report(folder: Path, run: Mapping[str, Any], report: Mapping[str, Any],
-                      geojson: Path | None = None) -> ResultItem:
-    slide_value = report.get("slide")
-    if not slide_value:
-        raise ZeusError(f"{folder / RUN_JSON}: a slide report names no slide")
-    try:
-        width, height = int(report["width"]), int(report["height"])
-    except (KeyError, TypeError, ValueError):
-        raise ZeusError(f"{folder / RUN_JSON}: the report of {slide_value} has no width/height") from None
-    mpp = positive_number(report.get("mpp"))
-    slide = _locate_slide(str(slide_value), folder)
+def _item_from_report(folder: Path, run: RunRecord, report: SlideReport, geojson: Path | None = None) -> ResultItem:
+    slide = _locate_slide(report.slide, folder)
     return ResultItem(
         slide_path=slide,
-        geojson_path=str(geojson or _report_geojson(folder, report)),
+        geojson_path=str(geojson or _report_output(folder, report)),
         tiles_path=_report_tiles(folder, report),
-        width=width,
-        height=height,
-        mpp=mpp,
-        levels=_levels(slide, width, height),
+        width=report.width,
+        height=report.height,
+        mpp=report.mpp,
+        levels=_levels(slide, report.width, report.height),
         **_run_fields(run),
     )
 
@@ -359,19 +359,16 @@ def _item_from_geojson(path: Path) -> ResultItem:
         raise ZeusError(f"{path}: expected a ZEUS output folder or a <slide>.geojson written by zeus segment")
     folder = path.parent
     stem = name[: -len(GEOJSON_SUFFIX)]
-    run = read_run_json(folder)
+    run = read_run_record(folder)
     scores_path = folder / (stem + SCORES_SUFFIX)
     scores = PatchScores.load(scores_path) if scores_path.is_file() else None
     slide_name = str(scores.meta.get("slide")) if scores is not None and scores.meta.get("slide") else None
 
     if run is not None:
-        for report in run.get("slides", []):
-            if not isinstance(report, Mapping):
-                continue
-            outputs = report.get("outputs") if isinstance(report.get("outputs"), Mapping) else {}
-            recorded = Path(str(outputs.get("geojson", "")).replace("\\", "/")).name if outputs else ""
-            slide_base = Path(str(report.get("slide", "")).replace("\\", "/")).name
-            if recorded == name or report.get("stem") == stem or (slide_name and slide_base == slide_name):
+        for report in run.slides:
+            recorded = Path(report.outputs.get("geojson", "").replace("\\", "/")).name
+            slide_base = Path(report.slide.replace("\\", "/")).name
+            if recorded == name or report.stem == stem or (slide_name and slide_base == slide_name):
                 item = _item_from_report(folder, run, report, geojson=path)
                 if scores is not None and (scores.width, scores.height) != (item.width, item.height):
                     raise ZeusError(f"{scores_path.name} is for a {scores.width}x{scores.height} px image but "

@@ -189,7 +189,7 @@ def test_manifest_run_uses_its_pixel_sizes(cohort, tiny_cli, tmp_path):
 
 
 def test_stale_temporaries_of_killed_writers_are_removed_live_ones_kept(tmp_path):
-    from zeus_qupath.atomic import atomic_open, remove_stale_temporaries
+    from zeus_qupath.output_set import atomic_open, remove_stale_temporaries
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -310,7 +310,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         precision=args.precision, params=params, cache_dir=args.cache,
                         allowed_hosts=tuple(args.allowed_host), allow_origins=tuple(args.allow_origin),
                         max_models=args.max_models, max_patches=args.max_patches,
-                        max_region_vertices=args.max_region_vertices))
+                        max_region_vertices=args.max_region_vertices, adapter=args.adapter))
     return 0
 
 
@@ -526,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-models", type=_positive_int, default=2, help="models kept loaded (least recently used go)")
     p.add_argument("--max-patches", type=_positive_int, default=1_000_000, help="patches one request may score")
     p.add_argument("--max-region-vertices", type=_positive_int, default=10_000, help="vertices of a request's region")
+    p.add_argument("--adapter", default=None, metavar="FILE",
+                   help="zeus learn's adapter for requests that name none (a request may name another under a "
+                        "--root, or \"none\")")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list model presets and whether their code and weights are here")

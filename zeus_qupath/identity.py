@@ -76,7 +76,7 @@ class FingerprintMemo:
         return data["fingerprint"]
 
     def put(self, guard: StatGuard, fingerprint: str) -> None:
-        from .atomic import atomic_open
+        from .output_set import atomic_open
 
         try:
             Path(self.root).mkdir(parents=True, exist_ok=True)

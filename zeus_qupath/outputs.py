@@ -1,8 +1,13 @@
 """The output contract: what a run writes per slide and per folder, named, read and written in one place.
 
 Per slide ``<stem>`` (:func:`output_stem`): ``<stem>.geojson`` (QuPath annotations), ``<stem>.scores.npz``
-(:class:`PatchScores`), ``<stem>.overlay.png``, and with ``--tiles`` ``<stem>.tiles.geojson``; per output
-folder ``run.json`` (the run summary, :func:`read_run_json`).
+(:class:`PatchScores`), ``<stem>.overlay.png``, and with ``--tiles`` ``<stem>.tiles.geojson``
+(:func:`output_paths` lists them all); per output folder ``run.json`` (the run summary, a :class:`RunRecord`
+holding one :class:`SlideReport` per slide, written by :func:`write_run_record` and read by
+:func:`read_run_record` only). A slide's outputs are written as one set (``output_set.OutputSet``).
+
+A slide's identity in an output folder is its full path and content, not its stem: a run refuses a slide
+whose stem another slide's outputs already hold there (``runs.state.StateStore.check_owner``).
 
 The scores file is the interchange format between embedding and polygons (design.md section 7).
 ``<slide>.scores.npz`` holds ``coords`` int64 (N, 2) patch top-left (x, y) in level-0 px, ``scores``
@@ -20,14 +25,14 @@ import json
 import math
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path
 from .errors import ZeusError, one_line
+from .output_set import atomic_open, atomic_path
 
 GEOJSON_SUFFIX = ".geojson"
 SCORES_SUFFIX = ".scores.npz"
@@ -46,28 +51,174 @@ def output_stem(slide_path: str | Path) -> str:
     return Path(name).stem
 
 
-def output_paths(out_dir: str | Path, stem: str) -> dict[str, str]:
-    """The outputs every segmented slide has (``--tiles`` adds ``tiles``: :data:`TILES_SUFFIX`), by kind."""
+OUTPUT_KINDS = {"geojson": GEOJSON_SUFFIX, "scores": SCORES_SUFFIX, "overlay": OVERLAY_SUFFIX, "tiles": TILES_SUFFIX}
+
+
+def output_paths(out_dir: str | Path, stem: str, tiles: bool = False) -> dict[str, str]:
+    """A segmented slide's outputs by kind: geojson, scores, overlay, and with ``tiles`` (``--tiles``) tiles."""
     out = Path(out_dir)
-    return {
-        "geojson": str(out / f"{stem}{GEOJSON_SUFFIX}"),
-        "scores": str(out / f"{stem}{SCORES_SUFFIX}"),
-        "overlay": str(out / f"{stem}{OVERLAY_SUFFIX}"),
-    }
+    return {kind: str(out / f"{stem}{suffix}") for kind, suffix in OUTPUT_KINDS.items() if tiles or kind != "tiles"}
 
 
-def read_run_json(folder: str | Path) -> dict[str, Any] | None:
+@dataclass
+class SlideReport:
+    """One slide's report: what ``run.json`` lists per slide and its state file records."""
+
+    slide: str
+    stem: str
+    width: int
+    height: int
+    mpp: float | None
+    patches: int
+    tissue_fraction: float
+    regions: int
+    tumor_area_um2: float | None
+    seconds: dict[str, float]
+    patches_per_s: float
+    outputs: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+    status: str = "done"  # done (computed by this run) or skipped (done before with the same parameters)
+    cache: str = "off"  # embedding cache: hit (no model ran), miss, partial (some models), off
+    sampling: dict[str, Any] | None = None  # --sampling adaptive: patches embedded/skipped (sampling.py); None: exact
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if out["sampling"] is None:
+            del out["sampling"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = RUN_JSON) -> SlideReport:
+        """A report as written by :meth:`to_dict`, checked; a one-line :class:`ZeusError` when it is not one."""
+        if not isinstance(data, dict):
+            raise ZeusError(f"{where}: a slide report is not an object")
+        slide = data.get("slide")
+        if not isinstance(slide, str) or not slide:
+            raise ZeusError(f"{where}: a slide report names no slide")
+        try:
+            width, height = int(data["width"]), int(data["height"])
+        except (KeyError, TypeError, ValueError):
+            raise ZeusError(f"{where}: the report of {slide} has no width/height") from None
+        if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+            raise ZeusError(f"{where}: the report of {slide} has no width/height")
+        outputs = data.get("outputs", {})
+        if not isinstance(outputs, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in outputs.items()):
+            raise ZeusError(f"{where}: the report of {slide} lists no outputs")
+        stem = data.get("stem")
+        if not isinstance(stem, str) or not stem:
+            geojson = outputs.get("geojson", "")
+            stem = Path(geojson.replace("\\", "/")).name.removesuffix(GEOJSON_SUFFIX) or output_stem(slide)
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values.update(slide=slide, stem=stem, width=width, height=height, outputs=dict(outputs),
+                      mpp=positive_number(data.get("mpp")))
+        for name, default in (("patches", 0), ("tissue_fraction", 0.0), ("regions", 0), ("tumor_area_um2", None),
+                              ("seconds", {}), ("patches_per_s", 0.0), ("warnings", [])):
+            values.setdefault(name, default)
+        return cls(**values)
+
+
+@dataclass
+class RunRecord:
+    """``run.json``: a run's parameters, models, prompts and versions, and one :class:`SlideReport` per slide.
+
+    Known fields are typed; fields this version does not know (added by later versions or other commands)
+    are kept in ``extra`` and written back unchanged.
+    """
+
+    command: str = "segment"
+    started: str | None = None
+    finished: str | None = None
+    seconds: float | None = None
+    model: dict[str, Any] = field(default_factory=dict)  # the first model's info; "spec" is what --model said
+    models: list[dict[str, Any]] = field(default_factory=list)
+    prompts: dict[str, Any] = field(default_factory=dict)  # file, sha256, classes, positive_class, texts_per_class
+    parameters: dict[str, Any] = field(default_factory=dict)
+    parameters_sha256: str | None = None
+    executor: str | None = None
+    cache: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    adapter: dict[str, Any] | None = None  # zeus learn's adapter, when the run used one
+    sampling: str | None = None  # --sampling exact|adaptive, when recorded
+    slides: list[SlideReport] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, int] = field(default_factory=dict)
+    complete: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_spec(self) -> str | None:
+        spec = self.model.get("spec")
+        return str(spec) if spec else None
+
+    @property
+    def prompt_file(self) -> str | None:
+        file = self.prompts.get("file")
+        return str(file) if file else None
+
+    @property
+    def zeus_version(self) -> str | None:
+        version = self.versions.get("zeus-qupath")
+        return str(version) if version else None
+
+    def slide(self, stem: str) -> SlideReport | None:
+        return next((r for r in self.slides if r.stem == stem), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if f.name in ("adapter", "sampling") and value is None:
+                continue
+            out[f.name] = [r.to_dict() for r in value] if f.name == "slides" else value
+        for key, value in self.extra.items():
+            out.setdefault(key, value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = RUN_JSON) -> RunRecord:
+        if not isinstance(data, dict) or not isinstance(data.get("slides", []), list):
+            raise ZeusError(f"{where}: not a ZEUS run summary (no 'slides' list)")
+        kinds = {"command": str, "started": str, "finished": str, "seconds": (int, float), "model": dict,
+                 "models": list, "prompts": dict, "parameters": dict, "parameters_sha256": str, "executor": str,
+                 "cache": str, "versions": dict, "adapter": dict, "sampling": str, "failed": list,
+                 "summary": dict, "complete": bool}
+        values: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in data.items():
+            if key == "slides":
+                continue
+            if key not in kinds:
+                extra[key] = value
+            elif value is not None:
+                if not isinstance(value, kinds[key]) or isinstance(value, bool) and kinds[key] is not bool:
+                    raise ZeusError(f"{where}: {key!r} is not a {getattr(kinds[key], '__name__', 'number')}")
+                values[key] = value
+        slides = [SlideReport.from_dict(r, where) for r in data.get("slides", [])]
+        return cls(**values, slides=slides, extra=extra)
+
+
+def read_run_record(folder: str | Path) -> RunRecord | None:
     """A folder's ``run.json`` (None when it has none); one-line :class:`ZeusError` when it is not a run summary."""
     path = Path(folder) / RUN_JSON
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ZeusError(f"{path}: cannot read the ZEUS run summary ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("slides", []), list):
-        raise ZeusError(f"{path}: not a ZEUS run summary (no 'slides' list)")
-    return data
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ZeusError(f"{path}: cannot read the ZEUS run summary ({one_line(str(exc), 160)})") from None
+    return RunRecord.from_dict(data, str(path))
+
+
+def write_run_record(folder: str | Path, record: RunRecord) -> Path:
+    """Write ``record`` as the folder's ``run.json`` (atomically)."""
+    path = Path(folder) / RUN_JSON
+    with atomic_open(path) as fh:
+        json.dump(record.to_dict(), fh, indent=2, default=str)
+    return path
 
 
 def positive_number(value: Any) -> float | None:

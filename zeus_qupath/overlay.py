@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from shapely.geometry import Polygon
 
-from .atomic import atomic_path
+from .output_set import atomic_path
 from .outputs import PatchScores
 from .reconstruct import sample_sums
 

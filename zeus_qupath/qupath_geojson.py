@@ -44,9 +44,9 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from .atomic import atomic_open
 from .errors import GeoJSONError, ZeusError
 from .json_input import MAX_DEPTH, max_depth, parse_json, read_json
+from .output_set import atomic_open
 
 # --------------------------------------------------------------------------------------------- ZEUS's marker
 

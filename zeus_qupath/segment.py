@@ -3,9 +3,10 @@
 The stages are separate so that a cohort run can overlap them across slides (see
 :mod:`zeus_qupath.runs.local_executor`): :func:`prepare_slide` (tissue mask, patch grid, thumbnail, from one
 low-resolution read), the embedding (:mod:`zeus_qupath.embed`), and :func:`finish_slide` (scores,
-polygons, outputs). :func:`segment_slide` runs all three for one slide.
-``finish_slide`` writes ``<stem>.scores.npz``, ``<stem>.overlay.png`` and ``<stem>.geojson`` into the
-output folder, each atomically, and returns a :class:`SlideReport` for ``run.json``.
+polygons, outputs).
+``finish_slide`` writes ``<stem>.scores.npz``, ``<stem>.overlay.png``, with ``--tiles`` ``<stem>.tiles.geojson``,
+and ``<stem>.geojson`` into the output folder as one set (``output_set.OutputSet``), and returns a
+:class:`~zeus_qupath.outputs.SlideReport` for ``run.json``.
 ``polygons_from_scores`` is the model-free second half (``zeus polygons``).
 """
 
@@ -14,8 +15,8 @@ from __future__ import annotations
 import base64
 import io
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,17 +26,16 @@ from PIL import Image
 from shapely.geometry.base import BaseGeometry
 
 from .annotations import build_annotations
-from .atomic import atomic_set
 from .errors import SlideError
 from .grid import PatchGeometry, PatchGrid, make_grid
 from .heatmap import write_tiles
 from .outline import outline_patches, outline_polygons
-from .outputs import TILES_SUFFIX, PatchScores, output_paths, output_stem
+from .output_set import OutputSet
+from .outputs import PatchScores, SlideReport, output_paths, output_stem
 from .overlay import render_overlay, write_png
 from .polygons import tissue_geometry
 from .prompts import PromptSet
 from .qupath_geojson import feature_collection, write_geojson
-from .reader import ReadPlan, RegionStream, SlideFailed
 from .reconstruct import Threshold
 from .slide import Slide, SlideInfo
 from .tissue import DEFAULT_TISSUE_RULE, TissueMask, clam_tissue, full_tissue, tissue_from_view, view_downsample
@@ -59,28 +59,7 @@ class SegmentParams:
     detect_tissue: bool = True
     tissue: str = DEFAULT_TISSUE_RULE  # tissue and patch rule: "zeus" (CLAM's, as ZEUS runs it) or "coarse"
     heatmap_tiles: bool = False  # also write <stem>.tiles.geojson: the scores as QuPath tiles (heatmap.py)
-
-
-@dataclass
-class SlideReport:
-    slide: str
-    stem: str
-    width: int
-    height: int
-    mpp: float | None
-    patches: int
-    tissue_fraction: float
-    regions: int
-    tumor_area_um2: float | None
-    seconds: dict[str, float]
-    patches_per_s: float
-    outputs: dict[str, str]
-    warnings: list[str] = field(default_factory=list)
-    status: str = "done"  # done (computed by this run) or skipped (done before with the same parameters)
-    cache: str = "off"  # embedding cache: hit (no model ran), miss, partial (some models), off
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    sampling: str = "exact"  # which patches are embedded: exact (every grid patch, ZEUS) or adaptive (sampling.py)
 
 
 def encode_tissue(tissue: TissueMask) -> dict[str, Any]:
@@ -134,6 +113,7 @@ class PreparedSlide:
     thumbnail: np.ndarray
     seconds: dict[str, float]
     warnings: list[str]
+    sampling: dict[str, Any] | None = None  # what adaptive sampling embedded (SampledPatches.summary); None: exact
 
 
 def prepare_slide(slide: Slide, params: SegmentParams, known: tuple[TissueMask, PatchGrid] | None = None,
@@ -204,20 +184,18 @@ def finish_slide(
         prepared.grid.coords, features, encoders, prompts, prototypes, geometry=prepared.geometry,
         width=info.width, height=info.height, mpp=info.mpp, params=params, threshold=params.threshold,
         clip=tissue_geometry(prepared.tissue), score_options=score_options,
-        meta={**(meta or {}), "slide": Path(prepared.path).name, "tissue": encode_tissue(prepared.tissue)})
+        meta={**(meta or {}), "slide": Path(prepared.path).name, "tissue": encode_tissue(prepared.tissue),
+              **({"sampling": prepared.sampling} if prepared.sampling else {})})
     scores, polygons = outline.scores, outline.polygons
     collection = outline.feature_collection()
-    outputs = output_paths(out_dir, prepared.stem)
-    if params.heatmap_tiles:
-        outputs["tiles"] = str(Path(out_dir) / f"{prepared.stem}{TILES_SUFFIX}")
-    kinds = [k for k in ("scores", "overlay", "tiles", "geojson") if k in outputs]  # geojson last: a finished slide
-    with atomic_set([outputs[k] for k in kinds]) as tmps:  # a slide's outputs appear together, or none of them
-        tmp = dict(zip(kinds, tmps, strict=True))
-        scores.save(tmp["scores"])
-        write_png(tmp["overlay"], render_overlay(prepared.thumbnail, scores, polygons))
-        if "tiles" in tmp:
-            write_tiles(tmp["tiles"], scores)
-        write_geojson(tmp["geojson"], collection)
+    outputs = output_paths(out_dir, prepared.stem, tiles=params.heatmap_tiles)
+    names = {kind: Path(path).name for kind, path in outputs.items()}
+    with OutputSet(out_dir) as staged:  # a slide's outputs appear together, or none of them; geojson last
+        scores.save(staged.path(names["scores"]))
+        write_png(staged.path(names["overlay"]), render_overlay(prepared.thumbnail, scores, polygons))
+        if "tiles" in names:
+            write_tiles(staged.path(names["tiles"]), scores)
+        write_geojson(staged.path(names["geojson"]), collection)
     secs["polygons"] = time.perf_counter() - t2
     secs.setdefault("embed", 0.0)
     secs["total"] = secs.get("total", 0.0) + sum(secs[k] for k in ("tissue", "embed", "polygons"))
@@ -237,44 +215,5 @@ def finish_slide(
         patches_per_s=round(n / secs["embed"], 1) if secs["embed"] > 0 and n else 0.0,
         outputs=outputs,
         warnings=list(prepared.warnings),
+        sampling=prepared.sampling,
     )
-
-
-def segment_slide(
-    slide_path: str | Path,
-    encoder: Encoder | Sequence[Encoder],
-    prompts: PromptSet,
-    prototypes: np.ndarray | Sequence[np.ndarray],
-    params: SegmentParams,
-    out_dir: str | Path,
-    meta: dict[str, Any] | None = None,
-    progress: Callable[[int, int], Callable[[int], None]] | None = None,
-) -> SlideReport:
-    """Segment one slide with one encoder (or an ensemble, with one prototype array each) and write its outputs.
-
-    ``progress(total, ...)`` makes a per-patch callback.
-    """
-    from .embed import StreamEncoder, pin_region, wants_device_cut
-    from .models.base import Encoder
-
-    encoders = [encoder] if isinstance(encoder, Encoder) else list(encoder)
-    protos = [prototypes] if isinstance(prototypes, np.ndarray) else list(prototypes)
-    with Slide(slide_path, mpp=params.mpp) as slide:
-        prepared = prepare_slide(slide, params)
-    t1 = time.perf_counter()
-    plan = ReadPlan.for_grid(0, str(slide_path), prepared.grid)
-    stream = RegionStream([plan], workers=params.workers,
-                          transform=pin_region if wants_device_cut(encoders) else None)
-    runner = StreamEncoder(encoders, batch_size=params.batch_size,
-                           progress=lambda p: progress(len(p.grid), 0) if progress else None)
-    features: list[np.ndarray] | None = None
-    try:
-        for result in runner.run(stream):
-            if isinstance(result, SlideFailed):
-                raise result.error
-            features = drop_filtered(prepared, [result.features[i] for i in range(len(encoders))], result.kept)
-    finally:
-        stream.close()
-    assert features is not None
-    return finish_slide(prepared, features, encoders, prompts, protos, params, out_dir, meta,
-                        {"embed": time.perf_counter() - t1})

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_open
-from ..outputs import output_paths
-from ..segment import SlideReport
+from ..errors import ZeusError
+from ..output_set import atomic_open, remove_dead_staging
+from ..outputs import SlideReport, output_paths
 
 STATE_DIR = ".state"
 STATE_VERSION = 1
@@ -58,8 +58,8 @@ class StateStore:
         if not state or state.get("version") != STATE_VERSION or state.get("state_hash") != state_hash:
             return None
         outputs = state.get("outputs")
-        if not isinstance(outputs, dict) or set(outputs) != set(output_paths(self.out_dir, stem)):
-            return None
+        if not isinstance(outputs, dict) or set(outputs) != set(output_paths(self.out_dir, stem, "tiles" in outputs)):
+            return None  # the parameters in the state hash decide whether there are tiles
         for rec in outputs.values():
             path = self.out_dir / rec.get("file", "")
             try:
@@ -70,14 +70,32 @@ class StateStore:
         report = state.get("report")
         return report if isinstance(report, dict) else None
 
+    def check_owner(self, stem: str, slide: str, fingerprint: str) -> None:
+        """Refuse ``slide`` when the outputs named ``<stem>.*`` here are another slide's (one-line ZeusError).
+
+        A slide is its full path and its content: a slide at another path with other content (``a/s.tiff``
+        after ``b/s.tiff``) would silently replace the first one's outputs. The same file moved, or the same
+        path with new content, is the same slide.
+        """
+        state = self.load(stem)
+        if not state or not isinstance(state.get("slide"), str):
+            return
+        owner = state["slide"]
+        if os.path.realpath(owner) == os.path.realpath(slide) or state.get("fingerprint") == fingerprint:
+            return
+        raise ZeusError(f"{slide}: its outputs would be named {stem}.* in {self.out_dir}, which holds the outputs "
+                        f"of another slide, {owner}; give it another --out (or rename one of them)")
+
     def begin(self, stem: str) -> int:
         """Forget a slide's state and delete temporary files a killed run left beside its outputs."""
         self.path(stem).unlink(missing_ok=True)
         return self.clean_partial(stem)
 
     def clean_partial(self, stem: str) -> int:
-        removed = 0
-        patterns = [self.out_dir / f".{glob.escape(Path(p).name)}.*" for p in output_paths(self.out_dir, stem).values()]
+        """Remove what killed writers left for this slide: temporaries beside its outputs, dead staging folders."""
+        removed = remove_dead_staging(self.out_dir)
+        patterns = [self.out_dir / f".{glob.escape(Path(p).name)}.*"
+                    for p in output_paths(self.out_dir, stem, tiles=True).values()]
         patterns.append(self.dir / f".{glob.escape(stem)}.json.*")
         for pattern in patterns:
             for tmp in glob.glob(str(pattern)):
@@ -152,8 +170,7 @@ class SlideLocks:
 
 def report_from_state(data: dict[str, Any], out_dir: str | os.PathLike[str], status: str = "skipped") -> SlideReport:
     """A :class:`SlideReport` from a state file's record, with outputs pointing into ``out_dir``."""
-    fields = set(SlideReport.__dataclass_fields__)
-    report = SlideReport(**{k: v for k, v in data.items() if k in fields})
+    report = SlideReport.from_dict(data, "state file")
     report.status = status
-    report.outputs = output_paths(out_dir, report.stem)
+    report.outputs = output_paths(out_dir, report.stem, tiles="tiles" in report.outputs)
     return report
