@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from zeus_qupath import __version__
+from zeus_qupath.adapter import Adapter, applied_identity
 from zeus_qupath.embedding_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, EmbeddingCache
 from zeus_qupath.errors import ModelError, ZeusError
 from zeus_qupath.models import DEFAULT_MODEL
@@ -73,6 +74,7 @@ class ServiceConfig:
     max_region_vertices: int = DEFAULT_MAX_REGION_VERTICES
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides the loopback names ("*": any)
     allow_origins: tuple[str, ...] = ()  # browser origins allowed to call the service ("*": any)
+    adapter: str | None = None  # zeus learn's adapter applied to requests that name none (trusted: the operator's)
 
 
 def resolve_token(config: ServiceConfig) -> tuple[str, str]:
@@ -130,10 +132,17 @@ class ZeusService:
         self.models = ModelPool(config.device, config.precision, config.max_models)
         self.segmenter = OnDemandSegmenter(config.params, self.cache, self.models, config.max_patches)
         self.started = time.time()
+        self.default_adapter = Adapter.load(config.adapter) if config.adapter else None
         # fail fast: the default models and prompts must work before the service answers anything
         prompts = load_prompts(self.default_prompts, config.positive_class)
         for spec in self.default_models:
             self.models.prototypes(self.models.get(spec), prompts)
+        if self.default_adapter is not None:
+            if len(self.default_models) != 1:
+                raise ZeusError("--adapter applies to one model, not an ensemble")
+            loaded = self.models.get(self.default_models[0])
+            self.default_adapter.check(applied_identity(loaded.identity, loaded.precision, config.params, prompts),
+                                       f"adapter {Path(config.adapter).name}")
 
     @staticmethod
     def _default_prompts(value: str) -> Path:
@@ -204,7 +213,18 @@ class ZeusService:
         prompts = self.roots.prompts(req.prompts, self.default_prompts)
         return SegmentRequest(slide=slide, models=self._models(req.model, req.pretrained), prompts=prompts,
                               positive_class=positive.strip() if positive else self.config.positive_class,
-                              threshold=threshold, region=region)
+                              threshold=threshold, region=region, adapter=self._adapter(req.adapter))
+
+    def _adapter(self, value: str | None) -> Adapter | None:
+        """A request's adapter: the default (None), zero-shot ("none"), or a file under the folders (422 if damaged)."""
+        if value is None:
+            return self.default_adapter
+        if value.strip().lower() == "none":
+            return None
+        try:
+            return Adapter.load(self.roots.check(value.strip(), "adapter"))
+        except ZeusError as exc:
+            raise RequestError(422, str(exc)) from None
 
     def segment(self, request: SegmentRequest) -> SegmentResult:
         return self.segmenter.segment(request)
@@ -223,6 +243,7 @@ class ZeusService:
             "models_loaded": loaded,
             "prompts": {"default": self.default_prompts.stem, "bundled": bundled_prompt_names()},
             "threshold": str(self.default_threshold),
+            "adapter": self.default_adapter.summary() if self.default_adapter is not None else None,
             "slides": [{"slide_fingerprint": e.key.slide[:16], "width": e.width, "height": e.height,
                         "patches": len(e.grid), "embedded": e.embedded, "on_disk": e.on_disk}
                        for e in self.cache.entries()],

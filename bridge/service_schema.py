@@ -23,6 +23,9 @@ from zeus_qupath.errors import ZeusError
 from zeus_qupath.outline import polygonal
 from zeus_qupath.reconstruct import Threshold
 
+#: the version of this HTTP API (``GET /version`` answers it as ``api``): clients such as the QuPath extension
+#: (bridge/extension) compare it with their own and say so on a mismatch; raise it on a change that breaks them
+API_VERSION = 1
 MAX_COORDINATE = 2.0**31  # level-0 px; no slide is larger
 DEFAULT_MAX_REGION_VERTICES = 10_000
 MAX_REPAIR_CROSSINGS = 64  # a hand-drawn outline that crosses itself does so a few times
@@ -83,6 +86,8 @@ class SegmentBody(BaseModel):
     threshold: str | float | None = Field(
         None, description='"zeus" (ZEUS\'s rule, the default), "argmax", "prob:P", or a number P in (0, 1)')
     positive_class: str | None = Field(None, description="the class to outline (default: the prompt file's)")
+    adapter: str | None = Field(None, description="an adapter file zeus learn wrote, under a --root (default: the "
+                                                  "service's --adapter); \"none\" scores zero-shot")
 
 
 class ErrorBody(BaseModel):
@@ -101,6 +106,7 @@ _USAGE = {
     "model": "model must be a preset name or open_clip:NAME_OR_CONFIG_JSON",
     "pretrained": "pretrained must be a tag, a checkpoint file or a weights folder",
     "prompts": "prompts must be a prompt set's name or the path of a prompt file",
+    "adapter": "adapter must be the path of an adapter file (zeus learn) or \"none\"",
 }
 
 

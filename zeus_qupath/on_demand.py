@@ -27,11 +27,12 @@ import numpy as np
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
+from .adapter import Adapter, applied_identity
 from .embed import StreamEncoder, pin_region, wants_device_cut
 from .embedding_cache import EmbeddingCache, SlideEmbeddings, slide_key
 from .errors import ZeusError
 from .grid import PatchGrid
-from .identity import file_fingerprint
+from .identity import StatGuard, file_fingerprint
 from .models.base import Encoder
 from .models.pool import LoadedModel, ModelPool
 from .models.specs import ModelSpec
@@ -81,6 +82,7 @@ class SegmentRequest:
     positive_class: str | None = None
     threshold: Threshold | None = None  # None: the segmenter's default (its params' threshold)
     region: BaseGeometry | None = None
+    adapter: Adapter | None = None  # zeus learn's adapter (one model): its scores replace the zero-shot ones
 
 
 @dataclass
@@ -110,11 +112,11 @@ class OnDemandSegmenter:
     def slide_identity(self, path: Path) -> tuple[str, SlideInfo]:
         """(content fingerprint, info) of a slide file, remembered while the file is unchanged."""
         real = os.path.realpath(path)
-        try:
-            st = os.stat(real)
+        try:  # the identity zeus segment checks (identity.StatGuard): any write to the file changes its ctime
+            guard = StatGuard.of(Path(real))
         except OSError as exc:
             raise ZeusError(f"cannot read {Path(path).name}: {exc.strerror or exc}") from None
-        memo = (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, self.params.mpp)
+        memo = (real, guard, self.params.mpp)
         with self._slides_lock:
             hit = self._slides.get(memo)
             if hit is not None:
@@ -162,6 +164,10 @@ class OnDemandSegmenter:
         t0 = time.perf_counter()
         prompts = load_prompts(request.prompts, request.positive_class)
         models = [self.models.get(spec) for spec in request.models]
+        if request.adapter is not None:  # checked before anything is embedded
+            if len(models) != 1:
+                raise ZeusError("an adapter applies to one model, not an ensemble")
+            request.adapter.check(applied_identity(models[0].identity, models[0].precision, self.params, prompts))
         fingerprint, info = self.slide_identity(request.slide)
         region = None
         if request.region is not None:
@@ -192,11 +198,14 @@ class OnDemandSegmenter:
 
         t2 = time.perf_counter()
         protos = [self.models.prototypes(m, prompts) for m in models]
+        options: dict[str, object] = {"model_specs": [m.spec.spec for m in models]}
+        if request.adapter is not None:
+            options["adapter"] = request.adapter
         outline = outline_patches(
             first.grid.coords[indices], features, [m.encoder for m in models], prompts, protos,
             geometry=first.grid.geometry, width=info.width, height=info.height, mpp=info.mpp, params=self.params,
             threshold=request.threshold or self.params.threshold, clip=first.tissue_outline, region=region,
-            score_options={"model_specs": [m.spec.spec for m in models]},
+            score_options=options,
             meta={"slide": request.slide.name, "model": ",".join(m.spec.spec for m in models)})
         seconds["polygons"] = time.perf_counter() - t2
         seconds["total"] = time.perf_counter() - t0
