@@ -1,6 +1,7 @@
 """The Groovy scripts: parsed by a real Groovy parser, headers present, one keep-edits rule block.
 
-Needs the ``groovy`` command (Debian package ``groovy``, Groovy 2.4) and a JDK; skipped without them.
+Needs the ``groovy`` command (Debian package ``groovy``, Groovy 2.4) and a JDK; skipped without them (failed under
+``ZEUS_TEST_REQUIRE_QUPATH=1``, as ``.ci/run`` sets it).
 Groovy 2.4 parses without QuPath's jars (phase CONVERSION resolves no classes), which catches syntax
 errors. The rule block is run on real QuPath objects, and compared with ``bridge/edits.py``, in
 ``tests/test_qupath_rule.py``.
@@ -25,6 +26,8 @@ from zeus_qupath.bridge.edits import (
     RECORD_FORMAT,
     REPLACED,
 )
+
+from qupath.fixtures import skip_or_fail
 
 GROOVY_DIR = Path(__file__).resolve().parents[1] / "groovy"
 SCRIPTS = sorted(GROOVY_DIR.glob("*.groovy"))
@@ -61,10 +64,10 @@ def _java_home() -> str | None:
 
 def _groovy_env() -> dict[str, str]:
     if shutil.which("groovy") is None:
-        pytest.skip("the `groovy` command is not installed (Debian: apt-get install -y groovy)")
+        skip_or_fail("the `groovy` command is not installed (Debian: apt-get install -y groovy)")
     home = _java_home()
     if home is None:
-        pytest.skip("no Java runtime found for groovy (install a JDK or set JAVA_HOME)")
+        skip_or_fail("no Java runtime found for groovy (install a JDK or set JAVA_HOME)")
     return {**os.environ, "JAVA_HOME": home}
 
 
@@ -81,6 +84,7 @@ def test_scripts_exist() -> None:
     }
 
 
+@pytest.mark.jvm
 def test_every_script_parses_with_groovy(tmp_path: Path) -> None:
     parser = tmp_path / "parse_scripts.groovy"
     parser.write_text(PARSER, encoding="utf-8")
@@ -90,6 +94,7 @@ def test_every_script_parses_with_groovy(tmp_path: Path) -> None:
         assert f"PARSED {script}" in result.stdout
 
 
+@pytest.mark.jvm
 def test_parser_rejects_a_broken_script(tmp_path: Path) -> None:
     # guards the test above against a parser that accepts anything
     parser = tmp_path / "parse_scripts.groovy"

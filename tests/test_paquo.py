@@ -1,7 +1,8 @@
 """The paquo backend.
 
 On real QuPath code: ``test_paquo_on_real_qupath_code`` builds, for each QuPath version of the
-real-QuPath harness (``tests/qupath``: qupath-core 0.4.4/0.5.1/0.6.0 compiled from the release tags),
+real-QuPath harness (``tests/qupath``: qupath-core 0.4.4/0.5.1/0.6.0/0.7.0 compiled from the release tags;
+0.7.0 with paquo 0.9.0 on a Java 25 runtime without the Area bug),
 a QuPath-shaped folder in a temp dir (``QuPath/lib/app/`` with qupath-core, its libraries,
 ``gui-stub.jar`` and the harness's TEST-ONLY image server jar; ``QuPath/lib/runtime`` -> a JDK home),
 and runs the ``qupath``-marked tests below in a SUBPROCESS with ``PAQUO_QUPATH_DIR`` pointing at it:
@@ -233,13 +234,15 @@ def qupath_shaped_folder(qupath: Any, root: Path) -> Path:
     return root / "QuPath"
 
 
-@pytest.fixture(scope="module", params=("0.4.4", "0.5.1", "0.6.0"))
+@pytest.fixture(scope="module", params=("0.4.4", "0.5.1", "0.6.0", "0.7.0"))
 def qupath(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     from qupath.fixtures import qupath_or_skip
 
     return qupath_or_skip(request.param, tmp_path_factory)
 
 
+@pytest.mark.jvm
+@pytest.mark.slow
 @pytest.mark.skipif(IN_SUBPROCESS, reason="this is the subprocess")
 @pytest.mark.skipif(not SLIDE.is_file(), reason=f"test slide not found at {SLIDE} (tests/data)")
 def test_paquo_on_real_qupath_code(qupath: Any, tmp_path: Path) -> None:

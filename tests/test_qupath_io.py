@@ -1,4 +1,4 @@
-"""What zeus writes, read by real QuPath (qupath-core 0.4.4, 0.5.1, 0.6.0): PathIO, ProjectIO, images.
+"""What zeus writes, read by real QuPath (qupath-core 0.4.4, 0.5.1, 0.6.0, 0.7.0): PathIO, ProjectIO, images.
 
 ``zeus segment --project`` runs once (tiny model) on the two real test slides and a synthetic one; QuPath's
 own readers must then give back, for every object, the ID, name, class, colour, measurements and geometry
@@ -25,6 +25,8 @@ from zeus_qupath.qupath_geojson import QuPathObject
 from conftest import shared_file
 from qupath.fixtures import qupath_or_skip
 from qupath.harness import VERSIONS, QuPath, route_images_to_test_server
+
+pytestmark = [pytest.mark.jvm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The keep-edits rule on real QuPath objects (qupath-core 0.4.4, 0.5.1, 0.6.0): Groovy and Python agree.
+"""The keep-edits rule on real QuPath objects (qupath-core 0.4.4 to 0.7.0): Groovy and Python agree.
 
 A project is written by the project writer with ZEUS features of every shape ZEUS writes (holes,
 several parts), the import script brings them in (*Run for project*), an annotator edits them through
@@ -37,6 +37,8 @@ from zeus_qupath.qupath_geojson import QuPathObject, annotation_feature
 
 from qupath.fixtures import qupath_or_skip
 from qupath.harness import VERSIONS, QuPath, route_images_to_test_server
+
+pytestmark = [pytest.mark.jvm, pytest.mark.slow]
 
 GROOVY = Path(__file__).resolve().parents[1] / "groovy" / "import_zeus_annotations.groovy"
 RULE_BLOCK = re.compile(r"// >>> ZEUS keep-edits rule.*?// <<< ZEUS keep-edits rule", re.S)

@@ -1,6 +1,7 @@
-"""The README's annotator walk-through on real QuPath 0.6.0 (qupath-core, Run for project, saveImageData).
+"""The README's annotator walk-through on real QuPath 0.7.0 (qupath-core, Run for project, saveImageData).
 
-Also passes on 0.4.4 and 0.5.1 (``ZEUS_TEST_WALKTHROUGH_VERSIONS=0.4.4,0.5.1,0.6.0``; off by default for CI time).
+Also passes on 0.4.4, 0.5.1 and 0.6.0 (``ZEUS_TEST_WALKTHROUGH_VERSIONS=0.4.4,0.5.1,0.6.0,0.7.0``; off by default
+for CI time).
 
 1. ``zeus segment --project`` (tiny model) pre-segments four slides into a QuPath project;
 2. the project's ``import_zeus_annotations.groovy``, *Run for project*;
@@ -36,6 +37,8 @@ from zeus_qupath.samples import prompt_path
 from qupath.fixtures import qupath_or_skip
 from qupath.harness import QuPath, route_images_to_test_server
 
+pytestmark = [pytest.mark.jvm, pytest.mark.slow]
+
 # alpha: outline corrected + an object drawn; beta: its ZEUS object deleted; gamma: left alone (so replaced);
 # delta: moved, reclassified, renamed, and its slide is missing at export time
 SIZES = {"alpha.tif": (3072, 2048, 11), "beta.tif": (2048, 2048, 5), "gamma.tif": (2048, 1536, 23),
@@ -43,9 +46,9 @@ SIZES = {"alpha.tif": (3072, 2048, 11), "beta.tif": (2048, 2048, 5), "gamma.tif"
 N = len(SIZES)
 
 
-# 0.6.0 by default (it also passes on 0.4.4 and 0.5.1 with the stand-in image server, ~4 min each):
-# ZEUS_TEST_WALKTHROUGH_VERSIONS=0.4.4,0.5.1,0.6.0 runs it on those
-WALKTHROUGH_VERSIONS = os.environ.get("ZEUS_TEST_WALKTHROUGH_VERSIONS", "0.6.0").split(",")
+# 0.7.0 by default, the release annotators download (it also passes on 0.4.4, 0.5.1 and 0.6.0 with the stand-in
+# image server, minutes each): ZEUS_TEST_WALKTHROUGH_VERSIONS=0.4.4,0.5.1,0.6.0,0.7.0 runs it on those
+WALKTHROUGH_VERSIONS = os.environ.get("ZEUS_TEST_WALKTHROUGH_VERSIONS", "0.7.0").split(",")
 
 
 @pytest.fixture(scope="module", params=WALKTHROUGH_VERSIONS)

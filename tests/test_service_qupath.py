@@ -1,4 +1,4 @@
-"""groovy/zeus_segment_current_image.groovy against a live ``zeus serve``, in real QuPath (0.4.4, 0.5.1, 0.6.0).
+"""groovy/zeus_segment_current_image.groovy against a live ``zeus serve``, in real QuPath (0.4.4 to 0.7.0).
 
 The script runs through the real-QuPath harness (*Run for project* on a project written by the project
 writer; the slide is opened by the harness's test-only image server), sends its request to the service
@@ -25,6 +25,8 @@ from zeus_qupath.segment import SegmentParams
 
 from qupath.fixtures import qupath_or_skip
 from qupath.harness import VERSIONS, QuPath, route_images_to_test_server
+
+pytestmark = [pytest.mark.jvm, pytest.mark.slow]
 
 SCRIPT = Path(__file__).resolve().parents[1] / "groovy" / "zeus_segment_current_image.groovy"
 TOKEN = "qupath-test-token-0123456789"

