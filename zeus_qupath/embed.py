@@ -260,3 +260,33 @@ def embed_grid(
     finally:
         stream.close()
     raise RuntimeError("the region stream ended without the slide")  # pragma: no cover
+
+
+def embed_positions(
+    slide_path: str,
+    grid: PatchGrid,
+    positions: np.ndarray,
+    encoders: Sequence[Encoder],
+    *,
+    batch_size: int = 64,
+    workers: int = 2,
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Features of the grid patches at ``positions`` (one (len, D_i) array per encoder) and the white/black verdict.
+
+    The verdict is a (len,) bool array (False: dropped by CLAM's filters, its rows are zeros) or None
+    when every patch was kept. Used by adaptive sampling (:mod:`zeus_qupath.sampling`), one call per round.
+    """
+    sub = grid.take(np.asarray(positions, dtype=np.int64))
+    if len(sub) == 0:
+        return [np.zeros((0, e.embed_dim), np.float32) for e in encoders], None
+    plan = ReadPlan.for_grid(0, slide_path, sub)
+    stream = RegionStream([plan], workers=workers, transform=pin_region if wants_device_cut(encoders) else None)
+    runner = StreamEncoder(encoders, batch_size=batch_size)
+    try:
+        for result in runner.run(stream):
+            if isinstance(result, SlideFailed):
+                raise result.error
+            return [result.features[i] for i in range(len(encoders))], result.kept
+    finally:
+        stream.close()
+    raise RuntimeError("the region stream ended without the slide")  # pragma: no cover

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from ..embed import SlideEmbedding, StreamEncoder, pin_region, wants_device_cut
@@ -50,6 +51,8 @@ class _Prepared:
     need: list[int]
     t0: float
     bar: Any = None
+    sampled: list[np.ndarray] | None = None  # --sampling adaptive: features of the sampled grid (embedded already)
+    sample_seconds: float = 0.0
 
 
 class LocalPipeline:
@@ -87,12 +90,54 @@ class LocalPipeline:
             t0 = time.perf_counter()
             try:
                 p = self._prepare(job)
+                if self.s.params.sampling == "adaptive" and p.need and len(p.prepared.grid):
+                    self._sample(p)
             except Exception as exc:
                 yield PlanFailure(k, exc, (job, t0))
                 continue
             grid = p.prepared.grid
-            blocks = plan_blocks(grid, self.s.block_cells) if p.need and len(grid) else []
+            blocks = plan_blocks(grid, self.s.block_cells) if p.need and len(grid) and p.sampled is None else []
             yield ReadPlan(k, job.entry.path, grid, blocks, p)
+
+    def _sample(self, p: _Prepared) -> None:
+        """``--sampling adaptive``: embed, round after round, only the patches the rule needs (:mod:`..sampling`).
+
+        Runs in the producer thread, before the slide is planned; the stream then has nothing to embed for it.
+        Models whose features are cached (complete entries) give theirs; the others embed the chosen patches.
+        """
+        from ..embed import embed_positions
+        from ..sampling import SamplingRule, sample_patches
+        from ..scoring import slide_scores
+
+        t0 = time.perf_counter()
+        prepared, encoders, params = p.prepared, self.m.encoders, self.s.params
+        grid = prepared.grid
+        run = [encoders[i] for i in p.need]
+
+        def embed(positions: np.ndarray) -> tuple[list[np.ndarray], np.ndarray | None]:
+            fresh, kept = embed_positions(prepared.path, grid, positions, run, batch_size=params.batch_size,
+                                          workers=params.workers)
+            by_model = dict(zip(p.need, fresh, strict=True))
+            return [by_model[i] if i in by_model else p.cached[i].features[positions]  # type: ignore[union-attr]
+                    for i in range(len(encoders))], kept
+
+        def score(features: Sequence[np.ndarray]) -> np.ndarray:
+            return slide_scores(list(features), encoders, self.m.prompts, self.m.prototypes,
+                                **self.m.score_options)[0]
+
+        rule = SamplingRule(params.sampling)
+        result = sample_patches(grid.coords, grid.index, patch_size=grid.geometry.patch_size_l0,
+                                stride=grid.geometry.stride_l0, width=grid.width, height=grid.height,
+                                classes=self.m.prompts.class_names, positive_class=self.m.prompts.positive_class,
+                                embed=embed, score=score, embed_dims=[e.embed_dim for e in encoders], rule=rule,
+                                pending_filter=grid.pixel_filter)
+        if grid.pixel_filter and result.embedded.any() and not result.kept.any():
+            prepared.warnings.append(f"{Path(prepared.path).name}: no tissue found (every patch read is white or "
+                                     "black); writing an empty FeatureCollection")
+        prepared.grid = grid.take(result.kept).filtered(None)
+        prepared.sampling = result.summary(rule)
+        p.sampled = [f[result.kept] for f in result.features]
+        p.sample_seconds = time.perf_counter() - t0
 
     def _progress(self, plan: ReadPlan) -> Any:
         p: _Prepared = plan.payload
@@ -105,15 +150,19 @@ class LocalPipeline:
     def _finish(self, p: _Prepared, embedding: SlideEmbedding) -> SlideReport:
         n = len(self.m.encoders)
         prepared = p.prepared
-        features = [p.cached[i].features if p.cached[i] is not None else embedding.features[i] for i in range(n)]
-        features = drop_filtered(prepared, features, embedding.kept)  # white/black patches (fresh grids only)
+        if p.sampled is not None:  # adaptive sampling embedded (and filtered) them already
+            features = p.sampled
+        else:
+            features = [p.cached[i].features if p.cached[i] is not None else embedding.features[i] for i in range(n)]
+            features = drop_filtered(prepared, features, embedding.kept)  # white/black patches (fresh grids only)
         grid = prepared.grid
-        if self.cache is not None and p.keys is not None:
+        if self.cache is not None and p.keys is not None and p.sampled is None:  # complete entries only
             for i in p.need:
                 self.cache.store(p.keys[i], CachedEmbeddings(features[i], grid.index, grid.rows, grid.cols,
                                                              grid.width, grid.height, prepared.tissue, grid.origin))
         report = finish_slide(prepared, features, self.m.encoders, self.m.prompts, self.m.prototypes,
-                              self.s.params, self.s.out_dir, self.s.meta, {"embed": embedding.seconds},
+                              self.s.params, self.s.out_dir, self.s.meta,
+                              {"embed": embedding.seconds + p.sample_seconds},
                               score_options=self.m.score_options)
         report.seconds["total"] = round(time.perf_counter() - p.t0, 3)
         report.cache = "off" if self.cache is None else ("hit" if not p.need else
@@ -131,7 +180,7 @@ class LocalPipeline:
         stream = RegionStream(self._plans(jobs), workers=self.s.params.workers, prefetch=self.s.prefetch,
                               transform=pin_region if wants_device_cut(encoders) else None)
         runner = StreamEncoder(encoders, batch_size=self.s.params.batch_size,
-                               needs=lambda plan: plan.payload.need, progress=self._progress)
+                               needs=_stream_needs, progress=self._progress)
         finisher = ThreadPoolExecutor(1, thread_name_prefix="zeus-finish")
         pending: deque[tuple[_Prepared, Future[SlideReport]]] = deque()
 
@@ -164,6 +213,12 @@ class LocalPipeline:
         finally:
             stream.close()
             finisher.shutdown(wait=True)
+
+
+def _stream_needs(plan: ReadPlan) -> list[int]:
+    """The models the stream runs on a slide: none once adaptive sampling embedded it (or the cache had it)."""
+    p: _Prepared = plan.payload
+    return [] if p.sampled is not None else p.need
 
 
 def run_local(jobs: Sequence[SlideJob], settings: RunSettings, models: RunModels) -> Iterator[Outcome]:

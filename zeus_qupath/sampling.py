@@ -1,0 +1,296 @@
+"""Adaptive sampling: the ZEUS mask from fewer embedded patches (``--sampling adaptive``).
+
+ZEUS's mask at a pixel is the argmax of the summed class scores of the patches covering it, blurred
+and thresholded (:mod:`zeus_qupath.reconstruct`). The plane splits into *cells* (between consecutive
+patch edges) on which the covering patches, and so the decision, are constant. A cell's decision
+needs all its covering patches only near a class boundary: deep inside a homogeneous region the
+patches that are not embedded cannot change it.
+
+The rule (:func:`sample_patches`):
+
+1. Embed a coarse lattice of the same patch grid: the patches whose lattice (row, col) are both
+   multiples of ``coarse_step`` (grids are per tissue contour, each on its own lattice; the test is
+   on each patch's own lattice index).
+2. For every patch not embedded yet, bound what it could add to each difference ``s_pos - s_j``
+   (positive class minus each other class): the *envelope* ``[lo, hi]``.
+   ``bound="neighbours"`` (the default): the range of that difference over the embedded patches that
+   overlap it (they share at least 1/16 of its pixels at ZEUS's stride), widened by ``slack`` times
+   that range on both sides. A patch with no embedded neighbour gets the score bound below.
+   ``bound="scores"``: ``[-2, 2]``, the widest a difference of two cosine similarities (or of two means
+   of them, an ensemble) can be. When the white/black filters are still to run on the patches not
+   read yet (``--tissue zeus``), a skipped patch may also contribute nothing, so 0 joins the envelope.
+3. The mask is drawn from the embedded patches only (the scores file holds only those rows). A cell
+   is *settled* when the decision from its embedded patches equals the decision that all its patches
+   must reach whatever the missing ones add within their envelopes:
+   positive from the embedded sums and ``E_j + L_j > 0`` for every other class j, or not positive and
+   ``E_j + H_j <= 0`` for some j (``E``: the embedded patches' summed differences; ``L``/``H``: the
+   missing patches' summed envelope ends). Ties go to the non-positive classes, as in ZEUS.
+4. Every missing patch that covers an unsettled cell is embedded; envelopes and cells are evaluated
+   again; repeat until every cell is settled (or ``max_rounds``: then every patch that covers an
+   unsettled cell, round after round, until none is left, which in the worst case is all of them).
+
+What it guarantees: with ``bound="scores"`` every cell's argmax equals the exact run's (so the
+mask, a function of the argmax only, is identical) given the same embedded features; that bound is
+loose enough that it falls back to (nearly) every patch. With ``bound="neighbours"`` the mask equals
+the exact run's wherever a skipped patch's score differences lie within the range of its embedded
+neighbours' (widened by ``slack``): an assumption about the model and slide, measured
+(``bench/sampling.py``), not proved. Mask pixels are exact wherever all cells within the blur's reach
+are settled, which at the end is every cell. Prompt screening (``--prompt-screening``) ranks prompts
+on the embedded patches only, so its prototypes can differ from an exact run's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from .errors import ZeusError
+from .outputs import PatchScores
+from .reconstruct import Cells, band_sums, patch_cells
+
+SAMPLING_MODES = ("exact", "adaptive")
+BOUNDS = ("neighbours", "scores")
+SCORE_DIFF_BOUND = 2.0  # cosine similarities lie in [-1, 1]: a difference of two lies in [-2, 2]
+BAND_CELLS = 1_000_000  # cells evaluated at once (cell rows x columns of one band)
+
+
+@dataclass(frozen=True)
+class SamplingRule:
+    """How patches are chosen: ``exact`` (every grid patch, ZEUS) or ``adaptive`` (see the module docstring)."""
+
+    mode: str = "exact"
+    coarse_step: int = 2  # first round: every coarse_step-th lattice position in x and in y
+    bound: str = "neighbours"  # envelope of a skipped patch: its embedded neighbours' range, or the score bound
+    slack: float = 0.0  # widen the neighbours' range by this fraction of it on both sides
+    reach: float | None = None  # neighbours' reach in level-0 px (None: one coarse step, see neighbour_reach)
+    max_rounds: int = 8  # after these, the remaining rounds embed every patch over an unsettled cell
+
+    def __post_init__(self) -> None:
+        if self.mode not in SAMPLING_MODES:
+            raise ZeusError(f"--sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.mode!r}")
+        if self.bound not in BOUNDS:
+            raise ZeusError(f"sampling bound must be one of {', '.join(BOUNDS)}, got {self.bound!r}")
+        if self.coarse_step < 1 or self.max_rounds < 1 or not self.slack >= 0:
+            raise ZeusError("sampling: coarse_step and max_rounds must be >= 1, slack >= 0")
+
+    @classmethod
+    def parse(cls, text: str) -> SamplingRule:
+        return cls(mode=text.strip().lower())
+
+    @property
+    def adaptive(self) -> bool:
+        return self.mode == "adaptive"
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.adaptive:
+            return {"mode": "exact"}
+        return {"mode": self.mode, "coarse_step": self.coarse_step, "bound": self.bound, "slack": self.slack,
+                "max_rounds": self.max_rounds}
+
+
+@dataclass
+class SampledPatches:
+    """Which grid patches an adaptive run embedded, their features, and how it got there."""
+
+    embedded: np.ndarray  # (N,) bool over the grid: read and embedded (or dropped as white/black)
+    kept: np.ndarray  # (N,) bool: embedded and not dropped as white/black (the patches that are scored)
+    features: list[np.ndarray]  # per encoder, (N, D) rows valid where ``kept``
+    rounds: list[int] = field(default_factory=list)  # patches read per round
+    unsettled: int = 0  # cells left unsettled when sampling stopped (0: every cell settled)
+
+    def summary(self, rule: SamplingRule) -> dict[str, Any]:
+        n = len(self.embedded)
+        return {**rule.to_dict(), "grid_patches": n, "embedded": int(self.embedded.sum()),
+                "scored": int(self.kept.sum()), "skipped": int(n - self.embedded.sum()),
+                "fraction_embedded": round(float(self.embedded.sum()) / n, 4) if n else 0.0,
+                "rounds": list(self.rounds), "unsettled_cells": int(self.unsettled)}
+
+
+def coarse_lattice(index: np.ndarray, step: int) -> np.ndarray:
+    """(N,) bool: patches whose lattice row and column (``PatchGrid.index``) are multiples of ``step``."""
+    index = np.asarray(index).reshape(-1, 2)
+    return (index[:, 0] % step == 0) & (index[:, 1] % step == 0)
+
+
+def class_differences(scores: np.ndarray, positive: int) -> np.ndarray:
+    """(N, C - 1) float64: the positive class's score minus each other class's."""
+    s = np.asarray(scores, dtype=np.float64)
+    return s[:, [positive]] - np.delete(s, positive, axis=1)
+
+
+def envelopes(coords: np.ndarray, reach: float, embedded: np.ndarray, diffs: np.ndarray, rule: SamplingRule,
+              pending_filter: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi), each (M, C - 1): what each patch not embedded (``~embedded``, grid order) could add.
+
+    ``diffs`` (K, C - 1) are the embedded patches' differences (:func:`class_differences`), in grid order
+    of ``embedded``'s True entries.
+    """
+    missing = np.flatnonzero(~embedded)
+    k = diffs.shape[1]
+    lo = np.full((len(missing), k), -SCORE_DIFF_BOUND)
+    hi = np.full((len(missing), k), SCORE_DIFF_BOUND)
+    if rule.bound == "neighbours" and len(missing) and embedded.any():
+        have = np.flatnonzero(embedded)
+        tree_missing = cKDTree(coords[missing].astype(np.float64))
+        tree_have = cKDTree(coords[have].astype(np.float64))
+        pairs = tree_missing.sparse_distance_matrix(tree_have, reach, p=np.inf, output_type="coo_matrix")
+        rows, cols = pairs.row, pairs.col  # (missing, embedded) pairs at most ``reach`` apart in x and in y
+        if len(rows):
+            nlo = np.full((len(missing), k), np.inf)
+            nhi = np.full((len(missing), k), -np.inf)
+            np.minimum.at(nlo, rows, diffs[cols])
+            np.maximum.at(nhi, rows, diffs[cols])
+            seen = np.isfinite(nlo[:, 0])
+            spread = nhi[seen] - nlo[seen]
+            lo[seen] = np.maximum(nlo[seen] - rule.slack * spread, -SCORE_DIFF_BOUND)
+            hi[seen] = np.minimum(nhi[seen] + rule.slack * spread, SCORE_DIFF_BOUND)
+    if pending_filter:  # a skipped patch may turn out white or black: it then adds nothing
+        lo = np.minimum(lo, 0.0)
+        hi = np.maximum(hi, 0.0)
+    return lo, hi
+
+
+def neighbour_reach(patch: int, stride: int | None, rule: SamplingRule) -> float:
+    """How far (level-0 px, in x and in y) an embedded patch counts as a skipped one's neighbour.
+
+    One coarse lattice step (the embedded patches around a skipped one, which share at least
+    (1 - step * stride / patch)^2 of its pixels), never beyond overlapping patches.
+    """
+    if rule.reach is not None:
+        return float(min(rule.reach, patch - 0.5))
+    return float(min(rule.coarse_step * (stride or patch), patch - 0.5))
+
+
+def _bands(cells: Cells) -> list[tuple[int, int]]:
+    ny, nx = cells.shape
+    rows = max(1, BAND_CELLS // max(nx, 1))
+    return [(a, min(a + rows, ny)) for a in range(0, ny, rows)]
+
+
+def unsettled_patches(scores: PatchScores, grid_coords: np.ndarray, embedded_rows: np.ndarray,
+                      lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, int]:
+    """The grid patches to embed next (bool over ``grid_coords``) and how many cells are unsettled.
+
+    ``scores`` holds the embedded patches' scores (rows at grid positions ``embedded_rows``); ``lo``/``hi``
+    the envelopes of every other grid patch (grid order). Cells are those of the whole grid.
+    """
+    n = len(grid_coords)
+    pos = scores.positive_index
+    c = len(scores.classes)
+    missing = np.ones(n, dtype=bool)
+    missing[embedded_rows] = False
+    # per patch: its class scores if embedded (else 0), and its envelope ends if missing (else 0)
+    values = np.zeros((n, c + 2 * (c - 1)))
+    values[embedded_rows, :c] = scores.scores
+    values[missing, c:2 * c - 1] = lo
+    values[missing, 2 * c - 1:] = hi
+    full = PatchScores(coords=np.asarray(grid_coords, np.int64), scores=np.zeros((n, c), np.float32),
+                       classes=scores.classes, positive_class=scores.positive_class, patch_size=scores.patch_size,
+                       stride=scores.stride, width=scores.width, height=scores.height, mpp=scores.mpp)
+    cells = patch_cells(full)
+    take = np.zeros(n, dtype=bool)
+    unsettled_cells = 0
+    for a, b in _bands(cells):
+        sums, _ = band_sums(cells, values, a, b)
+        s = sums[..., :c]
+        e = s[..., [pos]] - np.delete(s, pos, axis=-1)  # embedded differences, computed as reconstruct's argmax is
+        low, high = sums[..., c:2 * c - 1], sums[..., 2 * c - 1:]
+        winner = np.all(e > 0, axis=-1)
+        settled = np.where(winner, np.all(e + low > 0, axis=-1), np.any(e + high <= 0, axis=-1))
+        bad = ~settled
+        count = int(bad.sum())
+        if not count:
+            continue
+        unsettled_cells += count
+        table = np.zeros((b - a + 1, bad.shape[1] + 1), dtype=np.int64)
+        np.cumsum(np.cumsum(bad, axis=0), axis=1, out=table[1:, 1:])
+        hit = missing & (cells.row0 < b) & (cells.row1 > a) & (cells.col1 > cells.col0)
+        idx = np.flatnonzero(hit)
+        r0 = np.maximum(cells.row0[idx], a) - a
+        r1 = np.minimum(cells.row1[idx], b) - a
+        c0, c1 = cells.col0[idx], cells.col1[idx]
+        inside = table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
+        take[idx[inside > 0]] = True
+    return take, unsettled_cells
+
+
+EmbedFn = Callable[[np.ndarray], tuple[Sequence[np.ndarray], np.ndarray | None]]
+ScoreFn = Callable[[Sequence[np.ndarray]], np.ndarray]
+
+
+def sample_patches(
+    coords: np.ndarray,
+    index: np.ndarray,
+    *,
+    patch_size: int,
+    width: int,
+    height: int,
+    classes: Sequence[str],
+    positive_class: str,
+    embed: EmbedFn,
+    score: ScoreFn,
+    embed_dims: Sequence[int],
+    rule: SamplingRule,
+    stride: int | None = None,
+    pending_filter: bool = False,
+) -> SampledPatches:
+    """Embed the grid patches (``coords``, lattice ``index``) that the adaptive rule needs (module docstring).
+
+    ``embed(positions)`` embeds the grid patches at ``positions`` (sorted) and returns one (len, D_i)
+    feature array per encoder and the white/black filter's verdict (bool (len,), or None: all kept).
+    ``score(features)`` turns per-encoder feature arrays of some patches into their (n, C) class scores
+    (over the same patches, so prompt screening sees every patch embedded so far).
+    """
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    n = len(coords)
+    embedded = np.zeros(n, dtype=bool)
+    kept = np.zeros(n, dtype=bool)
+    features = [np.zeros((n, d), dtype=np.float32) for d in embed_dims]
+    out = SampledPatches(embedded, kept, features)
+    if n == 0:
+        return out
+    classes = tuple(classes)
+    positive = classes.index(positive_class)
+    todo = coarse_lattice(index, rule.coarse_step) if rule.adaptive else np.ones(n, dtype=bool)
+    reach = neighbour_reach(patch_size, stride, rule)
+    rounds = 0
+    while True:
+        positions = np.flatnonzero(todo)
+        if len(positions):
+            feats, keep = embed(positions)
+            keep = np.ones(len(positions), dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+            embedded[positions] = True
+            kept[positions[keep]] = True
+            for f, got in zip(features, feats, strict=True):
+                f[positions[keep]] = np.asarray(got)[keep]
+            out.rounds.append(int(len(positions)))
+            rounds += 1
+        if embedded.all():
+            out.unsettled = 0  # every patch embedded: every cell is decided as in an exact run
+            break
+        rows = np.flatnonzero(kept)
+        values = np.asarray(score([f[rows] for f in features]), dtype=np.float32)
+        diffs = class_differences(values, positive)
+        lo, hi = envelopes(coords, reach, kept, diffs, rule, pending_filter)
+        if rounds >= rule.max_rounds:  # give up on the envelopes: only the score bound
+            lo, hi = envelopes(coords, reach, kept, diffs, SamplingRule("adaptive", bound="scores"),
+                               pending_filter)
+        # dropped (white/black) patches are known to add nothing: neither missing nor scored
+        known = embedded & ~kept
+        lo_all = np.zeros((n, diffs.shape[1]))
+        hi_all = np.zeros((n, diffs.shape[1]))
+        miss = ~kept
+        lo_all[miss], hi_all[miss] = lo, hi
+        lo_all[known], hi_all[known] = 0.0, 0.0
+        emb_scores = PatchScores(coords=coords[rows], scores=values, classes=classes, positive_class=positive_class,
+                                 patch_size=patch_size, stride=1, width=width, height=height, mpp=None)
+        take, out.unsettled = unsettled_patches(emb_scores, coords, rows, lo_all[miss], hi_all[miss])
+        todo = take & ~embedded
+        if not todo.any():
+            break
+    return out
+
