@@ -10,7 +10,8 @@ Two steps, both usable on their own:
 - ``publish_results(project_dir, items)`` opens (or creates) the project with
   ``bridge.project.open_project``, adds or updates one entry per slide with the ZEUS annotations and
   the entry metadata ``zeus.model``, ``zeus.prompts``, ``zeus.version``, ``zeus.date``,
-  ``zeus.status`` (plus ``zeus.width``, ``zeus.height`` and ``zeus.mpp``, which ``zeus export``
+  ``zeus.status``, ``zeus.adapter`` (the ``zeus learn`` adapter the outlines were scored with, or
+  ``none``) (plus ``zeus.width``, ``zeus.height`` and ``zeus.mpp``, which ``zeus export``
   reads when the entry carries no image metadata), and saves the project once.
   ``publish_outputs(project_dir, paths)`` does both.
 
@@ -37,7 +38,7 @@ import datetime as _dt
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ META_STATUS = "zeus.status"
 META_WIDTH = "zeus.width"
 META_HEIGHT = "zeus.height"
 META_MPP = "zeus.mpp"
+META_ADAPTER = "zeus.adapter"  # zeus learn's adapter the outlines were scored with, or "none" (zero-shot)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class ResultItem:
     zeus_version: str | None = None
     date: str | None = None  # when ZEUS ran (ISO 8601); None = now
     tiles_path: str | None = None  # <stem>.tiles.geojson when the run wrote heatmap tiles
+    adapter: str | None = None  # the adapter (short hash, method, slides learned from); None: zero-shot
 
     def entry_metadata(self, status: str = "pre-segmented") -> dict[str, str]:
         """The ``zeus.*`` entry metadata this item writes."""
@@ -104,6 +107,7 @@ class ResultItem:
             meta[META_VERSION] = self.zeus_version
         if self.mpp is not None and math.isfinite(self.mpp) and self.mpp > 0:
             meta[META_MPP] = repr(float(self.mpp))
+        meta[META_ADAPTER] = self.adapter or "none"  # always written: a zero-shot re-run must not keep an old one
         return meta
 
 
@@ -291,9 +295,18 @@ def items_from_outputs(paths: Sequence[str | os.PathLike[str]]) -> list[ResultIt
 def _run_fields(run: RunRecord | None) -> dict[str, str | None]:
     """model, prompts (name), zeus_version and date from ``run.json``."""
     if run is None:
-        return {"model": None, "prompts": None, "zeus_version": None, "date": None}
+        return {"model": None, "prompts": None, "zeus_version": None, "date": None, "adapter": None}
     return {"model": run.model_spec, "prompts": _prompt_name(run.prompt_file), "zeus_version": run.zeus_version,
-            "date": run.started or None}
+            "date": run.started or None, "adapter": adapter_text(run.adapter)}
+
+
+def adapter_text(summary: Mapping[str, Any] | None) -> str | None:
+    """The ``zeus.adapter`` metadata value of an adapter summary (run.json, scores meta): hash, method, slides."""
+    if not isinstance(summary, Mapping) or not summary.get("sha256"):
+        return None
+    slides = summary.get("slides") if isinstance(summary.get("slides"), list) else []
+    return (f"{str(summary['sha256'])[:16]} ({summary.get('method')} {summary.get('strength')}, learned from "
+            f"{len(slides)} slide(s): {', '.join(str(s) for s in slides[:5])}{', ...' if len(slides) > 5 else ''})")
 
 
 def _prompt_name(value: Any) -> str | None:
@@ -398,6 +411,7 @@ def _item_from_geojson(path: Path) -> ResultItem:
         zeus_version=str(meta["zeus_version"]) if meta.get("zeus_version") else None,
         date=None,
         tiles_path=_sibling_tiles(folder, stem, scores_path),
+        adapter=adapter_text(meta.get("adapter")),
     )
 
 

@@ -60,9 +60,28 @@ def test_learn_from_cached_embeddings_and_apply_without_embedding(cohort, tiny_a
     assert adapter.read_bytes() == (root / "again.npz").read_bytes()
 
     out2 = root / "adapted"
+    project = root / "project"
     assert main(["segment", str(slides[1].path), *tiny_args, "--quiet", "--out", str(out2), "--cache", str(cache),
-                 "--adapter", str(adapter)]) == 0
+                 "--adapter", str(adapter), "--tiles", "--project", str(project), "--backend", "files"]) == 0
     run = json.loads((out2 / "run.json").read_text())
+    entry = json.loads((project / "project.qpproj").read_text())["images"][0]
+    assert entry["metadata"]["zeus.adapter"].startswith(run["adapter"]["sha256"][:16])
+    assert "learned from 1 slide(s): s0" in entry["metadata"]["zeus.adapter"]
+    # the heatmap tiles carry the adapted scores; the overlay says "adapted" (its top-left corner is a white label)
+    from zeus_qupath.heatmap import tile_collection
+
+    def measurements(features):
+        return [f["properties"]["measurements"] for f in features]
+
+    tiles = measurements(json.loads((out2 / "s1.tiles.geojson").read_text())["features"])
+    adapted_tiles = json.loads(json.dumps(tile_collection(PatchScores.load(out2 / "s1.scores.npz"))))["features"]
+    zero_shot_tiles = json.loads(json.dumps(tile_collection(PatchScores.load(out / "s1.scores.npz"))))["features"]
+    assert tiles == measurements(adapted_tiles) and tiles != measurements(zero_shot_tiles)
+    with Image.open(out2 / "s1.overlay.png") as im:
+        corner = np.asarray(im.convert("RGB"))[:3, :3]
+    with Image.open(out / "s1.overlay.png") as im:
+        plain = np.asarray(im.convert("RGB"))[:3, :3]
+    assert np.all(corner == 255) and not np.array_equal(corner, plain)
     assert run["adapter"]["slides"] == ["s0"] and run["slides"][0]["cache"] == "hit"  # re-scored, 0 embedded
     scores = PatchScores.load(out2 / "s1.scores.npz")
     zero_shot = PatchScores.load(out / "s1.scores.npz")

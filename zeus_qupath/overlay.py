@@ -51,7 +51,20 @@ def render_overlay(
         rings = [poly.exterior, *poly.interiors]
         pts = [np.round(np.asarray(r.coords) * scale).astype(np.int32) for r in rings]
         cv2.polylines(out, pts, isClosed=True, color=(0, 0, 0), thickness=thickness)
+    if scores.meta.get("adapter"):  # scored with zeus learn's adapter, not zero-shot: say so on the image
+        label_adapted(out)
     return out
+
+
+def label_adapted(rgb: np.ndarray) -> None:
+    """Write "adapted" in the top-left corner (black on white), scaled to the image."""
+    h, w = rgb.shape[:2]
+    scale = max(0.4, min(w, h) / 600)
+    thick = max(1, int(round(scale * 2)))
+    (tw, th), base = cv2.getTextSize("adapted", cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    pad = max(2, th // 3)
+    cv2.rectangle(rgb, (0, 0), (min(w - 1, tw + 2 * pad), min(h - 1, th + base + 2 * pad)), (255, 255, 255), -1)
+    cv2.putText(rgb, "adapted", (pad, pad + th), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick, cv2.LINE_AA)
 
 
 def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
