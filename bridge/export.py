@@ -205,9 +205,14 @@ def export_corrections(
 
     sources, used_backend, input_dirs, warnings = read_sources(source, backend=backend, originals=originals)
     out = Path(out_dir)
-    for folder in input_dirs:
+    inputs = [(folder, "the folder the corrected annotations are read from") for folder in input_dirs]
+    if originals is not None:
+        inputs.append((Path(originals), "--originals, ZEUS's outputs"))
+    for folder, what in inputs:  # export never writes over what it reads
         if _same_dir(out, folder):
-            raise ZeusError(f"--out {out} is the folder the corrected annotations are read from; choose another")
+            raise ZeusError(f"--out {out} is {what}; choose another folder")
+        if _contains(out, folder):
+            raise ZeusError(f"--out {out} contains {folder} ({what}); choose a folder outside it")
 
     positive = positive_class or _positive_class(sources)
     labels = label_map(sources, positive, classes)
@@ -525,6 +530,14 @@ def _first_file(paths: Iterable[Path]) -> Path | None:
 def _same_dir(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    """Whether ``inner`` lies inside the folder ``outer`` (after resolving links)."""
+    try:
+        return outer.resolve() in inner.resolve().parents
     except OSError:
         return False
 

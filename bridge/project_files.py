@@ -20,7 +20,8 @@ rewrote its URI) is updated, never added twice; an existing entry keeps its URI.
 It never writes ``data.qpdata`` (QuPath writes it when an annotator saves), so annotators' edits
 cannot be lost here. Existing entries and every key this module does not know are written back
 unchanged. Before ``save()`` changes anything it copies the files it replaces to
-``<name>.bak-<timestamp>``; every file is written atomically (temp file + rename).
+``<name>.bak-<timestamp>``; the files of one ``save()`` are written as one set (``output_set.OutputSet``).
+Every zeus writer holds the project's lock (``bridge.project.project_lock``) from reading to saving.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Any
 
 from zeus_qupath import __version__
 from zeus_qupath.errors import ProjectError
-from zeus_qupath.output_set import atomic_open
+from zeus_qupath.output_set import OutputSet
 from zeus_qupath.qupath_geojson import class_color
 
 from .edits import MergeResult
@@ -483,9 +484,9 @@ class FilesProject:
         try:
             for target, text in targets:
                 self._backup(target, text, stamp)
-            for target, text in targets:
-                with atomic_open(target, "w") as fh:
-                    fh.write(text)
+            with OutputSet(self.path) as staged:  # every file of the change lands, or none does
+                for target, text in targets:
+                    staged.path(target.relative_to(self.path).as_posix()).write_text(text, encoding="utf-8")
         except OSError as exc:
             raise ProjectError(f"{self.path}: cannot write the QuPath project ({exc})") from None
         self._pending_geojson.clear()

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from shapely.geometry import Polygon
 
-import zeus_qupath.bridge.project_files as project_files
 from zeus_qupath.bridge.project import open_project, paquo_status
 from zeus_qupath.bridge.project_files import (
     BIOFORMATS,
@@ -329,20 +328,25 @@ def test_a_failed_save_leaves_the_project_file_as_it_was(tmp_path: Path, monkeyp
         project.add_or_update_image(tmp_path / "a.svs", features("Tumor"), width=100, height=100)
     before = (project_dir / "project.qpproj").read_text(encoding="utf-8")
 
-    real_atomic_open = project_files.atomic_open
+    import zeus_qupath.output_set as output_set
 
-    def failing_atomic_open(path: Any, mode: str = "w", **kwargs: Any) -> Any:
-        if Path(path).name == "project.qpproj":
+    real_replace = output_set.os.replace
+
+    def failing_replace(src: Any, dst: Any) -> None:
+        if Path(src).name == Path(dst).name == "project.qpproj" and ".zeus-staging-" in str(src):
             raise OSError("disk full")
-        return real_atomic_open(path, mode, **kwargs)
+        real_replace(src, dst)
 
-    monkeypatch.setattr(project_files, "atomic_open", failing_atomic_open)
+    monkeypatch.setattr(output_set.os, "replace", failing_replace)
     project = FilesProject(project_dir)
-    project.add_or_update_image(tmp_path / "b.svs", features("Tumor"), width=100, height=100)
+    entry_id = project.add_or_update_image(tmp_path / "b.svs", features("Tumor"), width=100, height=100)
     with pytest.raises(ProjectError, match="disk full"):
         project.save()
+    monkeypatch.undo()
     assert (project_dir / "project.qpproj").read_text(encoding="utf-8") == before
-    assert not [p for p in project_dir.rglob(".*") if p.is_file()]  # no temporary files left behind
+    # the set was taken back: the new entry's annotations, written before the project file, are gone again
+    assert not (project_dir / "data" / entry_id).exists()
+    assert not [p for p in project_dir.rglob(".*")]  # no temporary files or staging folders left behind
 
 
 def test_open_project_backends(tmp_path: Path) -> None:

@@ -156,6 +156,7 @@ class OutputSet:
                     kept.append(name)
                 os.replace(staged, target)
                 moved.append(name)
+                remove_stale_temporaries(target)  # what killed writers of this file left beside it
         except BaseException:
             for name in moved:
                 (self.folder / name).unlink(missing_ok=True)

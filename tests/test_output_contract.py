@@ -1,0 +1,277 @@
+"""What zeus-qupath writes, and nothing lost where runs, people and files collide (issue 16).
+
+One output contract (outputs.py: run.json as a typed record, every output of a slide listed, tiles
+included), one set writer (output_set.OutputSet: pid-named staging, dead writers' leftovers removed), a
+slide's identity in an output folder (path and content, not stem), projects under one lock, export
+never writing over its inputs, one identity check for the service's memory tier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zeus_qupath.cli import main
+from zeus_qupath.errors import ZeusError
+from zeus_qupath.output_set import STAGING_PREFIX, OutputSet
+from zeus_qupath.outputs import PatchScores, RunRecord, SlideReport, output_paths, read_run_record
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _scores(slide_name: str, width: int = 64, height: int = 48) -> PatchScores:
+    coords = np.array([[0, 0], [32, 0], [0, 16], [32, 16]], dtype=np.int64)
+    values = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]], dtype=np.float32)
+    return PatchScores(coords=coords, scores=values, classes=("Tumor", "Normal"), positive_class="Tumor",
+                       patch_size=32, stride=16, width=width, height=height, mpp=0.5, meta={"slide": slide_name})
+
+
+# ------------------------------------------------------------------------------------------ the records
+
+
+def test_output_paths_list_the_tiles_with_tiles():
+    assert set(output_paths("o", "s")) == {"geojson", "scores", "overlay"}
+    assert output_paths("o", "s", tiles=True)["tiles"] == str(Path("o") / "s.tiles.geojson")
+
+
+def test_run_record_round_trip_keeps_unknown_fields_and_refuses_wrong_types(tmp_path):
+    report = {"slide": "/data/a.svs", "stem": "a", "width": 100, "height": 80, "mpp": 0.5, "patches": 3,
+              "tissue_fraction": 0.5, "regions": 1, "tumor_area_um2": 2.0, "seconds": {"total": 1.0},
+              "patches_per_s": 3.0, "outputs": {"geojson": "/o/a.geojson"}, "status": "done"}
+    data = {"command": "segment", "model": {"spec": "keep"}, "versions": {"zeus-qupath": "9"},
+            "prompts": {"file": "p/x.json"}, "slides": [report], "sampling": "exact",
+            "adapter": {"sha256": "ab"}, "a_later_field": [1, 2]}
+    (tmp_path / "run.json").write_text(json.dumps(data))
+    record = read_run_record(tmp_path)
+    assert isinstance(record, RunRecord) and isinstance(record.slides[0], SlideReport)
+    assert (record.model_spec, record.prompt_file, record.zeus_version) == ("keep", "p/x.json", "9")
+    assert record.slides[0].width == 100 and record.slide("a") is record.slides[0]
+    again = record.to_dict()
+    assert again["a_later_field"] == [1, 2] and again["adapter"] == {"sha256": "ab"} and again["sampling"] == "exact"
+    assert again["slides"][0]["outputs"] == report["outputs"]
+    (tmp_path / "run.json").write_text(json.dumps({**data, "model": "keep"}))
+    with pytest.raises(ZeusError, match="'model' is not a dict"):
+        read_run_record(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({**data, "slides": [{**report, "width": "wide"}]}))
+    with pytest.raises(ZeusError, match="has no width/height"):
+        read_run_record(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ one set writer
+
+
+def test_output_set_names_staging_with_the_pid_and_refuses_a_missing_member(tmp_path):
+    (tmp_path / "a.txt").write_text("old")
+    with pytest.raises(FileNotFoundError, match="output not written"), OutputSet(tmp_path) as out:
+        staging = out.path("a.txt").parent
+        assert staging.name.startswith(f"{STAGING_PREFIX}{os.getpid()}-")
+        out.path("a.txt").write_text("new")
+        out.path("b.txt")  # asked for, never written: the set is incomplete
+    assert (tmp_path / "a.txt").read_text() == "old" and not (tmp_path / "b.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_output_set_removes_dead_writers_staging_keeps_live_ones(tmp_path):
+    dead = tmp_path / f"{STAGING_PREFIX}{_dead_pid()}-x"
+    live = tmp_path / f"{STAGING_PREFIX}{os.getppid()}-y"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "half.geojson").write_text("{")
+    with OutputSet(tmp_path) as out:
+        out.path("sub/one.txt").write_text("1")  # a relative path: written with the rest of the set
+    assert (tmp_path / "sub" / "one.txt").read_text() == "1"
+    assert not dead.exists() and live.exists()
+
+
+def test_polygons_tiles_cleans_what_a_killed_run_left_and_writes_both(tmp_path):
+    scores_path = tmp_path / "s.scores.npz"
+    _scores("s.png").save(scores_path)
+    pid = _dead_pid()
+    leftovers = [tmp_path / f"{STAGING_PREFIX}{pid}-q", tmp_path / f".s.tiles.geojson.{pid}-z.geojson"]
+    leftovers[0].mkdir()
+    leftovers[1].write_text("{")
+    assert main(["polygons", str(scores_path), "--tiles"]) == 0
+    assert json.loads((tmp_path / "s.tiles.geojson").read_text())["type"] == "FeatureCollection"
+    assert json.loads((tmp_path / "s.geojson").read_text())["type"] == "FeatureCollection"
+    assert not leftovers[0].exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+@pytest.fixture(scope="module")
+def two_slides_one_stem(tmp_path_factory):
+    """``a/s.tif`` and ``b/s.tif``: two different slides with one output stem."""
+    from zeus_qupath.samples.synthetic import make_synthetic_slide
+
+    root = tmp_path_factory.mktemp("stems")
+    for i, folder in enumerate(("a", "b")):
+        (root / folder).mkdir()
+        s = make_synthetic_slide(root / folder / "s.tif", 2560, 1792, seed=70 + i)
+        for mask in (s.tumor_mask_path, s.tissue_mask_path):
+            mask.unlink()
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_cli(tiny_model, spindle_prompts):
+    return ["--model", f"open_clip:{tiny_model.config_path}", "--pretrained", str(tiny_model.checkpoint_path),
+            "--prompts", str(spindle_prompts), "--device", "cpu", "--quiet", "--tissue", "coarse"]
+
+
+@pytest.mark.slow
+def test_tiles_run_resumes_and_a_taken_stem_is_refused(two_slides_one_stem, tiny_cli, tmp_path, capsys):
+    from zeus_qupath.bridge.publish import items_from_outputs
+
+    out = tmp_path / "out"
+    first = str(two_slides_one_stem / "a" / "s.tif")
+    assert main(["segment", first, *tiny_cli, "--tiles", "--out", str(out)]) == 0
+    written = {p.name: _sha(p) for p in out.iterdir() if p.is_file()}
+    assert {"s.geojson", "s.scores.npz", "s.overlay.png", "s.tiles.geojson", "run.json"} <= set(written)
+
+    capsys.readouterr()
+    assert main(["segment", first, *tiny_cli, "--tiles", "--out", str(out)]) == 0  # the same run again
+    record = read_run_record(out)
+    assert [r.status for r in record.slides] == ["skipped"]
+    assert record.slides[0].outputs["tiles"] == str(out / "s.tiles.geojson")
+    (item,) = items_from_outputs([out])
+    assert item.tiles_path is not None and Path(item.tiles_path).name == "s.tiles.geojson"  # not "clear the heatmap"
+
+    second = str(two_slides_one_stem / "b" / "s.tif")  # another slide whose outputs would be s.*
+    for extra in ([], ["--redo"]):
+        capsys.readouterr()
+        assert main(["segment", second, *tiny_cli, "--tiles", "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds the outputs of another slide" in err[0] and "a/s.tif" in err[0]
+        assert {p.name: _sha(p) for p in out.iterdir() if p.is_file() and p.name != "run.json"} == \
+            {k: v for k, v in written.items() if k != "run.json"}
+    assert read_run_record(out).slides[0].slide == str(Path(first).resolve())
+
+
+# ------------------------------------------------------------------------------------------ projects
+
+
+def _result_folder(root: Path, name: str) -> Path:
+    folder = root / name
+    folder.mkdir()
+    Image.new("RGB", (64, 48), "white").save(folder / f"{name}.png")
+    _scores(f"{name}.png").save(folder / f"{name}.scores.npz")
+    feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[1, 1], [30, 1], [30, 20], [1, 1]]]},
+               "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}
+    (folder / f"{name}.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    return folder
+
+
+def _add(project: str, folder: str) -> None:
+    from zeus_qupath.bridge.publish import publish_outputs
+
+    publish_outputs(project, [folder], backend="files")
+
+
+def test_concurrent_project_writers_all_land(tmp_path):
+    folders = [str(_result_folder(tmp_path, f"slide{i}")) for i in range(2)]
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(20):
+        project = str(tmp_path / f"project{attempt}")
+        procs = [ctx.Process(target=_add, args=(project, f)) for f in folders]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0]
+        data = json.loads((Path(project) / "project.qpproj").read_text())
+        names = sorted(e["imageName"] for e in data["images"])
+        ids = sorted(str(e["entryID"]) for e in data["images"])
+        assert names == ["slide0.png", "slide1.png"], f"attempt {attempt}: {names}"
+        assert len(set(ids)) == 2
+        for entry_id in ids:
+            assert (Path(project) / "data" / entry_id / "zeus_annotations.geojson").is_file()
+
+
+def test_duplicate_entry_ids_are_refused_before_anything_changes(tmp_path, capsys):
+    folder = _result_folder(tmp_path, "slide0")
+    project = tmp_path / "project"
+    assert main(["project", "add", str(project), str(folder), "--backend", "files"]) == 0
+    qpproj = project / "project.qpproj"
+    data = json.loads(qpproj.read_text())
+    data["images"].append({**data["images"][0], "imageName": "copy.png"})  # same entryID twice
+    qpproj.write_text(json.dumps(data))
+    before = _sha(qpproj)
+    capsys.readouterr()
+    assert main(["project", "add", str(project), str(folder), "--backend", "files"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "two entries have the ID" in err[0]
+    assert _sha(qpproj) == before
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def test_export_never_writes_over_its_originals(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    zeus = _result_folder(runs, "case1")
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    shutil.copy(zeus / "case1.geojson", exported / "case1.png.geojson")
+    before = {p.name: _sha(p) for p in zeus.iterdir()}
+    for out in (zeus, runs):  # --out is, or contains, --originals
+        capsys.readouterr()
+        assert main(["export", str(exported), "--originals", str(zeus), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--originals" in err[0]
+    assert {p.name: _sha(p) for p in zeus.iterdir()} == before
+    assert main(["export", str(exported), "--originals", str(zeus), "--out", str(tmp_path / "x")]) == 0
+
+
+def test_export_removes_what_a_killed_export_left(tmp_path):
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    shutil.copy(_result_folder(tmp_path, "case1") / "case1.geojson", exported / "case1.geojson")
+    out = tmp_path / "out"
+    out.mkdir()
+    left = out / f"{STAGING_PREFIX}{_dead_pid()}-k"
+    left.mkdir()
+    (left / "case1.labels.png").write_bytes(b"\x89PNG")
+    assert main(["export", str(exported), "--out", str(out)]) == 0
+    assert not left.exists() and (out / "corrections.csv").is_file()
+
+
+# ------------------------------------------------------------------------------------------ the service
+
+
+def test_service_memory_tier_sees_an_in_place_edit(tmp_path):
+    from zeus_qupath.on_demand import OnDemandSegmenter
+    from zeus_qupath.segment import SegmentParams
+
+    slide = tmp_path / "s.png"
+    Image.new("RGB", (64, 48), "white").save(slide)
+    segmenter = OnDemandSegmenter(SegmentParams(), cache=None, models=None)  # type: ignore[arg-type]
+    first, _ = segmenter.slide_identity(slide)
+    st = slide.stat()
+    data = bytearray(slide.read_bytes())
+    data[-1] ^= 0xFF  # same size; mtime set back below: only the ctime says the file changed
+    slide.write_bytes(bytes(data))
+    os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert slide.stat().st_size == st.st_size and slide.stat().st_mtime_ns == st.st_mtime_ns
+    second, _ = segmenter.slide_identity(slide)
+    assert second != first  # the CLI's check (identity.StatGuard) would hash it again too
