@@ -209,7 +209,7 @@ def test_cross_validation_never_fits_on_the_held_out_slide():
     assert [f.held_out for f in cv.folds] == ["s0", "s1", "s2"]
     for fold in cv.folds:
         assert fold.trained_on == {"s0", "s1", "s2"} - {fold.held_out}
-    assert len(seen) == 3 * (2 + 3) and all(len(names) == 2 for names in seen)  # 2 candidates, then 3 shifts
+    assert len(seen) == 3 * 2 and all(len(names) == 2 for names in seen)  # 2 candidates (shifts move the bias)
     # each held-out Dice is that of an adapter fitted from the other slides' patches alone, recomputed here
     from zeus_qupath.learn import train_labels
 

@@ -259,10 +259,16 @@ def fit(stats: FitStats, text: np.ndarray, kind: str, strength: float, shift: fl
     decision for the mask can be stricter than the labels' own.
     """
     w, b = _fit(stats, text, kind, strength)
-    if shift and positive is not None:
-        b = b.copy()
-        b[positive] -= np.float32(shift * (stats.high - stats.low) / max(stats.n, 1))
-    return w, b
+    return w, shift_bias(b, stats, shift, positive)
+
+
+def shift_bias(bias: np.ndarray, stats: FitStats, shift: float, positive: int | None) -> np.ndarray:
+    """``bias`` with the positive class's entry lowered by ``shift`` mean zero-shot score spreads of ``stats``."""
+    if not shift or positive is None:
+        return bias
+    out = bias.copy()
+    out[positive] -= np.float32(shift * (stats.high - stats.low) / max(stats.n, 1))
+    return out
 
 
 def _fit(stats: FitStats, text: np.ndarray, kind: str, strength: float) -> tuple[np.ndarray, np.ndarray]:

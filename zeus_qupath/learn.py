@@ -30,7 +30,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from . import __version__
-from .adapter import SHIFTS, Adapter, FitStats, applied_identity, candidates, fit, fit_stats
+from .adapter import SHIFTS, Adapter, FitStats, applied_identity, candidates, fit, fit_stats, shift_bias
 from .errors import ZeusError
 from .outputs import PatchScores
 from .patch_labels import LEFT_OUT, NEGATIVE, Correction, LabelRule, patch_labels
@@ -205,7 +205,7 @@ class CrossValidation:
 def cross_validate(units: Sequence[Unit], text: np.ndarray, classes: Sequence[str], positive_class: str,
                    threshold: Threshold, logit_scale: float, folds_of: str = "slides",
                    cands: Sequence[tuple[str, float]] | None = None,
-                   fit_fn: Callable[[FitStats, np.ndarray, str, float], tuple[np.ndarray, np.ndarray]] = fit,
+                   fit_fn: Callable[..., tuple[np.ndarray, np.ndarray]] = fit,
                    ) -> tuple[CrossValidation, list[FitStats]]:
     """Leave-one-unit-out Dice of zero-shot and of each candidate; returns it and each unit's statistics."""
     pos = list(classes).index(positive_class)
@@ -228,12 +228,18 @@ def cross_validate(units: Sequence[Unit], text: np.ndarray, classes: Sequence[st
         trains.append(train)
         folds.append(Fold(u.name, train.names))
     per_candidate: dict[tuple[str, float, float], list[float]] = {}
+    fitted: dict[tuple[int, str, float], tuple[np.ndarray, np.ndarray]] = {}  # a shift only moves the bias
+    feats = [u.slide.features if u.patches.all() else u.slide.features[u.patches] for u in units]
 
     def score(cand: tuple[str, float, float]) -> None:
-        for u, train in zip(units, trains, strict=True):
-            w, b = fit_fn(train, text, cand[0], cand[1], cand[2], pos)
+        for i, (u, train) in enumerate(zip(units, trains, strict=True)):
+            key = (i, cand[0], cand[1])
+            if key not in fitted:
+                fitted[key] = fit_fn(train, text, cand[0], cand[1])
+            w, b = fitted[key]
+            b = shift_bias(b, train, cand[2], pos)
             per_candidate.setdefault(cand, []).append(
-                unit_dice(u, u.slide.features[u.patches] @ w.T + b, classes, positive_class, threshold, logit_scale))
+                unit_dice(u, feats[i] @ w.T + b, classes, positive_class, threshold, logit_scale))
 
     for kind, strength in cands or candidates():
         score((kind, strength, 0.0))
