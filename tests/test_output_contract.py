@@ -275,3 +275,46 @@ def test_service_memory_tier_sees_an_in_place_edit(tmp_path):
     assert slide.stat().st_size == st.st_size and slide.stat().st_mtime_ns == st.st_mtime_ns
     second, _ = segmenter.slide_identity(slide)
     assert second != first  # the CLI's check (identity.StatGuard) would hash it again too
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+
+def _square_geojson(path: Path, x: float, y: float, side: float, collection: bool = False) -> Path:
+    ring = [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]
+    geom = {"type": "Polygon", "coordinates": [ring]}
+    if collection:
+        geom = {"type": "GeometryCollection", "geometries": [geom, {"type": "LineString", "coordinates": ring[:2]}]}
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": geom, "properties": {"objectType": "annotation"}}]}))
+    return path
+
+
+def test_evaluate_geojson_pairs_exactly_on_a_large_slide(tmp_path, capsys):
+    # two disjoint 10 px squares on a 100,000 px slide: Dice 0 (a 4,096 px raster made both vanish: Dice 1)
+    a = _square_geojson(tmp_path / "a.geojson", 100, 100, 10)
+    b = _square_geojson(tmp_path / "b.geojson", 5000, 5000, 10)
+    assert main(["evaluate", str(a), str(b), "--size", "100000,100000"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dice"] == 0.0 and result["fp"] == 100 and result["fn"] == 100
+    # half-overlapping 10 px squares: intersection 50 px^2, Dice 2*50 / (100 + 100) = 0.5, by hand
+    c = _square_geojson(tmp_path / "c.geojson", 105, 100, 10)
+    assert main(["evaluate", str(a), str(c), "--size", "100000,100000"]) == 0
+    assert json.loads(capsys.readouterr().out)["dice"] == pytest.approx(0.5)
+    # a GeometryCollection's polygon counts (as export counts it): the same square, Dice 1
+    d = _square_geojson(tmp_path / "d.geojson", 100, 100, 10, collection=True)
+    assert main(["evaluate", str(a), str(d), "--size", "100000,100000"]) == 0
+    assert json.loads(capsys.readouterr().out)["dice"] == pytest.approx(1.0)
+
+
+def test_evaluate_refuses_a_mask_of_another_aspect(tmp_path, capsys):
+    gt = _square_geojson(tmp_path / "gt.geojson", 0, 0, 500)
+    mask = np.zeros((100, 100), np.uint8)  # square mask, 1000 x 500 slide
+    mask[:, :50] = 1
+    Image.fromarray(mask * 255).save(tmp_path / "pred.png")
+    assert main(["evaluate", str(tmp_path / "pred.png"), str(gt), "--size", "1000,500"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "aspect" in err[0]
+    Image.fromarray(np.repeat(mask, 1, axis=0)[:50] * 255).save(tmp_path / "pred2.png")  # 100 x 50: right aspect
+    assert main(["evaluate", str(tmp_path / "pred2.png"), str(gt), "--size", "1000,500"]) == 0
+    assert json.loads(capsys.readouterr().out)["dice"] == pytest.approx(1.0)

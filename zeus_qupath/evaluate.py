@@ -1,9 +1,14 @@
 """Dice, precision and recall of a predicted tumor region against ground truth, inside tissue (ZEUS protocol).
 
 Either side may be QuPath GeoJSON (level-0 px; annotations of ``class_name``, or all polygonal
-annotations when no class is given) or a mask image (PNG/TIFF/NPY, non-zero = positive) at any scale of
-the slide (a mask spans the whole slide). Everything is compared on one raster: the finest mask's, or,
-for two GeoJSON files, the slide at a downsample whose longest side is ``max_side``.
+annotations when no class is given; the polygons of a GeometryCollection count, as ``zeus export`` counts
+them) or a mask image (PNG/TIFF/NPY, non-zero = positive) at any scale of the slide (a mask spans the whole
+slide, so its aspect must be the slide's: a mask of another aspect is refused).
+
+Two GeoJSON files are compared exactly, by geometry: the areas of intersection and differences in level-0
+px^2, clipped to the slide (and to the tissue's polygons when ``tissue`` is given), so no shape vanishes on a
+raster. With a mask on either side everything is compared on the finest mask's raster (``pixel_size`` in
+the result: level-0 px per raster pixel).
 """
 
 from __future__ import annotations
@@ -69,11 +74,39 @@ def read_geometry(path: str | os.PathLike[str], class_name: str | None) -> shape
 
     objs = read_qupath_geojson(path)
     polys = [
-        o.geometry for o in objs
-        if o.object_type == "annotation" and o.geometry.geom_type in ("Polygon", "MultiPolygon")
-        and (class_name is None or (o.class_name or "").lower() == class_name.lower())
+        part for o in objs
+        if o.object_type == "annotation" and (class_name is None or (o.class_name or "").lower() == class_name.lower())
+        for part in _polygon_parts(o.geometry)
     ]
     return shapely.union_all(polys) if polys else shapely.Polygon()
+
+
+def _polygon_parts(geom: shapely.Geometry) -> list[shapely.Geometry]:
+    """The Polygons and MultiPolygons of ``geom`` (inside GeometryCollections too)."""
+    if geom.geom_type in ("Polygon", "MultiPolygon"):
+        return [geom]
+    return [p for g in getattr(geom, "geoms", []) for p in _polygon_parts(g)]
+
+
+def geometry_scores(pred: shapely.Geometry, gt: shapely.Geometry, region: shapely.Geometry) -> Scores:
+    """Dice/precision/recall of two shapes by their areas inside ``region`` (level-0 px^2, exact)."""
+    pred, gt = pred.intersection(region), gt.intersection(region)
+    tp = shapely.area(pred.intersection(gt)) if not (pred.is_empty or gt.is_empty) else 0.0
+    fp = max(0.0, pred.area - tp)
+    fn = max(0.0, gt.area - tp)
+    dice = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
+    precision = tp / (tp + fp) if (tp + fp) else (1.0 if fn == 0 else 0.0)
+    recall = tp / (tp + fn) if (tp + fn) else 1.0
+    return Scores(dice, precision, recall, round(tp), round(fp), round(fn), round(region.area), 1.0)
+
+
+def _check_aspect(mask: np.ndarray, width: float, height: float, what: str) -> None:
+    """A mask spans the whole slide: its aspect must be the slide's (to a pixel of the mask)."""
+    h, w = mask.shape
+    expected_h = w * height / width
+    if abs(expected_h - h) > 1 + 0.01 * h:
+        raise ZeusError(f"{what} is {w} x {h} px, which is not the aspect of the {width:g} x {height:g} px "
+                        f"{'slide' if what != 'the other mask' else 'mask'}: a mask must span the whole slide")
 
 
 def rasterize(geom: shapely.Geometry, shape: tuple[int, int], pixel_size: float) -> np.ndarray:
@@ -118,7 +151,6 @@ def evaluate(
     slide: str | os.PathLike[str] | None = None,
     size: tuple[int, int] | None = None,
     class_name: str | None = None,
-    max_side: int = 4096,
 ) -> Scores:
     """Compare ``pred`` with ``gt`` (each GeoJSON or a mask image) inside tissue."""
     kinds = {}
@@ -139,16 +171,23 @@ def evaluate(
             dims = s.dimensions
     masks = {label: read_mask_image(p) for label, p in (("prediction", pred), ("ground truth", gt))
              if kinds[label] == "mask"}
-    if masks:
-        shape = max((m.shape for m in masks.values()), key=lambda s: s[0] * s[1])
-        if dims is None and len(masks) < 2:
-            raise ZeusError("comparing GeoJSON with a mask needs the slide size: pass --slide SLIDE or --size W,H")
-        pixel_size = dims[0] / shape[1] if dims else 1.0
-    else:
+    for label, mask in masks.items():
+        if dims is not None:
+            _check_aspect(mask, dims[0], dims[1], f"{label} mask {Path(pred if label == 'prediction' else gt).name}")
+    if len(masks) == 2 and dims is None:
+        gt_mask = masks["ground truth"]
+        _check_aspect(masks["prediction"], gt_mask.shape[1], gt_mask.shape[0], "the prediction mask")
+    if not masks:
         if dims is None:
             raise ZeusError("comparing two GeoJSON files needs the slide size: pass --slide SLIDE or --size W,H")
-        pixel_size = max(1.0, max(dims) / max_side)
-        shape = (int(np.ceil(dims[1] / pixel_size)), int(np.ceil(dims[0] / pixel_size)))
+        region: shapely.Geometry = box(0, 0, dims[0], dims[1])
+        if tissue is not None:
+            region = region.intersection(_tissue_geometry(tissue, tissue_is_slide, dims))
+        return geometry_scores(read_geometry(pred, class_name), read_geometry(gt, class_name), region)
+    shape = max((m.shape for m in masks.values()), key=lambda s: s[0] * s[1])
+    if dims is None and len(masks) < 2:
+        raise ZeusError("comparing GeoJSON with a mask needs the slide size: pass --slide SLIDE or --size W,H")
+    pixel_size = dims[0] / shape[1] if dims else 1.0
     rasters = {}
     for label, path in (("prediction", pred), ("ground truth", gt)):
         if kinds[label] == "mask":
@@ -165,3 +204,16 @@ def evaluate(
             tissue_mask = _resize_nearest(read_mask_image(tissue), shape)
     return dice_scores(rasters["prediction"], rasters["ground truth"], tissue_mask, pixel_size)
 
+
+def _tissue_geometry(tissue: str | os.PathLike[str], is_slide: bool, dims: tuple[int, int]) -> shapely.Geometry:
+    """The tissue as level-0 polygons: from the slide's tissue mask, or a mask image spanning the slide."""
+    if is_slide:
+        with Slide(tissue) as s:
+            mask = detect_tissue(s).mask
+    else:
+        mask = read_mask_image(tissue)
+        _check_aspect(mask, dims[0], dims[1], f"tissue mask {Path(tissue).name}")
+    sx, sy = dims[0] / mask.shape[1], dims[1] / mask.shape[0]
+    shapes = rasterio.features.shapes(mask.astype(np.uint8), mask=mask, transform=Affine(sx, 0, 0, 0, sy, 0))
+    polys = [shapely.geometry.shape(geom) for geom, value in shapes if value]
+    return shapely.union_all(polys) if polys else shapely.Polygon()
