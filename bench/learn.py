@@ -13,7 +13,7 @@ held-out slides against their true tumor outline (Dice inside tissue). Repeated 
 medians reported. Then the time to learn from 100k patches (4 slides of 25k patches, 768-d like KEEP) and
 the time to re-score one cached slide (apply the adapter + mask) against scoring it zero-shot.
 
-    python bench/learn.py [--out bench/learn.json]
+    python bench/learn.py [--tiny] [--out bench/results/learn.json]
 """
 
 from __future__ import annotations
@@ -152,12 +152,60 @@ def timing(dim: int = 768, slides: int = 4, size: int = 19_400) -> dict:
             "rescore_adapted_s": statistics.median(ad_t), "score_zero_shot_s": statistics.median(zs_t)}
 
 
+def tiny_model_loop(work: Path) -> dict:
+    """With the tiny open_clip model (samples/tiny_model.py): ``zeus segment`` of a 6144 x 4096 synthetic slide
+    (first run: embeds), ``zeus learn`` from its true tumor outline (cache hit), and the re-segmentation of the
+    cached slide with ``--adapter`` (0 patches embedded). Wall times of the CLI calls, in this process."""
+    import json
+    import os
+
+    import rasterio.features
+    from affine import Affine
+    from PIL import Image
+    from shapely.geometry import shape
+
+    from zeus_qupath.cli import main as zeus
+    from zeus_qupath.qupath_geojson import QuPathObject, objects_to_feature_collection
+    from zeus_qupath.samples import prompt_path
+    from zeus_qupath.samples.synthetic import make_synthetic_slide
+    from zeus_qupath.samples.tiny_model import load_or_train_tiny_model
+
+    tiny = load_or_train_tiny_model(Path(os.environ.get("ZEUS_TINY_MODEL_CACHE", work / "tiny")),
+                                    prompt_path("spindle_cell"))
+    model = ["--model", f"open_clip:{tiny.config_path}", "--pretrained", str(tiny.checkpoint_path),
+             "--prompts", str(prompt_path("spindle_cell")), "--device", "cpu"]
+    syn = make_synthetic_slide(work / "slide.tif", 6144, 4096, seed=5)
+    out, cache = work / "zs", work / "cache"
+    t0 = time.perf_counter()
+    assert zeus(["segment", str(syn.path), *model, "--quiet", "--out", str(out), "--cache", str(cache)]) == 0
+    first = time.perf_counter() - t0
+    mask = np.asarray(Image.open(syn.tumor_mask_path)) > 127
+    polys = [shape(g) for g, v in rasterio.features.shapes(mask.astype(np.uint8), mask=mask,
+                                                            transform=Affine.scale(syn.mask_downsample)) if v == 1]
+    corrected = work / "corrected"
+    corrected.mkdir(exist_ok=True)
+    objs = [QuPathObject(p, class_name="Tumor", color=(200, 0, 0)) for p in polys]
+    (corrected / "slide.geojson").write_text(json.dumps(objects_to_feature_collection(objs)))
+    t0 = time.perf_counter()
+    assert zeus(["learn", str(corrected), "--originals", str(out), "--cache", str(cache), "--force",
+                 "--out", str(work / "a.npz"), *model]) == 0
+    learn_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assert zeus(["segment", str(syn.path), *model, "--quiet", "--out", str(work / "adapted"), "--cache", str(cache),
+                 "--adapter", str(work / "a.npz")]) == 0
+    again = time.perf_counter() - t0
+    run = json.loads((work / "adapted" / "run.json").read_text())
+    return {"patches": run["slides"][0]["patches"], "first_run_s": first, "learn_cli_s": learn_s,
+            "adapted_rerun_s": again, "rerun_cache": run["slides"][0]["cache"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "learn.json"))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--only-timing", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="also time the CLI loop with the tiny open_clip model")
     args = ap.parse_args(argv)
     import os
 
@@ -180,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"learn from {t['patches']:,} patches ({t['slides']} slides, {t['dim']}-d, CV included): "
               f"{t['learn_s']:.2f} s; re-score one cached slide with the adapter (scores + mask): "
               f"{t['rescore_adapted_s']:.2f} s vs zero-shot {t['score_zero_shot_s']:.2f} s")
+    if args.tiny:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="zeus-bench-learn-") as tmp:
+            t = tiny_model_loop(Path(tmp))
+        result["tiny_model_loop"] = t
+        print(f"tiny model, {t['patches']} patches: zeus segment first run {t['first_run_s']:.1f} s; zeus learn "
+              f"(CLI, cached) {t['learn_cli_s']:.1f} s; zeus segment --adapter on the cached slide "
+              f"{t['adapted_rerun_s']:.1f} s (cache {t['rerun_cache']}: 0 patches embedded)")
     write_json(args.out, result)
     print(f"-> {args.out}")
     return 0

@@ -133,3 +133,34 @@ def test_learn_refuses_corrections_of_the_wrong_image(cohort, tiny_args, capsys,
                "--out", str(tmp_path / "a.npz")])
     err = capsys.readouterr().err
     assert rc == 2 and "wrong slide" in err and not (tmp_path / "a.npz").exists()
+
+
+def test_score_features_with_an_adapter(cohort, tiny_args, capsys, tmp_path):
+    """zeus score: features computed elsewhere (here: the cache's, as an HDF5 file) scored by the adapter."""
+    import h5py
+
+    from zeus_qupath.adapter import Adapter
+
+    root, slides, out, cache, corrected = cohort
+    adapter = root / "adapter.npz"
+    if not adapter.is_file():
+        assert main(["learn", str(corrected), "--originals", str(out), "--cache", str(cache), "--force",
+                     *tiny_args, "--out", str(adapter)]) == 0
+    zero_shot = PatchScores.load(out / "s1.scores.npz")
+    entry = next(e for e in cache.glob("*/*.npz") if len(np.load(e)["features"]) == len(zero_shot.coords))
+    feats = np.load(entry)["features"]
+    h5 = tmp_path / "s1.h5"
+    with h5py.File(h5, "w") as f:
+        f["features"] = feats
+        f["coords"] = zero_shot.coords  # the cache keeps grid order, as the scores file does
+    capsys.readouterr()
+    args = ["score", str(h5), *tiny_args, "--adapter", str(adapter), "--width", "2560", "--height", "1792"]
+    assert main([*args, "--patch-size", "448", "--stride", "112", "--out", str(tmp_path / "o")]) == 0
+    scores = PatchScores.load(tmp_path / "o" / "s1.scores.npz")
+    a = Adapter.load(adapter)
+    assert scores.meta["adapter"]["sha256"] == a.sha256
+    assert np.allclose(scores.scores, a.scores(feats / np.linalg.norm(feats, axis=1, keepdims=True)), atol=1e-5)
+    rc = main([*args, "--patch-size", "224", "--stride", "56", "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "learned on 448 px patches" in err and not (tmp_path / "p" / "s1.geojson").exists()
+
