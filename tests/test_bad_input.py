@@ -428,7 +428,7 @@ def test_failed_score_leaves_no_scores_file(tmp_path, capsys, tiny_args, monkeyp
 
     monkeypatch.setattr(qupath_geojson, "write_geojson", disk_full)
     cli_one_error(capsys, ["score", str(h5), *tiny_args[:-1], "--patch-size", "448", "--width", "1000",
-                           "--height", "1000", "--out", str(out)], "no space left on device (f.geojson")
+                           "--height", "1000", "--out", str(out)], f"no space left on device ({out / 'f.geojson'})")
     assert outputs_in(out) == []
 
 

@@ -318,3 +318,61 @@ def test_evaluate_refuses_a_mask_of_another_aspect(tmp_path, capsys):
     Image.fromarray(np.repeat(mask, 1, axis=0)[:50] * 255).save(tmp_path / "pred2.png")  # 100 x 50: right aspect
     assert main(["evaluate", str(tmp_path / "pred2.png"), str(gt), "--size", "1000,500"]) == 0
     assert json.loads(capsys.readouterr().out)["dice"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------ slides whose header lies
+
+
+@pytest.mark.parametrize("side", [200_000, 40_000])
+def test_a_tiff_declaring_more_than_it_holds_is_refused_when_opened(tmp_path, capsys, side):
+    import tifffile
+
+    from zeus_qupath.errors import SlideError
+    from zeus_qupath.slide import Slide
+
+    path = tmp_path / "liar.tif"  # a 512 px image in 4 tiles whose header then declares side x side px
+    tifffile.imwrite(path, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb",
+                     compression="zlib")
+    with tifffile.TiffFile(path) as tf:
+        where = [tf.pages[0].tags[name].valueoffset for name in ("ImageWidth", "ImageLength")]
+    with open(path, "r+b") as fh:
+        for offset in where:
+            fh.seek(offset)
+            fh.write(side.to_bytes(4, "little"))
+    assert path.stat().st_size < 2000
+    with pytest.raises(SlideError, match="crafted"):
+        Slide(path)
+    gt = _square_geojson(tmp_path / "gt.geojson", 0, 0, 10)
+    assert main(["evaluate", str(gt), str(gt), "--slide", str(path)]) == 2  # the slide is opened for its size
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "declares" in err[0] and "crafted" in err[0]
+
+
+def test_real_and_synthetic_slides_pass_the_header_check(tmp_path):
+    from zeus_qupath.samples.synthetic import make_synthetic_slide
+    from zeus_qupath.slide import check_tiff_tables
+
+    s = make_synthetic_slide(tmp_path / "syn.tif", 2560, 1792, seed=3)
+    for path in [s.path, *Path(__file__).parent.joinpath("data", "wsi").iterdir()]:
+        check_tiff_tables(Path(path))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_a_device_or_a_link_loop_is_refused_in_one_line(tmp_path):
+    from zeus_qupath.errors import SlideError
+    from zeus_qupath.identity import file_fingerprint
+    from zeus_qupath.runs.discovery import collect_slides
+    from zeus_qupath.slide import Slide
+
+    fifo = tmp_path / "pipe.svs"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop.svs"
+    loop.symlink_to(loop)
+    for path, needle in ((fifo, "not a regular file"), (Path("/dev/zero"), "not a regular file"),
+                         (loop, "link loop")):
+        with pytest.raises(SlideError, match=needle):
+            collect_slides([str(path)])
+        with pytest.raises(SlideError, match=needle):
+            Slide(path)
+    with pytest.raises(SlideError, match="not a regular file"):
+        file_fingerprint(fifo)  # never read: reading a FIFO blocks

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,12 @@ def file_fingerprint(path: str | os.PathLike[str], memo: FingerprintMemo | None 
     again (a 3 GB slide costs one ``stat`` instead of a full read; see the README for the figures).
     """
     p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        mode = None  # reported below, with the other errors
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise SlideError(f"{p}: not a regular file (a pipe, socket or device cannot be a slide)")
     for _attempt in range(3):
         try:
             before = StatGuard.of(p)

@@ -123,13 +123,29 @@ class OutputSet:
         try:
             if exc_type is None:
                 self._commit(staging)
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
             self._remove_created()
+            self._name_output(error, staging)
             raise
         shutil.rmtree(staging, ignore_errors=True)
         if exc_type is not None:
             self._remove_created()
+            self._name_output(exc, staging)
+
+    def _name_output(self, error: BaseException | None, staging: Path) -> None:
+        """An OSError on a staged file names the output it was for (its folder included), not the staging copy."""
+        if not isinstance(error, OSError):
+            return
+        for attr in ("filename", "filename2"):
+            name = getattr(error, attr, None)
+            if name is None:
+                continue
+            try:
+                rel = Path(os.fspath(name)).relative_to(staging)
+            except (TypeError, ValueError):
+                continue
+            setattr(error, attr, str(self.folder / rel))
 
     def _commit(self, staging: Path) -> None:
         unwritten = [name for name in self._names if not (staging / name).is_file()]

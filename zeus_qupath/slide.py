@@ -7,8 +7,10 @@ and areas outside the image are filled with white (background, never mistaken fo
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,15 +66,85 @@ def _to_rgb(arr: np.ndarray) -> np.ndarray:
     raise SlideError(f"unsupported channel count {channels} (expected RGB)")
 
 
+def check_slide_file(path: Path) -> None:
+    """A slide must be a regular file: a FIFO or a device would block or never end (one-line SlideError)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise SlideError(f"slide not found: {path}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SlideError(f"{path}: a symbolic link loop, not a slide") from None
+        raise SlideError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SlideError(f"not a file: {path}")
+    if not stat.S_ISREG(st.st_mode):
+        raise SlideError(f"{path}: not a regular file (a pipe, socket or device cannot be a slide)")
+
+
+MAX_PIXELS_PER_BYTE = 10_000  # level 0 declares at most this many px per byte of image data the file holds
+
+
+def check_tiff_tables(path: Path) -> None:
+    """Refuse a TIFF whose header declares more than the file holds (one-line :class:`SlideError`).
+
+    Every level's tile (or strip) table must list a tile for each tile its size declares, every tile must lie
+    inside the file, and level 0 must hold at least one byte of image data per ``MAX_PIXELS_PER_BYTE`` px
+    it declares (a white 256^2 px JPEG tile holds about one per 100). All of it is read from the header.
+    """
+    import tifffile
+
+    size = path.stat().st_size
+    try:
+        with tifffile.TiffFile(path) as tf:
+            if not tf.series:
+                return
+            levels = tf.series[0].levels
+            for n, level in enumerate(levels):
+                data = 0
+                for page in level.pages:
+                    if page is None or not hasattr(page, "dataoffsets"):
+                        continue
+                    keyframe = page.keyframe
+                    offsets, counts = page.dataoffsets, page.databytecounts
+                    width, length = int(keyframe.imagewidth), int(keyframe.imagelength)
+                    if keyframe.is_tiled:
+                        tw, tl = int(keyframe.tilewidth), int(keyframe.tilelength)
+                        expected = math.ceil(width / max(tw, 1)) * math.ceil(length / max(tl, 1))
+                    else:
+                        rows = int(getattr(keyframe, "rowsperstrip", 0) or length)
+                        expected = math.ceil(length / max(min(rows, length), 1)) if length else 0
+                    if int(keyframe.planarconfig) == 2:
+                        expected *= int(keyframe.samplesperpixel)
+                    what = "tiles" if keyframe.is_tiled else "strips"
+                    if len(offsets) < expected:
+                        raise SlideError(f"{path.name}: level {n} declares {width} x {length} px in {expected:,} "
+                                         f"{what}, but its table lists {len(offsets):,}: a damaged or crafted file")
+                    ends = [o + c for o, c in zip(offsets, counts, strict=False) if c]
+                    if ends and max(ends) > size:
+                        raise SlideError(f"{path.name}: level {n} has {what} beyond the end of the "
+                                         f"{size:,}-byte file (a truncated copy?)")
+                    data += int(sum(counts))
+                if n == 0:
+                    shape = level.shape
+                    axes = level.axes
+                    pixels = int(shape[axes.index("Y")]) * int(shape[axes.index("X")]) \
+                        if "Y" in axes and "X" in axes else 0
+                    if pixels > MAX_PIXELS_PER_BYTE * max(data, 1):
+                        raise SlideError(f"{path.name}: declares {pixels:,} px but holds only {data:,} bytes of "
+                                         f"image data: a damaged or crafted file")
+    except SlideError:
+        raise
+    except Exception:  # tifffile cannot parse it: tiffslide says why
+        return
+
+
 class Slide:
     """A read-only slide. Use as a context manager or call :meth:`close`."""
 
     def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise SlideError(f"slide not found: {self.path}")
-        if not self.path.is_file():
-            raise SlideError(f"not a file: {self.path}")
+        check_slide_file(self.path)
         self._ts = None
         self._image: np.ndarray | None = None
         suffix = self.path.suffix.lower()
@@ -105,6 +177,7 @@ class Slide:
     def _open_tiffslide(self) -> None:
         import tiffslide
 
+        check_tiff_tables(self.path)  # a header that lies would otherwise cost hours, or end "no tissue"
         ts = tiffslide.TiffSlide(self.path)
         self._ts = ts
         self._dims = tuple((int(w), int(h)) for w, h in ts.level_dimensions)

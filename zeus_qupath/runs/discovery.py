@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import SlideError, ZeusError
 from ..outputs import output_stem
-from ..slide import SLIDE_SUFFIXES
+from ..slide import SLIDE_SUFFIXES, check_slide_file
 
 _GLOB_CHARS = set("*?[")
 
@@ -41,7 +41,8 @@ def _expand(item: str) -> list[Path]:
     p = Path(item).expanduser()
     if p.is_dir():
         return _folder_slides(p)
-    if p.exists():
+    if p.exists() or p.is_symlink():
+        check_slide_file(p)  # a FIFO or device would block; a link loop is not "not found"
         return [p]
     if _GLOB_CHARS & set(item):
         matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True))
