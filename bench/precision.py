@@ -1,6 +1,6 @@
-"""bf16 and fp16 against fp32 on the demo slide: how far the scores move, and whether the mask moves.
+"""TF32, bf16 and fp16 against fp32 on the demo slide: how far the scores move, and whether the mask moves.
 
-    python bench/precision.py [--models tiny vit-b16-448 vit-b32-224] [--size 6144 4096]
+    python bench/precision.py [--models tiny keep vit-b16-448 vit-b32-224] [--size 6144 4096]
 
 CUDA only (on a CPU, ``auto`` precision is fp32 and there is nothing to compare). For each model the demo
 slide's tissue patches go through the real stream (regions read once, patches cut on the device,
@@ -11,7 +11,11 @@ of patches whose winning class changes, and the Dice and pixel disagreement of Z
 Models: ``tiny`` is the demo's tiny open_clip model fitted on synthetic tiles (a trained model, so its
 scores separate classes as a real model's do); ``vit-b16-448`` (CONCH's shape) and ``vit-b32-224``
 (QuiltNet/PLIP's shape) have random weights: their class scores are nearly tied, which makes them the
-worst case for argmax flips. Prints a table and writes precision.json to $OUT (if set) and bench/results/.
+worst case for argmax flips. ``keep`` is KEEP's network (ViT-L/16 @ 224, timm, fused attention; built by
+zeus_qupath.models.keep_model) with random weights and no tokenizer (nothing is downloaded): its class
+prototypes are fixed random unit vectors, so its rows measure the image tower's drift only.
+``tf32`` is fp32 weights with ``allow_tf32`` on for matmul and cuDNN (off for every other row).
+Prints a table and writes precision.json to $OUT (if set) and bench/results/.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from common import machine, table  # noqa: E402
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
 def _samples():
@@ -47,12 +51,16 @@ def _samples():
     return prompt_path, make_synthetic_slide, load_or_train_tiny_model
 
 
-def make_model(name: str, work: Path, prompts: Path, device: torch.device):
+def make_model(name: str, work: Path, prompts: Path, device: torch.device, keep_depth: int | None = None):
     """(module, tokenizer, display name) for one benchmark model."""
     import open_clip
 
     from zeus_qupath.models.openclip import load_open_clip
 
+    if name == "keep":
+        from gpu_throughput import make_keep
+
+        return make_keep(device, "fp32", depth=keep_depth).model, None
     if name == "tiny":
         _, _, load_or_train_tiny_model = _samples()
         tiny = load_or_train_tiny_model(work / "tiny-model", prompts)
@@ -71,12 +79,19 @@ def _sync(device: torch.device) -> None:
 
 def run_precision(model, tokenizer, name: str, precision: str, slide: Path, grid, prompts, device):
     from zeus_qupath.embed import StreamEncoder, pin_region
+    from zeus_qupath.models.keep import KeepEncoder
     from zeus_qupath.models.openclip import OpenClipEncoder
     from zeus_qupath.prompts import class_prototypes
     from zeus_qupath.reader import ReadPlan, RegionStream
     from zeus_qupath.scoring import cosine_scores
 
-    enc = OpenClipEncoder(name, model, tokenizer, device, precision)
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    weights = "fp32" if precision == "tf32" else precision
+    if name == "keep":
+        enc = KeepEncoder(name, model, None, device, weights)
+    else:
+        enc = OpenClipEncoder(name, model, tokenizer, device, weights)
     stream = RegionStream([ReadPlan.for_grid(0, str(slide), grid)], workers=max(2, (os.cpu_count() or 4) - 2),
                           prefetch=4, transform=pin_region if device.type == "cuda" else None)
     _sync(device)
@@ -84,7 +99,14 @@ def run_precision(model, tokenizer, name: str, precision: str, slide: Path, grid
     (result,) = list(StreamEncoder([enc], batch_size=256).run(stream))
     _sync(device)
     seconds = time.perf_counter() - t0
-    protos = class_prototypes(enc, prompts)
+    if name == "keep":  # no tokenizer without downloads: fixed random prototypes (the image tower's drift only)
+        gen = np.random.default_rng(0)
+        protos = gen.normal(size=(len(prompts.class_names), enc.embed_dim)).astype(np.float32)
+        protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    else:
+        protos = class_prototypes(enc, prompts)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     return cosine_scores(result.features[0], protos), seconds
 
 
@@ -114,9 +136,12 @@ def compare(name: str, ref: np.ndarray, other: np.ndarray, grid, prompts, width:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["tiny", "vit-b16-448", "vit-b32-224"])
+    ap.add_argument("--models", nargs="+", default=["tiny", "keep", "vit-b16-448", "vit-b32-224"])
+    ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS[1:]), choices=PRECISIONS[1:],
+                    help="compared with fp32")
     ap.add_argument("--size", type=int, nargs=2, default=[6144, 4096], metavar=("W", "H"))
     ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--keep-depth", type=int, default=None, help="fewer KEEP blocks (a CPU check of this script)")
     ap.add_argument("--device", default="cuda", help="cpu only checks this script (every precision is fp32 there)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -143,12 +168,12 @@ def main() -> int:
     print(json.dumps(info), flush=True)
     results = []
     for name in args.models:
-        model, tokenizer = make_model(name, work, prompts_file, device)
+        model, tokenizer = make_model(name, work, prompts_file, device, args.keep_depth)
         scores, seconds = {}, {}
-        for precision in PRECISIONS:
+        for precision in ["fp32", *args.precisions]:
             scores[precision], seconds[precision] = run_precision(
                 model, tokenizer, name, precision, demo.path, grid, prompts, device)
-        for precision in PRECISIONS[1:]:
+        for precision in args.precisions:
             entry = {"model": name, "precision": precision, "seconds": seconds[precision],
                      "seconds_fp32": seconds["fp32"],
                      **compare(name, scores["fp32"], scores[precision], grid, prompts, width, height)}

@@ -79,8 +79,11 @@ def rules() -> dict[str, Any]:
 
     return {
         "default": SamplingRule("adaptive"),
+        "mask-aware": SamplingRule("adaptive", mask_aware=True),
         "step3": SamplingRule("adaptive", coarse_step=3),
         "step4": SamplingRule("adaptive", coarse_step=4),
+        "reach224": SamplingRule("adaptive", reach=224),
+        "step3-reach112": SamplingRule("adaptive", coarse_step=3, reach=112),
         "reach447": SamplingRule("adaptive", reach=447),
         "slack0.5": SamplingRule("adaptive", slack=0.5),
         "scores-bound": SamplingRule("adaptive", bound="scores"),
@@ -126,14 +129,23 @@ def _stem(slide: Path) -> str:
     return output_stem(slide)
 
 
-def sweep(slide: Path, exact_dir: Path) -> list[dict[str, Any]]:
-    """Replay each rule on the exact run's patches: a patch's scores are a fixed function of its features."""
+def sweep(slide: Path, exact_dir: Path, centre: bool = False) -> list[dict[str, Any]]:
+    """Replay each rule on the exact run's patches: a patch's scores are a fixed function of its features.
+
+    ``centre``: shift the positive class's scores by the median difference to the best other class, so
+    the classes tie at the median patch (the random-weight model made nearly tied everywhere: the worst case).
+    """
     from dataclasses import replace
 
     from zeus_qupath.outputs import PatchScores
-    from zeus_qupath.sampling import sample_patches
+    from zeus_qupath.sampling import class_differences, sample_patches
 
     exact = PatchScores.load(exact_dir / f"{_stem(slide)}.scores.npz")
+    if centre and len(exact.coords):
+        pos = exact.positive_index
+        shifted = exact.scores.copy()
+        shifted[:, pos] -= np.float32(np.median(class_differences(exact.scores, pos).min(axis=1)))
+        exact = replace(exact, scores=shifted)
     n = len(exact.coords)
     if n == 0:
         return []
@@ -165,6 +177,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="leave out the largest synthetic slide")
     ap.add_argument("--repeats", type=int, default=1, help="alternating exact/adaptive runs per slide (median)")
     ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--reuse", action="store_true", help="reuse the runs' outputs in --work-dir (the rules only)")
     ap.add_argument("--models", nargs="+", default=["tiny", "tiny-b", "random"])
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -179,7 +192,8 @@ def main() -> int:
     for mname, model in models.items():
         for sname, (slide, tissue) in slides.items():
             times: dict[str, list[float]] = {"exact": [], "adaptive": []}
-            for _ in range(args.repeats):
+            done = (work / mname / sname / "adaptive" / f"{_stem(slide)}.scores.npz").exists()
+            for _ in range(0 if args.reuse and done else args.repeats):
                 for mode in ("exact", "adaptive"):
                     times[mode].append(_run(slide, tissue, model, work / mname / sname / mode, mode))
             ex = PatchScores.load(work / mname / sname / "exact" / f"{_stem(slide)}.scores.npz")
@@ -191,13 +205,16 @@ def main() -> int:
                    "fraction_embedded": float(info.get("fraction_embedded", 1.0)),
                    "rounds": len(info.get("rounds", [])), "mask_dice": dice(a, b),
                    "pixels_changed": float((a != b).mean()), "polygons_exact": _polygons(ex),
-                   "polygons_adaptive": _polygons(ad), "seconds_exact": statistics.median(times["exact"]),
-                   "seconds_adaptive": statistics.median(times["adaptive"])}
+                   "polygons_adaptive": _polygons(ad), "seconds_exact": statistics.median(times["exact"] or [0.0]),
+                   "seconds_adaptive": statistics.median(times["adaptive"] or [0.0])}
             runs.append(row)
             print(f"{mname} {sname}: {row['fraction_embedded']:.3f} embedded, Dice {row['mask_dice']:.4f}, "
                   f"{row['seconds_exact']:.1f}s -> {row['seconds_adaptive']:.1f}s", flush=True)
             for r in sweep(slide, work / mname / sname / "exact"):
                 sweeps.append({"model": mname, "slide": sname, **r})
+            if mname == "random":
+                for r in sweep(slide, work / mname / sname / "exact", centre=True):
+                    sweeps.append({"model": "random-tied", "slide": sname, **r})
     print("\nRuns (zeus segment, CPU): exact vs --sampling adaptive")
     print(table([[r["model"], r["slide"], r["patches"], r["embedded"], r["fraction_embedded"], r["rounds"],
                   round(r["mask_dice"], 4), r["pixels_changed"], f"{r['polygons_exact']}->{r['polygons_adaptive']}",

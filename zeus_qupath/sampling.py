@@ -13,9 +13,9 @@ The rule (:func:`sample_patches`):
    on each patch's own lattice index).
 2. For every patch not embedded yet, bound what it could add to each difference ``s_pos - s_j``
    (positive class minus each other class): the *envelope* ``[lo, hi]``.
-   ``bound="neighbours"`` (the default): the range of that difference over the embedded patches that
-   overlap it (they share at least 1/16 of its pixels at ZEUS's stride), widened by ``slack`` times
-   that range on both sides. A patch with no embedded neighbour gets the score bound below.
+   ``bound="neighbours"`` (the default): the range of that difference over the embedded patches at most
+   ``reach`` px away in x and in y (:func:`neighbour_reach`: one stride at step 2), widened by ``slack``
+   times that range on both sides. A patch with no embedded neighbour gets the score bound below.
    ``bound="scores"``: ``[-2, 2]``, the widest a difference of two cosine similarities (or of two means
    of them, an ensemble) can be. When the white/black filters are still to run on the patches not
    read yet (``--tissue zeus``), a skipped patch may also contribute nothing, so 0 joins the envelope.
@@ -50,12 +50,22 @@ from scipy.spatial import cKDTree
 
 from .errors import ZeusError
 from .outputs import PatchScores
-from .reconstruct import Cells, band_sums, patch_cells
+from .reconstruct import (
+    BLOCK_SAMPLES,
+    ZEUS_BLUR_THRESHOLD,
+    Cells,
+    band_sums,
+    blur_weights,
+    patch_cells,
+    sample_centres,
+    sample_step,
+)
 
 SAMPLING_MODES = ("exact", "adaptive")
 BOUNDS = ("neighbours", "scores")
 SCORE_DIFF_BOUND = 2.0  # cosine similarities lie in [-1, 1]: a difference of two lies in [-2, 2]
 BAND_CELLS = 1_000_000  # cells evaluated at once (cell rows x columns of one band)
+BLUR_TOLERANCE = 1e-4  # blurred values this close to the threshold count as undecided (float32 rounding)
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,7 @@ class SamplingRule:
     bound: str = "neighbours"  # envelope of a skipped patch: its embedded neighbours' range, or the score bound
     slack: float = 0.0  # widen the neighbours' range by this fraction of it on both sides
     reach: float | None = None  # neighbours' reach in level-0 px (None: one coarse step, see neighbour_reach)
+    mask_aware: bool = False  # resolve only the unsettled cells that could change a mask pixel (no gain measured)
     max_rounds: int = 8  # after these, the remaining rounds embed every patch over an unsettled cell
 
     def __post_init__(self) -> None:
@@ -89,7 +100,7 @@ class SamplingRule:
         if not self.adaptive:
             return {"mode": "exact"}
         return {"mode": self.mode, "coarse_step": self.coarse_step, "bound": self.bound, "slack": self.slack,
-                "max_rounds": self.max_rounds}
+                "reach": self.reach, "mask_aware": self.mask_aware, "max_rounds": self.max_rounds}
 
 
 @dataclass
@@ -157,12 +168,13 @@ def envelopes(coords: np.ndarray, reach: float, embedded: np.ndarray, diffs: np.
 def neighbour_reach(patch: int, stride: int | None, rule: SamplingRule) -> float:
     """How far (level-0 px, in x and in y) an embedded patch counts as a skipped one's neighbour.
 
-    One coarse lattice step (the embedded patches around a skipped one, which share at least
-    (1 - step * stride / patch)^2 of its pixels), never beyond overlapping patches.
+    By default ``(coarse_step - 1) * stride``: the nearest coarse lattice positions around a skipped patch
+    (at ZEUS's 448 / 112 px and step 2, the 2 or 4 embedded patches one stride away, which share at least
+    9/16 of its pixels; later rounds see the patches embedded since), never beyond overlapping patches.
     """
     if rule.reach is not None:
         return float(min(rule.reach, patch - 0.5))
-    return float(min(rule.coarse_step * (stride or patch), patch - 0.5))
+    return float(min(max(rule.coarse_step - 1, 1) * (stride or patch), patch - 0.5))
 
 
 def _bands(cells: Cells) -> list[tuple[int, int]]:
@@ -171,12 +183,22 @@ def _bands(cells: Cells) -> list[tuple[int, int]]:
     return [(a, min(a + rows, ny)) for a in range(0, ny, rows)]
 
 
-def unsettled_patches(scores: PatchScores, grid_coords: np.ndarray, embedded_rows: np.ndarray,
-                      lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, int]:
-    """The grid patches to embed next (bool over ``grid_coords``) and how many cells are unsettled.
+def _integral(flags: np.ndarray) -> np.ndarray:
+    table = np.zeros((flags.shape[0] + 1, flags.shape[1] + 1), dtype=np.int64)
+    np.cumsum(np.cumsum(flags, axis=0, dtype=np.int64), axis=1, out=table[1:, 1:])
+    return table
+
+
+def _box_any(table: np.ndarray, r0: np.ndarray, r1: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
+    return (table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]) > 0
+
+
+def cell_decisions(scores: PatchScores, grid_coords: np.ndarray, embedded_rows: np.ndarray, lo: np.ndarray,
+                   hi: np.ndarray) -> tuple[Cells, np.ndarray, np.ndarray]:
+    """The grid's cells, each cell's decision from the embedded patches (positive wins) and whether it is settled.
 
     ``scores`` holds the embedded patches' scores (rows at grid positions ``embedded_rows``); ``lo``/``hi``
-    the envelopes of every other grid patch (grid order). Cells are those of the whole grid.
+    the envelopes of every other grid patch (grid order). Returns (cells, winner, settled), (ny, nx) bools.
     """
     n = len(grid_coords)
     pos = scores.positive_index
@@ -192,30 +214,92 @@ def unsettled_patches(scores: PatchScores, grid_coords: np.ndarray, embedded_row
                        classes=scores.classes, positive_class=scores.positive_class, patch_size=scores.patch_size,
                        stride=scores.stride, width=scores.width, height=scores.height, mpp=scores.mpp)
     cells = patch_cells(full)
-    take = np.zeros(n, dtype=bool)
-    unsettled_cells = 0
+    winner = np.zeros(cells.shape, dtype=bool)
+    settled = np.zeros(cells.shape, dtype=bool)
     for a, b in _bands(cells):
         sums, _ = band_sums(cells, values, a, b)
         s = sums[..., :c]
         e = s[..., [pos]] - np.delete(s, pos, axis=-1)  # embedded differences, computed as reconstruct's argmax is
         low, high = sums[..., c:2 * c - 1], sums[..., 2 * c - 1:]
-        winner = np.all(e > 0, axis=-1)
-        settled = np.where(winner, np.all(e + low > 0, axis=-1), np.any(e + high <= 0, axis=-1))
-        bad = ~settled
-        count = int(bad.sum())
-        if not count:
+        win = np.all(e > 0, axis=-1)
+        winner[a:b] = win
+        settled[a:b] = np.where(win, np.all(e + low > 0, axis=-1), np.any(e + high <= 0, axis=-1))
+    return cells, winner, settled
+
+
+def mask_relevant(cells: Cells, winner: np.ndarray, settled: np.ndarray, width: int, height: int,
+                  patch: int) -> np.ndarray:
+    """(ny, nx) bool: the cells within the blur's reach of a mask pixel that the unsettled cells could change.
+
+    A mask pixel is ``blur(positive cells) > 0.1``. With the settled positive cells only, its blurred value
+    is a lower bound; with every unsettled cell positive too, an upper bound. Where both bounds fall on the
+    same side of 0.1 (on the sample grid :func:`~zeus_qupath.reconstruct.zeus_mask` uses), no outcome of the
+    unsettled cells changes the pixel. A cell matters if such an undecided pixel lies within ``patch`` px of it
+    (the kernel's radius), counted per cell, so slightly more cells matter than strictly need to.
+    """
+    step = sample_step(width, height)
+    xs, ys = sample_centres(width, step), sample_centres(height, step)
+    kx = blur_weights(xs, width, cells.x_edges, patch).astype(np.float32)
+    ky = blur_weights(ys, height, cells.y_edges, patch).astype(np.float32)
+    lower = (winner & settled).astype(np.float32)
+    upper = (winner | ~settled).astype(np.float32)
+    col_cell = np.searchsorted(cells.x_edges, xs, side="right") - 1
+    undecided_cells = np.zeros(cells.shape, dtype=bool)
+    for a, b in _sample_bands(len(ys), len(xs)):
+        rows = ky[a:b]
+        if rows.nnz == 0:
             continue
-        unsettled_cells += count
-        table = np.zeros((b - a + 1, bad.shape[1] + 1), dtype=np.int64)
-        np.cumsum(np.cumsum(bad, axis=0), axis=1, out=table[1:, 1:])
-        hit = missing & (cells.row0 < b) & (cells.row1 > a) & (cells.col1 > cells.col0)
-        idx = np.flatnonzero(hit)
-        r0 = np.maximum(cells.row0[idx], a) - a
-        r1 = np.minimum(cells.row1[idx], b) - a
-        c0, c1 = cells.col0[idx], cells.col1[idx]
-        inside = table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
-        take[idx[inside > 0]] = True
-    return take, unsettled_cells
+        lo, hi = int(rows.indices.min()), int(rows.indices.max()) + 1
+        if not (upper[lo:hi].any() and (upper[lo:hi] != lower[lo:hi]).any()):
+            continue  # no unsettled cell within reach of this band
+        band = rows[:, lo:hi]
+        b_lo = np.asarray(band @ np.asarray(kx @ lower[lo:hi].T).T)
+        b_hi = np.asarray(band @ np.asarray(kx @ upper[lo:hi].T).T)
+        t = ZEUS_BLUR_THRESHOLD
+        r, cidx = np.nonzero((b_lo <= t + BLUR_TOLERANCE) & (b_hi > t - BLUR_TOLERANCE))
+        if len(r):
+            row_cell = np.searchsorted(cells.y_edges, ys[a:b][r], side="right") - 1
+            undecided_cells[row_cell, col_cell[cidx]] = True
+    if not undecided_cells.any():
+        return undecided_cells
+    table = _integral(undecided_cells)
+    ye, xe = cells.y_edges, cells.x_edges
+    r0 = np.searchsorted(ye[1:], ye[:-1] - patch, side="right")  # first cell row ending after y0 - patch
+    r1 = np.searchsorted(ye[:-1], ye[1:] + patch, side="left")  # cell rows starting before y1 + patch
+    c0 = np.searchsorted(xe[1:], xe[:-1] - patch, side="right")
+    c1 = np.searchsorted(xe[:-1], xe[1:] + patch, side="left")
+    rr0, cc0 = np.meshgrid(r0, c0, indexing="ij")
+    rr1, cc1 = np.meshgrid(r1, c1, indexing="ij")
+    return _box_any(table, rr0, rr1, cc0, cc1)
+
+
+def _sample_bands(n_rows: int, n_cols: int) -> list[tuple[int, int]]:
+    rows = max(1, BLOCK_SAMPLES // max(n_cols, 1))
+    return [(a, min(a + rows, n_rows)) for a in range(0, n_rows, rows)]
+
+
+def unsettled_patches(scores: PatchScores, grid_coords: np.ndarray, embedded_rows: np.ndarray,
+                      lo: np.ndarray, hi: np.ndarray, mask_aware: bool = False) -> tuple[np.ndarray, int]:
+    """The grid patches to embed next (bool over ``grid_coords``) and how many cells need them.
+
+    Every patch not embedded that covers a cell that is not settled (:func:`cell_decisions`); with
+    ``mask_aware`` only cells that could change a mask pixel (:func:`mask_relevant`).
+    """
+    cells, winner, settled = cell_decisions(scores, grid_coords, embedded_rows, lo, hi)
+    bad = ~settled
+    if mask_aware and bad.any():
+        bad &= mask_relevant(cells, winner, settled, scores.width, scores.height, scores.patch_size)
+    n = len(grid_coords)
+    take = np.zeros(n, dtype=bool)
+    count = int(bad.sum())
+    if not count:
+        return take, 0
+    missing = np.ones(n, dtype=bool)
+    missing[embedded_rows] = False
+    idx = np.flatnonzero(missing & (cells.col1 > cells.col0) & (cells.row1 > cells.row0))
+    table = _integral(bad)
+    take[idx[_box_any(table, cells.row0[idx], cells.row1[idx], cells.col0[idx], cells.col1[idx])]] = True
+    return take, count
 
 
 EmbedFn = Callable[[np.ndarray], tuple[Sequence[np.ndarray], np.ndarray | None]]
@@ -288,7 +372,8 @@ def sample_patches(
         lo_all[known], hi_all[known] = 0.0, 0.0
         emb_scores = PatchScores(coords=coords[rows], scores=values, classes=classes, positive_class=positive_class,
                                  patch_size=patch_size, stride=1, width=width, height=height, mpp=None)
-        take, out.unsettled = unsettled_patches(emb_scores, coords, rows, lo_all[miss], hi_all[miss])
+        take, out.unsettled = unsettled_patches(emb_scores, coords, rows, lo_all[miss], hi_all[miss],
+                                                mask_aware=rule.mask_aware)
         todo = take & ~embedded
         if not todo.any():
             break
