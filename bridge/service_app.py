@@ -1,7 +1,8 @@
 """The HTTP layer of ``zeus serve`` (FastAPI): routes, Host/Origin checks, token, body limits, JSON errors, OpenAPI.
 
 - ``GET /health`` (no token): ``{"status": "ok"}``.
-- ``GET /version`` (token): versions, the default model, loaded models, cached slides, cache counters, limits.
+- ``GET /version`` (token): versions, the default model, loaded models, cached slides, cache counters, limits,
+  ``api`` (:data:`~.service_schema.API_VERSION`) and ``capabilities`` (the QuPath extension's handshake).
 - ``POST /segment`` (token): a :class:`~.service_schema.SegmentBody`; answers a QuPath GeoJSON
   FeatureCollection of ZEUS annotations in level-0 px, with the headers ``X-Zeus-Patches`` (patches
   scored), ``X-Zeus-Embedded`` (patches embedded for this request) and ``Server-Timing``.
@@ -31,7 +32,7 @@ from zeus_qupath import __version__
 from zeus_qupath.errors import ZeusError
 
 from .service import ZeusService
-from .service_schema import ErrorBody, RequestError, SegmentBody
+from .service_schema import API_VERSION, ErrorBody, RequestError, SegmentBody
 
 log = logging.getLogger("zeus_qupath.bridge.service")
 
@@ -101,6 +102,12 @@ async def read_json(request: Request, limit: int) -> Any:
         raise RequestError(400, f"not valid JSON ({_one_line(exc)})") from None
 
 
+def capabilities(app: FastAPI) -> list[str]:
+    """What this service offers, for clients' menus: ``segment``, ``region``, and ``learn`` with a /learn route."""
+    paths = {getattr(route, "path", "") for route in app.routes}
+    return ["segment", "region"] + (["learn"] if "/learn" in paths else [])
+
+
 def create_app(service: ZeusService) -> FastAPI:
     """The FastAPI application answering for ``service``."""
     app = FastAPI(title="zeus-qupath service", version=__version__, description=DESCRIPTION,
@@ -158,7 +165,7 @@ def create_app(service: ZeusService) -> FastAPI:
              openapi_extra={"security": [{"HTTPBearer": []}]})
     def version(request: Request) -> dict[str, Any]:
         authorize(request)
-        return service.version_info()
+        return {**service.version_info(), "api": API_VERSION, "capabilities": capabilities(app)}
 
     body_schema = SegmentBody.model_json_schema(ref_template="#/components/schemas/{model}")
     nested = body_schema.pop("$defs", {})
