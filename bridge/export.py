@@ -96,6 +96,7 @@ LABELS_JSON = "labels.json"
 CORRECTIONS_CSV = "corrections.csv"
 MAX_PNG_SIDE = 32767
 MAX_PNG_PIXELS = 2**28
+MAX_MASK_PIXELS = 2**34  # a label mask larger than this (16 GiB of uint8) is a mistaken --downsample
 _SKIP_JSON = {LABELS_JSON, RUN_JSON, "project.qpproj", "classes.json"}
 _MICROMETER_UNITS = {"\u00b5m", "\u03bcm", "um", "micron", "microns", "micrometer", "micrometre"}
 
@@ -242,6 +243,11 @@ def export_corrections(
             ds = mpp / src.mpp
         else:
             ds = downsample if downsample is not None else DEFAULT_DOWNSAMPLE
+        mask_w, mask_h = width / ds, height / ds
+        if not (math.isfinite(mask_w) and math.isfinite(mask_h)) or mask_w * mask_h > MAX_MASK_PIXELS:
+            raise ZeusError(f"{src.image_name}: at downsample {ds:g} its label mask would be "
+                            f"{mask_w:.3g} x {mask_h:.3g} px, more than {MAX_MASK_PIXELS:,} px; "
+                            f"choose a larger --downsample (or --mpp)")
         plans.append((src, ds, width, height))
 
     slides: list[SlideExport] = []

@@ -6,6 +6,7 @@ resolve (real path, symlinks followed) inside one of them. Refusals are 400 (not
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from zeus_qupath.errors import ZeusError
@@ -63,11 +64,16 @@ class Roots:
         if not any(real.is_relative_to(root) for root in self.folders):
             raise RequestError(403, f"{what} {value[:200]} is outside the folders this service may read "
                                     "(start zeus serve with --root FOLDER)")
-        if not real.exists():
-            raise RequestError(404, f"{what} not found: {value[:200]}")
-        if kind == "dir" and not real.is_dir():
+        try:  # a name too long for the file system, a link loop: the request's fault, not the service's
+            st = real.stat()
+        except FileNotFoundError:
+            raise RequestError(404, f"{what} not found: {value[:200]}") from None
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise RequestError(400, f"{what} is not a usable path ({reason}): {value[:200]}") from None
+        if kind == "dir" and not stat.S_ISDIR(st.st_mode):
             raise RequestError(404, f"{what} is not a folder: {value[:200]}")
-        if kind == "file" and not real.is_file():
+        if kind == "file" and not stat.S_ISREG(st.st_mode):
             raise RequestError(404, f"{what} is not a file: {value[:200]}")
         return real
 

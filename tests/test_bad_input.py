@@ -332,7 +332,8 @@ def test_truncated_slide_is_one_line_unless_debug(tmp_path, tiny_args):
     one_error(res.returncode, res.stderr, "cut.tif")
     assert outputs_in(out) == [] or [p.name for p in outputs_in(out)] == ["run.json"]
     res = run_cli("segment", str(cut), *tiny_args, "--out", str(out), "--debug")
-    assert res.returncode != 0 and "Traceback" in res.stderr  # --debug shows what happened
+    assert res.returncode == 2 and "Traceback" in res.stderr  # --debug shows what happened, same exit status
+    assert res.stderr.strip().splitlines()[-1].startswith("zeus: error:")
 
 
 @pytest.fixture

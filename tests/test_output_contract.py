@@ -376,3 +376,77 @@ def test_a_fifo_a_device_or_a_link_loop_is_refused_in_one_line(tmp_path):
             Slide(path)
     with pytest.raises(SlideError, match="not a regular file"):
         file_fingerprint(fifo)  # never read: reading a FIFO blocks
+
+
+# ------------------------------------------------------------------------------------------ smaller cases
+
+
+def _one_error(capsys, argv: list[str], needle: str, code: int = 2) -> str:
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zeus: error:") and needle in err[0], err
+    return err[0]
+
+
+def test_a_prompt_key_given_twice_is_refused(tmp_path):
+    from zeus_qupath.errors import PromptError
+    from zeus_qupath.prompts import load_prompts
+
+    path = tmp_path / "p.json"  # json keeps the second "templates" silently; the first list would be lost
+    path.write_text('{"0": {"classnames": {"Tumor": ["tumor"], "Normal": ["normal"]}, '
+                    '"templates": ["a CLASSNAME"], "templates": ["b CLASSNAME"], "positive_class": "Tumor"}}')
+    with pytest.raises(PromptError, match="'templates' appears twice"):
+        load_prompts(path)
+
+
+def test_classes_differing_only_in_case_are_refused(tmp_path):
+    from zeus_qupath.errors import PromptError
+    from zeus_qupath.heatmap import tile_collection
+    from zeus_qupath.prompts import load_prompts
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"0": {"classnames": {"tumor": ["tumor"], "Tumor": ["cancer"], "Normal": ["n"]},
+                                      "templates": ["a CLASSNAME"], "positive_class": "Tumor"}}))
+    with pytest.raises(PromptError, match="differ only in case"):
+        load_prompts(path)
+    s = _scores("s.png")
+    s = PatchScores(coords=s.coords, scores=np.column_stack([s.scores, s.scores[:, :1]]),
+                    classes=("Tumor", "Normal", "tumor"), positive_class="Tumor", patch_size=32, stride=16,
+                    width=64, height=48, mpp=0.5)
+    with pytest.raises(ZeusError, match="share the tile measurement"):  # one score per tile would be lost
+        tile_collection(s)
+
+
+def test_export_with_an_absurd_downsample_is_one_line(tmp_path, capsys):
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    shutil.copy(_result_folder(tmp_path, "case1") / "case1.geojson", exported / "case1.geojson")
+    _one_error(capsys, ["export", str(exported), "--out", str(tmp_path / "o"), "--downsample", "1e-300"],
+               "choose a larger --downsample")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_plain_text_scores_file_gets_no_pickle_advice(tmp_path, capsys):
+    path = tmp_path / "s.scores.npz"
+    path.write_text("coords,scores\n1,2\n")
+    line = _one_error(capsys, ["polygons", str(path)], "not a scores file")
+    assert "pickle" not in line
+
+
+def test_debug_keeps_the_exit_status(tmp_path, capsys):
+    missing = str(tmp_path / "none.scores.npz")
+    assert main(["polygons", missing]) == 2
+    capsys.readouterr()
+    assert main(["polygons", missing, "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("zeus: error: scores file not found")
+
+
+def test_a_name_too_long_for_the_file_system_is_a_400_not_a_500(tmp_path):
+    from zeus_qupath.bridge.sandbox import Roots
+    from zeus_qupath.bridge.service_schema import RequestError
+
+    roots = Roots([str(tmp_path)])
+    with pytest.raises(RequestError) as info:
+        roots.check(str(tmp_path / ("a" * 5000 + ".svs")), "slide")
+    assert info.value.status == 400 and "not a usable path" in str(info.value)

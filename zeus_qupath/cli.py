@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -565,29 +566,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ZeusError as exc:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback too, and the same exit status as without --debug
+            traceback.print_exc()
         print(f"zeus: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # an unwritable folder, a full disk, a file that vanished: the environment's, not a bug
-        if args.debug:
-            raise
+        if args.debug:  # the traceback too, and the same exit status as without --debug
+            traceback.print_exc()
         print(f"zeus: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("zeus: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
-        print("zeus: error: out of memory (try a smaller --batch-size)", file=sys.stderr)
+        hint = " (try a smaller --batch-size)" if args.command in ("segment", "serve") else ""
+        print(f"zeus: error: out of memory{hint}", file=sys.stderr)
         return 1
     except RecursionError:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback too, and the same exit status as without --debug
+            traceback.print_exc()
         print("zeus: error: an input file is nested too deeply", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug: still one line, the traceback with --debug
-        if args.debug:
-            raise
+        if args.debug:  # the traceback too, and the same exit status as without --debug
+            traceback.print_exc()
         print(f"zeus: internal error: {type(exc).__name__}: {one_line(str(exc))} "
               "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
         return 1

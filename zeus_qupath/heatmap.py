@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ZeusError
 from .outputs import PatchScores
 from .qupath_geojson import (
     COORDINATE_PRECISION,
@@ -50,6 +51,10 @@ def tile_boxes(scores: PatchScores) -> tuple[np.ndarray, np.ndarray]:
 def tile_collection(scores: PatchScores) -> dict[str, Any]:
     """A QuPath FeatureCollection of ``tile`` objects, one per patch, with the class scores as measurements."""
     names = [measurement_name(c) for c in scores.classes]
+    if len(set(names)) != len(names):  # one measurement would silently overwrite another's score
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ZeusError(f"classes {', '.join(repr(c) for c in scores.classes if measurement_name(c) == twice)} "
+                        f"would share the tile measurement {twice!r}: rename one")
     boxes, rows = tile_boxes(scores)
     values = scores.scores[rows].astype(np.float32)
     features = [tile_feature((x0, y0, x1, y1), dict(zip(names, row, strict=True)))

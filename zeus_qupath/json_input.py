@@ -3,7 +3,8 @@
 Python's ``json`` module recurses once per nesting level, so a file of 100,000 ``[`` makes it raise
 ``RecursionError``, and a file a little under Python's recursion limit parses but makes the next
 recursive step (shapely, our own readers) fail. :func:`parse_json` refuses both with the caller's
-error class; :func:`max_depth` measures a parsed value without recursing.
+error class, and a key given twice in one object (``json`` keeps the last silently); :func:`max_depth`
+measures a parsed value without recursing. :func:`read_json` is the one reader of users' JSON files.
 """
 
 from __future__ import annotations
@@ -39,10 +40,26 @@ def max_depth(value: Any, limit: int = MAX_DEPTH) -> int:
     return deepest
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def parse_json(text: str | bytes, source: str, error: type[ZeusError] = ZeusError, limit: int = MAX_DEPTH) -> Any:
     """``json.loads(text)``, refusing invalid JSON and nesting deeper than ``limit`` with one ``error`` line."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise error(f"{source}: the key {exc.args[0]!r} appears twice in one object (one of them would be "
+                    f"silently dropped)") from None
     except json.JSONDecodeError as exc:
         raise error(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     except RecursionError:

@@ -297,6 +297,9 @@ class PatchScores:
         """
         p = Path(path)
         try:
+            with open(p, "rb") as fh:  # anything but a zip archive is refused before numpy guesses at it
+                if fh.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):
+                    raise ZeusError("not a scores file (an .npz archive written by zeus segment or zeus score)")
             loaded = np.load(p, allow_pickle=False)
             if not isinstance(loaded, np.lib.npyio.NpzFile):
                 raise ZeusError("not a scores file (an .npz archive)")

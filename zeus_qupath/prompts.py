@@ -101,6 +101,12 @@ def parse_prompts(data: object, source: str, positive_class: str | None = None) 
         missing = [t for t in tmpl if PLACEHOLDER not in t]
         if missing:
             raise PromptError(f"{source}: template without {PLACEHOLDER} for class {cls!r}: {missing[0]!r}")
+    folded: dict[str, str] = {}
+    for cls in names:  # QuPath shows tumor and Tumor as one class (and export gives them one label)
+        if cls.casefold() in folded:
+            raise PromptError(f"{source}: classes {folded[cls.casefold()]!r} and {cls!r} differ only in case; "
+                              f"QuPath would show them as one class: merge or rename them")
+        folded[cls.casefold()] = cls
     if len(names) < 2:
         raise PromptError(f"{source}: need at least two classes, found {len(names)} ({', '.join(names) or 'none'})")
     classes = tuple(
@@ -125,16 +131,10 @@ def parse_prompts(data: object, source: str, positive_class: str | None = None) 
 
 def load_prompts(path: str | os.PathLike[str], positive_class: str | None = None) -> PromptSet:
     """Read and validate a prompt file; a one-line PromptError on any problem."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PromptError(f"prompt file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PromptError(f"cannot read prompt file {p}: {exc}") from None
-    from .json_input import parse_json
+    from .json_input import read_json
 
-    data = parse_json(text, p.name, PromptError)  # bounded nesting: a 100k-deep file is one line, not a crash
+    p = Path(path)
+    data = read_json(p, "prompt file", PromptError)  # bounded nesting, duplicate keys refused: one line each
     return parse_prompts(data, p.name, positive_class)
 
 
