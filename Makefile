@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= zeus-demo
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean extension
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not jvm and not gui"; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$status
+
+# the QuPath extension jar (javac + jar; QUPATH_APP_DIR=<your QuPath>/lib/app to build against your QuPath)
+extension:
+	bash bridge/extension/build.sh
 
 lint: install
 	$(BIN)/ruff check .

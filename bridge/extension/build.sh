@@ -9,7 +9,9 @@
 #   QUPATH_APP_DIR   a QuPath installation's lib/app folder (QuPath 0.4-0.7; has QuPath, JavaFX, Gson, Groovy jars)
 #   QUPATH_GUI_DIR   QuPath 0.4.4's GUI built for the tests (default ../shared/qupath/gui-0.4.4 beside the checkout),
 #                    with QUPATH_CORE_DIR (default its ../0.4.4) and Debian's JavaFX jars (/usr/share/java)
-# JAVA_HOME: a JDK 17+ (default Debian's OpenJDK 17). Classes are compiled --release 17 (QuPath 0.4/0.5 run Java 17).
+# JAVA_HOME: a JDK 17+ (default Debian's OpenJDK 17). Classes are compiled --release ${JAVA_RELEASE:-17}: QuPath
+# 0.4/0.5 run Java 17, 0.6/0.7 run 21/25 and load release-17 classes too, so one jar serves 0.4-0.7. Against a
+# QuPath 0.6/0.7 installation (its jars are release 21/25) set JAVA_RELEASE=21 (that jar needs QuPath 0.6+).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -32,7 +34,7 @@ fi
 
 TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
 mkdir -p "$TMP/classes/zeus/qupath/extension/scripts"
-"$J/javac" --release 17 -encoding UTF-8 -Xlint:-options -cp "$CP" -d "$TMP/classes" \
+"$J/javac" --release "${JAVA_RELEASE:-17}" -encoding UTF-8 -Xlint:-options -cp "$CP" -d "$TMP/classes" \
   $(find "$HERE/src/main/java" -name '*.java' | sort)
 cp -r "$HERE/src/main/resources/." "$TMP/classes/"
 cp "$REPO"/groovy/*.groovy "$TMP/classes/zeus/qupath/extension/scripts/"
