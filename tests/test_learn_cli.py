@@ -164,3 +164,15 @@ def test_score_features_with_an_adapter(cohort, tiny_args, capsys, tmp_path):
     err = capsys.readouterr().err
     assert rc == 2 and "learned on 448 px patches" in err and not (tmp_path / "p" / "s1.geojson").exists()
 
+
+
+def test_an_adapter_no_better_than_zero_shot_is_not_written(cohort, tiny_args, capsys, tmp_path, monkeypatch):
+    root, slides, out, cache, corrected = cohort
+    monkeypatch.setattr("zeus_qupath.learn.MIN_GAIN", 1.0)  # no adapter can beat zero-shot's Dice by 1.0
+    if not (out / ".cache").exists():
+        (out / ".cache").symlink_to(cache)  # as if zeus segment had used its default cache, OUT/.cache
+    rc = main(["learn", str(corrected), "--originals", str(out), *tiny_args, "--out", str(tmp_path / "a.npz")])
+    captured = capsys.readouterr()
+    assert rc == 1 and "not better than zero-shot" in captured.err and not (tmp_path / "a.npz").exists()
+    assert "zero-shot Dice" in captured.out  # the table is printed all the same
+    assert "(0 embedded now" in captured.err  # --originals' .cache is zeus segment's: found without --cache

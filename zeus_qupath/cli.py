@@ -72,6 +72,32 @@ def _add_polygon_options(p: argparse.ArgumentParser) -> None:
                    help="outline simplification tolerance in level-0 px (default: 2, or half a mask pixel if larger)")
 
 
+def _add_patch_options(p: argparse.ArgumentParser) -> None:
+    """The patch, tissue and model-run options ``zeus segment`` and ``zeus serve`` share: one definition each,
+    one validator, the defaults in ``--help``."""
+    p.add_argument("--patch-size", type=_patch_px, default=448, metavar="PX",
+                   help="patch side in px at the cutting resolution (default: 448, as ZEUS)")
+    p.add_argument("--stride", type=_patch_px, default=112, metavar="PX",
+                   help="step between patches in px (default: 112, as ZEUS)")
+    p.add_argument("--target-mpp", type=_mpp, default=None, metavar="UM_PER_PX",
+                   help="cut patches at this pixel size (um/px); default: level 0 as ZEUS does")
+    p.add_argument("--tissue", choices=("zeus", "coarse"), default="zeus",
+                   help="tissue and patch rule: zeus (default; CLAM's contours, per-contour grids, four-point test, "
+                        "white/black filters, as ZEUS) or coarse (earlier versions' rule: every patch touching a "
+                        "coarse tissue mask; finds tissue in small crops where CLAM's area filter finds none)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs (default: auto, CUDA when available, else the CPU)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="model arithmetic (default: auto, fp32 everywhere; bf16/fp16 only on CUDA, when asked)")
+    p.add_argument("--batch-size", type=_batch, default=64, help="patches per model call (default: 64)")
+
+
+def _add_tiles_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tiles", action="store_true",
+                   help="also write <stem>.tiles.geojson: each patch's class scores as QuPath tile detections "
+                        "(Measure > Show measurement maps shows the ZEUS heatmap)")
+
+
 def _segment_params(args: argparse.Namespace):
     from .reconstruct import Threshold
     from .segment import SegmentParams
@@ -235,10 +261,16 @@ def cmd_learn(args: argparse.Namespace) -> int:
                                      backend=args.backend)
     for note in notes:
         print(f"zeus: {note}", file=sys.stderr)
+    cache = args.cache
+    if cache is None and args.originals and (Path(args.originals) / ".cache").is_dir():
+        cache = str(Path(args.originals) / ".cache")  # zeus segment's default cache of that output folder
+    if cache is None:
+        print("zeus: note: no --cache: every slide is embedded now and not kept (give zeus segment's cache folder "
+              "to reuse its embeddings)", file=sys.stderr)
     config = LearnConfig(out=args.out, model=args.model, pretrained=args.pretrained,
                          random_weights=args.random_weights, prompts=str(prompt_file(args.prompts)),
                          positive_class=args.positive_class, device=args.device, precision=args.precision,
-                         params=_segment_params(args), cache_dir=args.cache, class_map=_class_map(args.map),
+                         params=_segment_params(args), cache_dir=cache, class_map=_class_map(args.map),
                          force=args.force)
     result = learn_from_corrections(images, config)
     print(format_table(result.cv))
@@ -360,23 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true",
                    help="run open_clip models given no --pretrained with seeded random weights, on purpose (tests)")
     p.add_argument("--out", default="zeus-out", help="output folder (default: zeus-out)")
-    p.add_argument("--patch-size", type=_patch_px, default=448)
-    p.add_argument("--stride", type=_patch_px, default=112)
-    p.add_argument("--target-mpp", type=_mpp, default=None,
-                   help="cut patches at this pixel size (um/px); default: level 0 as ZEUS does")
+    _add_patch_options(p)
     p.add_argument("--mpp", type=_mpp, default=None, help="override the slide's pixel size (um/px)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--batch-size", type=_batch, default=64, help="patches per model call (default 64)")
     p.add_argument("--workers", type=_number(int, 1, 256, what="a thread count"), default=None,
                    help="slide-reading threads (default: 2 on the CPU; with a GPU, the cores less two, at most 16)")
     p.add_argument("--prefetch", type=_number(int, 0, 1024, what="a region count"), default=2, metavar="N",
                    help="decoded regions read ahead beyond one per worker (bounds memory; default 2)")
     p.add_argument("--no-tissue", action="store_true", help="embed every patch, not only those touching tissue")
-    p.add_argument("--tissue", choices=("zeus", "coarse"), default="zeus",
-                   help="tissue and patch rule: zeus (default; CLAM's contours, per-contour grids, four-point test, "
-                        "white/black filters, as ZEUS) or coarse (earlier versions' rule: every patch touching a "
-                        "coarse tissue mask; finds tissue in small crops where CLAM's area filter finds none)")
     p.add_argument("--sampling", choices=("exact", "adaptive"), default="exact",
                    help="which grid patches are embedded: exact (default; every one, as ZEUS) or adaptive (a coarse "
                         "lattice, then only patches that could change the mask; see the README's Adaptive sampling)")
@@ -400,18 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", default=None, metavar="DIR", help="also add the results to this QuPath project")
     _add_project_options(p)
     _add_polygon_options(p)
-    p.add_argument("--tiles", action="store_true",
-                   help="also write <stem>.tiles.geojson: each patch's class scores as QuPath tile detections "
-                        "(Measure > Show measurement maps shows the ZEUS heatmap)")
+    _add_tiles_option(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("polygons", help="re-threshold a scores file into GeoJSON (no model, no GPU)")
     p.add_argument("scores", metavar="SCORES.npz")
     p.add_argument("--out", default=None, metavar="FILE.geojson")
     _add_polygon_options(p)
-    p.add_argument("--tiles", action="store_true",
-                   help="also write <stem>.tiles.geojson: each patch's class scores as QuPath tile detections "
-                        "(Measure > Show measurement maps shows the ZEUS heatmap)")
+    _add_tiles_option(p)
     p.set_defaults(func=cmd_polygons)
 
     p = sub.add_parser("score", help="scores and GeoJSON from patch features computed elsewhere (CLAM/Trident HDF5)")
@@ -490,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tissue", action="store_true")
     p.add_argument("--tissue", choices=("zeus", "coarse"), default="zeus")
     p.add_argument("--cache", default=None, metavar="DIR",
-                   help="the embedding cache zeus segment filled (its --cache, or OUT/.cache); uncached slides are "
-                        "embedded once and stored there")
+                   help="the embedding cache zeus segment filled (its --cache, or OUT/.cache; default: --originals' "
+                        ".cache); uncached slides are embedded once and stored there")
     p.add_argument("--batch-size", type=_batch, default=64)
     p.add_argument("--workers", type=_number(int, 1, 256, what="a thread count"), default=2)
     p.add_argument("--threshold", default="zeus", help="the mask rule the Dice is computed with (as zeus segment)")
@@ -510,13 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundled prompt set name or a prompt file "
                         "(default: zeus_spindle_cell, ZEUS's published prompts)")
     p.add_argument("--threshold", default="zeus", help="default threshold (zeus, argmax, prob:P)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--patch-size", type=_positive_int, default=448, help="as in zeus segment")
-    p.add_argument("--stride", type=_positive_int, default=112)
-    p.add_argument("--target-mpp", type=_positive_float, default=None)
-    p.add_argument("--tissue", choices=("zeus", "coarse"), default="zeus", help="tissue rule, as in zeus segment")
+    _add_patch_options(p)  # the same options, defaults and limits as zeus segment
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="embedding cache folder shared with zeus segment --cache DIR (or a zeus segment --out "
                         "folder: its .cache); default: memory only")
