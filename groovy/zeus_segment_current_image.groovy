@@ -1,7 +1,7 @@
 /*
  * zeus_segment_current_image.groovy -- ask the local ZEUS service to pre-segment the open image.
  *
- * Written for QuPath 0.4, 0.5 and 0.6 (also runs on 0.7); needs Java 11+ (java.net.http), which
+ * Written for QuPath 0.4, 0.5, 0.6 and 0.7; needs Java 11+ (java.net.http), which
  * every QuPath >= 0.3 ships with. The service's API is described at <service>/openapi.json.
  *
  * What it does:
@@ -35,6 +35,9 @@
  *   USE_SELECTION    true = segment only inside the selected annotation, if one is selected
  *   TIMEOUT_MINUTES  how long to wait for the answer
  *   SAVE             true = in a project, save the image data after adding (needed to remember deletions)
+ * QuPath's Extensions > ZEUS (bridge/extension) sends the request itself and runs this script with the args
+ * ANSWER_FILE=<the service's answer> and REGION_ID=<ID of the annotation it segmented, '' = the whole image>:
+ * then no request is sent here, and the answer is merged by the same rule.
  */
 
 import com.google.gson.JsonParser
@@ -50,6 +53,9 @@ import java.nio.file.Paths
 import java.nio.file.StandardCopyOption
 import java.time.Duration
 
+import org.locationtech.jts.awt.ShapeWriter
+import org.locationtech.jts.geom.Coordinate
+import org.locationtech.jts.geom.Geometry
 import org.locationtech.jts.geom.MultiPolygon
 import org.locationtech.jts.geom.Polygon
 import org.locationtech.jts.geom.util.GeometryFixer
@@ -57,6 +63,11 @@ import org.locationtech.jts.geom.util.GeometryFixer
 import qupath.lib.io.GsonTools
 import qupath.lib.io.PathIO
 import qupath.lib.objects.PathObject
+import qupath.lib.regions.ImagePlane
+import qupath.lib.roi.GeometryROI
+import qupath.lib.roi.GeometryTools
+import qupath.lib.roi.PolygonROI
+import qupath.lib.roi.ROIs
 
 import static qupath.lib.scripting.QP.*
 
@@ -69,6 +80,17 @@ Double THRESHOLD = null
 boolean USE_SELECTION = true
 int TIMEOUT_MINUTES = 60
 boolean SAVE = true
+String ANSWER_FILE = ''  // set by the extension (args, below): the answer it received; no request is sent
+String REGION_ID = ''    // with ANSWER_FILE: the annotation whose area was segmented ('' = the whole image)
+if (binding.hasVariable('args')) {
+    for (def arg : binding.getVariable('args')) {
+        String a = arg.toString()
+        if (a.startsWith('ANSWER_FILE='))
+            ANSWER_FILE = a.substring('ANSWER_FILE='.length())
+        else if (a.startsWith('REGION_ID='))
+            REGION_ID = a.substring('REGION_ID='.length())
+    }
+}
 
 // >>> ZEUS keep-edits rule (mirror of bridge/edits.py in zeus-qupath; the tests require the same answers)
 double FLOAT32_REL_TOL = 1.1920928955078125E-7
@@ -78,6 +100,140 @@ String RECORD_FORMAT = 'zeus-imported/1'
 String IMPORTED = 'imported'
 String REPLACED = 'replaced'
 String BACKUP_INFIX = '.bak-'
+
+// Outlines and the java.awt.geom.Area bug of Java 25.0.3 and 26.0.1 (JDK-8386576): QuPath makes a PolygonROI of
+// a polygon without holes and gives its geometry through java.awt.geom.Area, which on those Javas loses area and
+// splits large outlines (0.4/0.5 even change the ROI when reading). So what QuPath made of each ZEUS outline is
+// compared with the written one (area, parts, holes); when they differ the written outline itself is added, as a
+// geometry ROI (no Area), and PolygonROIs are compared by their own vertices, so an outline the Java changed is
+// never taken for an edit.
+def outlineParts = { g ->
+    if (g instanceof Polygon)
+        return [1, g.getNumInteriorRing()]
+    if (g instanceof MultiPolygon)
+        return [g.getNumGeometries(), (0..<g.getNumGeometries()).sum(0) { g.getGeometryN(it).getNumInteriorRing() }]
+    return [-1, -1]
+}
+
+// same parts and holes, and the same area within what float32 coordinates (QuPath 0.6+) and 0.01 px allow
+def sameOutline = { made, exact ->
+    if (made == null || exact == null || made.isEmpty() || exact.isEmpty() || outlineParts(made) != outlineParts(exact))
+        return false
+    def env = exact.getEnvelopeInternal()
+    double largest = Math.max(1.0, [env.getMinX(), env.getMaxX(), env.getMinY(), env.getMaxY()].collect { Math.abs(it) }.max())
+    return Math.abs(made.getArea() - exact.getArea()) <= exact.getLength() * (FLOAT32_REL_TOL * largest + 0.005) + 1e-6
+}
+
+// the outline a ROI holds, without java.awt.geom.Area: a valid PolygonROI's own vertices, else the ROI's geometry
+def roiOutline = { roi ->
+    if (roi == null)
+        return null
+    if (roi instanceof PolygonROI) {
+        def points = roi.getAllPoints()
+        if (points.size() >= 3) {
+            def coords = points.collect { new Coordinate(it.getX(), it.getY()) }
+            if (!coords[0].equals2D(coords[-1]))
+                coords.add(new Coordinate(coords[0]))
+            try {
+                def polygon = GeometryTools.getDefaultFactory().createPolygon(coords as Coordinate[])
+                if (polygon.isValid())
+                    return polygon
+            } catch (Exception e) {
+                // fewer than 4 distinct points: QuPath's geometry below
+            }
+        }
+    }
+    return roi.getGeometry()
+}
+
+// ID -> the geometry as written, read by QuPath's GeoJSON geometry reader (which does not use java.awt.geom.Area)
+def writtenGeometries = { String text ->
+    def out = [:]
+    def root = JsonParser.parseString(text)
+    def features = []
+    if (root.isJsonArray())
+        features = root.getAsJsonArray().toList()
+    else if (root.isJsonObject() && root.getAsJsonObject().has('features'))
+        features = root.getAsJsonObject().getAsJsonArray('features').toList()
+    else if (root.isJsonObject())
+        features = [root]
+    for (def f : features) {
+        if (!f.isJsonObject())
+            continue
+        def fo = f.getAsJsonObject()
+        if (fo.has('id') && fo.get('id').isJsonPrimitive() && fo.has('geometry') && fo.get('geometry').isJsonObject()) {
+            try {
+                def g = GsonTools.getInstance().fromJson(fo.get('geometry'), Geometry)
+                if (g != null && g.isValid())
+                    out[fo.get('id').getAsString()] = g
+            } catch (Exception e) {
+                // QuPath's reader decides about this feature
+            }
+        }
+    }
+    return out
+}
+
+// a ROI holding exactly `geometry`, made without java.awt.geom.Area; null when QuPath cannot hold it
+def exactRoi = { geometry, plane ->
+    try {
+        def make = GeometryROI.getDeclaredConstructor(Geometry, ImagePlane)
+        make.setAccessible(true)
+        def roi = make.newInstance(geometry, plane)
+        if (sameOutline(roi.getGeometry(), geometry))
+            return roi
+    } catch (Exception e) {
+        // not accessible in this QuPath: its public (deprecated since 0.6) route below
+    }
+    try {
+        def roi = ROIs.createAreaROI(new ShapeWriter().toShape(geometry), plane)
+        if (sameOutline(roi.getGeometry(), geometry))
+            return roi
+    } catch (Exception e) {
+        // nothing else holds it without Area
+    }
+    return null
+}
+
+// QuPath's objects of ZEUS GeoJSON text, each outline as ZEUS wrote it: objects (to add), outlines (ID -> outline,
+// for the record), fixed (objects given the written outline), dropped (outlines this Java cannot hold: not added)
+def readZeusGeoJson = { String text ->
+    def result = [objects: [], outlines: [:], fixed: [], dropped: []]
+    def written = writtenGeometries(text)
+    for (PathObject o : PathIO.readObjectsFromGeoJSON(new ByteArrayInputStream(text.getBytes('UTF-8')))) {
+        String id = o.getID() == null ? null : o.getID().toString()
+        def w = id == null ? null : written[id]
+        def roi = o.getROI()
+        if (w != null && roi != null && roi.isArea() && !sameOutline(roi.getGeometry(), w)) {
+            def exact = exactRoi(w, roi.getImagePlane())
+            if (exact == null) {
+                result.dropped.add(o)
+                result.outlines[id] = w
+                continue
+            }
+            def ml = o.getMeasurementList()  // setROI clears the measurements: keep them
+            def saved = ml.getMeasurementNames().collectEntries { [(it): ml.get(it)] }
+            o.setROI(exact)
+            saved.each { k, v -> o.getMeasurementList().put(k, v) }
+            result.fixed.add(o)
+        }
+        result.objects.add(o)
+        if (id != null)
+            result.outlines[id] = roiOutline(o.getROI())
+    }
+    return result
+}
+
+// the one line telling the annotator that this Java changes outlines, and what to do; null when nothing was changed
+def outlineWarning = { int fixed, int dropped ->
+    if (fixed + dropped == 0)
+        return null
+    return "WARNING: QuPath runs on Java ${System.getProperty('java.version')}, whose java.awt.geom.Area changes " +
+           "large outlines (JDK-8386576; Java 25.0.3 and 26.0.1): ${fixed} ZEUS outline(s) added exactly as written " +
+           "but as geometry ROIs (edit them with the brush: no vertex handles)" +
+           (dropped ? ", ${dropped} not added (cannot be held exactly)" : '') +
+           "; run QuPath on its own bundled Java, or a Java without this bug (e.g. 25.0.2), to get plain polygons"
+}
 
 // the GeoJSON file's backups (oldest first), then the file itself (its entries win)
 def recordFiles = { File file ->
@@ -99,9 +255,10 @@ def writtenRecord = { File file ->
     def record = [:]
     for (File f : recordFiles(file)) {
         try {
-            for (PathObject o : readGeoJson(f)) {
+            def read = readZeusGeoJson(f.getText('UTF-8'))
+            for (PathObject o : read.objects + read.dropped) {
                 if (o.getID() != null)
-                    record[o.getID().toString()] = [geometry: o.getROI() == null ? null : o.getROI().getGeometry(),
+                    record[o.getID().toString()] = [geometry: read.outlines[o.getID().toString()],
                                                     cls: o.getPathClass() == null ? null : o.getPathClass().toString(),
                                                     name: o.getName()]
             }
@@ -138,7 +295,7 @@ def isUntouchedZeus = { o, Map written ->
     String cls = o.getPathClass() == null ? null : o.getPathClass().toString()
     if (cls != w.cls || o.getName() != w.name)
         return false
-    return sameGeometry(o.getROI().getGeometry(), w.geometry)
+    return sameGeometry(roiOutline(o.getROI()), w.geometry)
 }
 
 // ID -> 'imported' | 'replaced' from zeus_imported.json; empty when absent or unreadable
@@ -213,7 +370,7 @@ def mergeZeus = { Collection existing, List incoming, Map written, Map status ->
     def protectedRegion = []
     for (def o : kept) {
         if (o.isAnnotation() && !isUntouchedZeus(o, written)) {
-            def g = areaGeometry(o.getROI() == null ? null : o.getROI().getGeometry())
+            def g = areaGeometry(roiOutline(o.getROI()))
             if (g != null)
                 protectedRegion.add(g)
         }
@@ -233,7 +390,7 @@ def mergeZeus = { Collection existing, List incoming, Map written, Map status ->
             result.skipped.add(o)
         else if (id && deletedIds.contains(id))
             result.deleted.add(o)
-        else if (overlaps(o.getROI() == null ? null : o.getROI().getGeometry(), protectedRegion))
+        else if (overlaps(roiOutline(o.getROI()), protectedRegion))
             result.blocked.add(o)
         else {
             result.added.add(o)
@@ -283,9 +440,18 @@ String slide = 'file'.equalsIgnoreCase(uri.getScheme()) ? Paths.get(uri).toStrin
 def request = new JsonObject()
 request.addProperty('slide', slide)
 PathObject selected = getSelectedObject()
+if (ANSWER_FILE) {  // the extension segmented the annotation REGION_ID, or the whole image
+    selected = REGION_ID ? imageData.getHierarchy().getAllObjects(false).find {
+        it.getID() != null && it.getID().toString() == REGION_ID } : null
+    if (REGION_ID && selected == null) {
+        showMessage('The annotation ZEUS segmented was deleted meanwhile; nothing was added.', true)
+        return
+    }
+}
 def regionGeometry = null
 if (USE_SELECTION && selected != null && selected.isAnnotation() && selected.getROI() != null && selected.getROI().isArea()) {
-    request.add('region', GsonTools.getInstance().toJsonTree(selected.getROI()))
+    // toJson, then parse: QuPath 0.4.4's ROI adapter cannot write into a JsonTreeWriter (toJsonTree throws)
+    request.add('region', JsonParser.parseString(GsonTools.getInstance().toJson(selected.getROI())))
     regionGeometry = selected.getROI().getGeometry()
 }
 if (MODEL)
@@ -304,10 +470,11 @@ def builder = HttpRequest.newBuilder(URI.create(SERVICE_URL))
 if (token)
     builder.header('Authorization', 'Bearer ' + token)
 
-println "ZEUS: segmenting ${slide}${regionGeometry == null ? '' : ' (selected region)'} ..."
+println "ZEUS: ${ANSWER_FILE ? 'adding the answer for' : 'segmenting'} ${slide}${regionGeometry == null ? '' : ' (selected region)'} ..."
 HttpResponse<String> response
 try {
-    response = client.send(builder.build(), HttpResponse.BodyHandlers.ofString(StandardCharsets.UTF_8))
+    if (!ANSWER_FILE)
+        response = client.send(builder.build(), HttpResponse.BodyHandlers.ofString(StandardCharsets.UTF_8))
 } catch (ConnectException e) {
     showMessage("The ZEUS service is not running at ${SERVICE_URL}.\nStart it on this computer with: zeus serve", true)
     return
@@ -319,7 +486,8 @@ try {
     return
 }
 
-String body = response.body()
+String body = ANSWER_FILE ? new File(ANSWER_FILE).getText('UTF-8') : response.body()
+int statusCode = ANSWER_FILE ? 200 : response.statusCode()
 def answer = null
 try {
     answer = JsonParser.parseString(body)
@@ -329,21 +497,23 @@ try {
 String error = null
 if (answer != null && answer.isJsonObject() && answer.getAsJsonObject().has('error'))
     error = answer.getAsJsonObject().get('error').getAsString()
-if (response.statusCode() != 200 || error != null || answer == null || answer.isJsonNull()) {
+if (statusCode != 200 || error != null || answer == null || answer.isJsonNull()) {
     if (error == null)
         error = body.length() > 300 ? body.substring(0, 300) + '...' : body
     String hint = ''
-    if (response.statusCode() == 401)
+    if (statusCode == 401)
         hint = '\n(Set TOKEN in this script or the environment variable ZEUS_TOKEN to the token zeus serve printed.)'
-    else if (response.statusCode() == 403)
+    else if (statusCode == 403)
         hint = '\n(The service may only read slides under its folders: start it with zeus serve --root <folder of this slide>.)'
-    showMessage("The ZEUS service answered with an error (HTTP ${response.statusCode()}):\n${error}${hint}", true)
+    showMessage("The ZEUS service answered with an error (HTTP ${statusCode}):\n${error}${hint}", true)
     return
 }
 
 List<PathObject> incoming
+def read
 try {
-    incoming = PathIO.readObjectsFromGeoJSON(new ByteArrayInputStream(body.getBytes(StandardCharsets.UTF_8)))
+    read = readZeusGeoJson(body)  // each outline as written, also on a Java with the Area bug
+    incoming = read.objects
 } catch (Exception e) {
     showMessage("The ZEUS service answered with something that is not QuPath GeoJSON: ${e.getMessage()}", true)
     return
@@ -358,18 +528,23 @@ if (recordDir != null) {
     written.putAll(writtenRecord(new File(recordDir, 'zeus_annotations.geojson')))
     written.putAll(writtenRecord(serviceRecord))
 }
-for (PathObject o : incoming) {  // the answer is ZEUS output too
+for (PathObject o : incoming + read.dropped) {  // the answer is ZEUS output too
     if (o.getID() != null)
-        written[o.getID().toString()] = [geometry: o.getROI() == null ? null : o.getROI().getGeometry(),
+        written[o.getID().toString()] = [geometry: read.outlines[o.getID().toString()],
                                          cls: o.getPathClass() == null ? null : o.getPathClass().toString(),
                                          name: o.getName()]
 }
 def status = recordDir == null ? [:] : readImportRecord(recordDir)
 def hierarchy = imageData.getHierarchy()
-def merge = mergeZeus(hierarchy.getAllObjects(false), incoming, written, status)
-// with a region, untouched ZEUS annotations outside it stay; the selected annotation always stays
+// the selected annotation is the area to fill, not an object of yours to keep clear (it stays, untouched)
+def merge = mergeZeus(hierarchy.getAllObjects(false).findAll { it != selected || regionGeometry == null }, incoming,
+        written, status)
+// with a region, untouched ZEUS annotations outside it stay; the selected annotation always stays; so does one
+// whose new outline this Java cannot hold (not added)
+def notHeld = new HashSet(read.dropped.findAll { it.getID() != null }.collect { it.getID().toString() })
 def keepAnyway = merge.removed.findAll {
-    it == selected || (regionGeometry != null && !regionGeometry.covers(it.getROI().getGeometry()))
+    it == selected || notHeld.contains(it.getID().toString()) ||
+        (regionGeometry != null && !regionGeometry.covers(roiOutline(it.getROI())))
 }
 def toRemove = merge.removed.findAll { !keepAnyway.contains(it) }
 for (def o : keepAnyway) {  // not replaced after all: their record stays as it was
@@ -387,6 +562,9 @@ String summary = "Added ${merge.added.size()} ZEUS annotation(s), replaced ${toR
         "not added: ${merge.skipped.size()} already present, ${merge.deleted.size()} deleted by you, " +
         "${merge.blocked.size()} over your own annotations. Edited and hand-drawn objects were kept."
 println 'ZEUS: ' + summary
+String outlineProblem = outlineWarning(read.fixed.size(), read.dropped.size())
+if (outlineProblem)
+    showMessage(outlineProblem, true)  // prints it as one line too
 if (SAVE && entry != null) {
     entry.saveImageData(imageData)
     if (serviceRecord.isFile())

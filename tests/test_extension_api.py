@@ -16,6 +16,7 @@ import pytest
 
 from qupath.api_scan import STORED, TAGS, Ref, TagSources, declared_methods, generate, references
 from qupath.extension import build_extension
+from qupath.fixtures import skip_or_fail
 from qupath.harness import QuPathUnavailable, find_java, qupath_root
 
 pytestmark = pytest.mark.jvm
@@ -29,11 +30,11 @@ def scan(tmp_path_factory):
         jar = build_extension(tmp_path_factory.mktemp("extension"))
         javap = find_java(17) / "bin" / "javap"
     except QuPathUnavailable as exc:
-        pytest.skip(str(exc))
+        skip_or_fail(str(exc))
     tags = {}
     for version in TAGS:
         if not (qupath_root() / version / f"qupath-core-{version}-sources.tar.gz").is_file():
-            pytest.skip(f"no qupath-core {version} sources under {qupath_root()}")
+            skip_or_fail(f"no qupath-core {version} sources under {qupath_root()}")
         tags[version] = TagSources(version, qupath_root())
     return {"jar": jar, "javap": javap, "refs": references(jar, javap), "tags": tags,
             "implemented": declared_methods(jar, javap, EXTENSION_CLASS)}

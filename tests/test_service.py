@@ -160,6 +160,7 @@ def test_version_needs_token_and_reports_model(server, tiny_model):
     assert "spindle_cell" in payload["prompts"]["bundled"]
     assert isinstance(payload["slides"], list)
     assert payload["limits"]["max_patches"] == 2000
+    assert payload["api"] == 1 and payload["capabilities"][:2] == ["segment", "region"]  # the QuPath extension's check
 
 
 def test_openapi_describes_the_api_for_script_authors(server):
