@@ -1,7 +1,7 @@
 /*
  * export_training_data.groovy -- export the (corrected) annotations of a project for training.
  *
- * Written for QuPath 0.4, 0.5 and 0.6 (also runs on 0.7). Run it once with Run (any image open, or
+ * Written for QuPath 0.4, 0.5, 0.6 and 0.7. Run it once with Run (any image open, or
  * none): it exports every image of the project. Run > Run for project works too: the whole project
  * is exported once, at the first image QuPath hands to the script; the later images of the same run
  * only print that they were done.
@@ -46,10 +46,14 @@ import java.nio.file.Files
 import java.nio.file.Path
 import java.nio.file.StandardCopyOption
 
+import org.locationtech.jts.geom.Coordinate
+
 import qupath.lib.images.servers.LabeledImageServer
 import qupath.lib.images.writers.TileExporter
 import qupath.lib.io.GsonTools
 import qupath.lib.io.PathIO
+import qupath.lib.roi.GeometryTools
+import qupath.lib.roi.PolygonROI
 
 import static qupath.lib.scripting.QP.*
 
@@ -338,6 +342,31 @@ for (def item : items) {
                 (removed ? '; the older mask was removed' : '')
     }
 }
+
+// outlines this Java changes (java.awt.geom.Area of Java 25.0.3 and 26.0.1, JDK-8386576): a simple polygon whose
+// geometry, which the GeoJSON files hold, lost the area or the single part of its own vertices (what QuPath shows)
+int changedOutlines = items.sum(0) { item -> item.annotations.count { o ->
+    def roi = o.getROI()
+    if (!(roi instanceof PolygonROI) || roi.getNumPoints() < 3)
+        return false
+    def coords = roi.getAllPoints().collect { new Coordinate(it.getX(), it.getY()) }
+    coords.add(new Coordinate(coords[0]))
+    def own
+    try {
+        own = GeometryTools.getDefaultFactory().createPolygon(coords as Coordinate[])
+    } catch (Exception e) {
+        return false
+    }
+    if (!own.isValid() || own.getArea() <= 0)
+        return false // e.g. a self-crossing outline drawn by hand: QuPath repairs it on purpose
+    def g = roi.getGeometry()
+    return g.getNumGeometries() != 1 || Math.abs(g.getArea() - own.getArea()) > 1e-6 * own.getArea()
+} }
+if (changedOutlines > 0)
+    say "WARNING: QuPath runs on Java ${System.getProperty('java.version')}, whose java.awt.geom.Area changes large " +
+        "outlines (JDK-8386576; Java 25.0.3 and 26.0.1): ${changedOutlines} outline(s) in the exported GeoJSON (not the " +
+        "masks) are not the ones QuPath shows; run QuPath on its own bundled Java, or a Java without this bug " +
+        "(e.g. 25.0.2), and export again"
 
 String summary = "done: ${withMask.size()} image(s) with label mask, ${withoutMask.size()} without (image not opened" +
         (withoutMask ? ': ' + withoutMask.join(', ') : '') + "), ${skipped.size()} skipped (never saved), " +

@@ -395,7 +395,7 @@ EXPORT_SCRIPT = Path(__file__).resolve().parents[1] / "groovy" / "export_trainin
 IMPORT_SCRIPT = Path(__file__).resolve().parents[1] / "groovy" / "import_zeus_annotations.groovy"
 
 
-@pytest.fixture(scope="module", params=("0.4.4", "0.5.1", "0.6.0"))
+@pytest.fixture(scope="module", params=("0.4.4", "0.5.1", "0.6.0", "0.7.0"))
 def qupath(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     from qupath.fixtures import qupath_or_skip
 
@@ -411,6 +411,8 @@ def only_boundary_differences(a: np.ndarray, b: np.ndarray) -> bool:
     return True
 
 
+@pytest.mark.jvm
+@pytest.mark.slow
 @needs_slides
 def test_groovy_export_survives_a_missing_slide_and_agrees_with_zeus_export(qupath: Any, tmp_path: Path) -> None:
     """Run for project on real QuPath: a slide that cannot be opened keeps its GeoJSON (one line, no mask, older

@@ -112,7 +112,7 @@ def test_header_names_versions_and_parameters(script: Path) -> None:
     header = text[: text.index("*/")]
     assert header.lstrip().startswith("/*")
     assert script.name in header
-    assert "QuPath 0.4, 0.5 and 0.6" in header
+    assert "QuPath 0.4, 0.5, 0.6 and 0.7" in header
     assert "Parameters" in header
     # every parameter named in the header is defined in the script
     for name in re.findall(r"^ \*   ([A-Z][A-Z_]+)\b", header, re.M):
@@ -136,3 +136,37 @@ def test_rule_block_is_shared_and_its_constants_are_pythons() -> None:
                         ("REPLACED", REPLACED), ("BACKUP_INFIX", BACKUP_INFIX)):
         assert f"String {name} = '{value}'" in block
     # the agreement of the two rules on real QuPath objects: tests/test_qupath_rule.py
+
+
+# docs/GROOVY.md: what compiles on Debian's Groovy 2.4 but behaves differently (or fails) in QuPath's Groovy 4
+GROOVY4_CHANGED = {
+    r"\bnew\s+Date\s*\(\s*\)\s*\.\s*format\b|\bDate\s*\.\s*parse\b|\.format\s*\(\s*['\"][yMdHhms]":
+        "Date/Calendar extension methods (groovy-dateutil in Groovy 2.5+)",
+    r"\bgroovy\.util\.(XmlSlurper|XmlParser|AntBuilder|CliBuilder|GroovyTestCase)\b|\b(XmlSlurper|XmlParser|AntBuilder|"
+    r"CliBuilder)\b": "classes moved out of groovy.util (Groovy 3) and removed there (Groovy 4)",
+    r"@Grab\b": "@Grab (no Grape/Ivy in QuPath)",
+    r"^\s*(abstract\s+|final\s+)?class\s+\w+": "a class declared in a script (closure access changed in Groovy 3)",
+}
+
+
+def _code(text: str) -> str:
+    """The script without comments and string literals (so their words are not taken for code)."""
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    text = re.sub(r"'''.*?'''|\"\"\".*?\"\"\"", "''", text, flags=re.S)
+    text = re.sub(r"'(\\.|[^'\\\n])*'|\"(\\.|[^\"\\\n])*\"", "''", text)
+    return re.sub(r"//[^\n]*", "", text)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_avoid_what_groovy_4_changed(script: Path) -> None:
+    code = _code(script.read_text(encoding="utf-8"))
+    found = [f"{why}: {m.group(0).strip()!r}" for pattern, why in GROOVY4_CHANGED.items()
+             for m in re.finditer(pattern, code, re.M)]
+    assert found == [], found
+
+
+def test_the_groovy_4_scan_finds_what_it_looks_for() -> None:
+    bad = "import groovy.util.XmlSlurper\n@Grab('x:y:1')\nclass Foo {}\ndef d = new Date().format('yyyy')\n"
+    ok = "// new Date().format('yyyy') in a comment\ndef s = 'class Foo and XmlSlurper in a string'\n"
+    assert len([p for p in GROOVY4_CHANGED if re.search(p, _code(bad), re.M)]) == len(GROOVY4_CHANGED)
+    assert not any(re.search(p, _code(ok), re.M) for p in GROOVY4_CHANGED)

@@ -273,7 +273,8 @@ class ProjectView:
 
 
 def object_from_json(data: Mapping[str, Any]) -> QuPathObject:
-    """A ``QuPathObject`` from ``QpHarness``'s JSON (geometry exactly as QuPath holds it, through WKB)."""
+    """A ``QuPathObject`` from ``QpHarness``'s JSON (geometry exactly as QuPath's ``ROI.getGeometry()`` gives it,
+    through WKB; in ``properties`` the ROI's type, own area and the outline it holds, ``held_outline``)."""
     wkb = data.get("wkb")
     geometry = shapely.from_wkb(bytes.fromhex(wkb)) if wkb else shapely.Point()
     color = data.get("color")
@@ -286,7 +287,17 @@ def object_from_json(data: Mapping[str, Any]) -> QuPathObject:
         measurements={str(k): float(v) for k, v in (data.get("measurements") or {}).items()},
         id=data.get("id"),
         is_locked=bool(data.get("locked")),
+        # what QuPath holds the outline as: "roiType" (ROI.getRoiName(): "Polygon", "Geometry", ...), "roiArea" and
+        # "held" (a PolygonROI's own vertices; getGeometry goes through java.awt.geom.Area), when there is a ROI
+        properties={k: v for k, v in (("roiType", data.get("roiType")), ("roiArea", data.get("area")),
+                                      ("held", held_outline(data) if wkb else None)) if v is not None},
     )
+
+
+def held_outline(data: Mapping[str, Any]) -> Any:
+    """The outline a ROI holds: a PolygonROI's own vertices (``verticesWkb``), else its geometry (``wkb``)."""
+    wkb = data.get("verticesWkb") or data.get("wkb")
+    return shapely.from_wkb(bytes.fromhex(wkb)) if wkb else shapely.Point()
 
 
 @dataclass(frozen=True)

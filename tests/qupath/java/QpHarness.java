@@ -41,6 +41,7 @@ import qupath.lib.objects.classes.PathClass;
 import qupath.lib.objects.hierarchy.PathObjectHierarchy;
 import qupath.lib.projects.Project;
 import qupath.lib.projects.ProjectIO;
+import qupath.lib.roi.PolygonROI;
 import qupath.lib.projects.ProjectImageEntry;
 import qupath.lib.regions.ImagePlane;
 import qupath.lib.roi.GeometryTools;
@@ -130,6 +131,21 @@ public class QpHarness {
             j.addProperty("roiType", roi.getRoiName());
             j.addProperty("area", roi.getArea());
             j.addProperty("wkb", WKBWriter.toHex(new WKBWriter(2).write(roi.getGeometry())));
+            if (roi instanceof PolygonROI) {  // the vertices QuPath holds (getGeometry goes through java.awt.geom.Area)
+                List<Coordinate> coords = new ArrayList<>();
+                for (var p : roi.getAllPoints())
+                    coords.add(new Coordinate(p.getX(), p.getY()));
+                if (coords.size() >= 3) {
+                    if (!coords.get(0).equals2D(coords.get(coords.size() - 1)))
+                        coords.add(new Coordinate(coords.get(0)));
+                    try {
+                        Polygon held = GeometryTools.getDefaultFactory().createPolygon(coords.toArray(Coordinate[]::new));
+                        j.addProperty("verticesWkb", WKBWriter.toHex(new WKBWriter(2).write(held)));
+                    } catch (IllegalArgumentException e) {
+                        // fewer than 4 points in the ring: no polygon of its vertices
+                    }
+                }
+            }
         }
         return j;
     }
