@@ -450,3 +450,30 @@ def test_a_name_too_long_for_the_file_system_is_a_400_not_a_500(tmp_path):
     with pytest.raises(RequestError) as info:
         roots.check(str(tmp_path / ("a" * 5000 + ".svs")), "slide")
     assert info.value.status == 400 and "not a usable path" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ the command line
+
+
+def _subparser(name: str):
+    import argparse
+
+    from zeus_qupath.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def test_segment_and_serve_share_one_definition_of_their_common_options(capsys):
+    seg, serve = ({a.dest: a for a in _subparser(n)._actions} for n in ("segment", "serve"))
+    for dest in ("patch_size", "stride", "target_mpp", "tissue", "device", "precision", "batch_size"):
+        a, b = seg[dest], serve[dest]
+        assert (a.type, a.default, a.choices, a.help) == (b.type, b.default, b.choices, b.help), dest
+    # the same value is refused by both, in the same words (serve took patch sizes up to 2^31 before)
+    for command in (["segment", "s.svs"], ["serve", "--root", "."]):
+        with pytest.raises(SystemExit) as info:
+            main([*command, "--patch-size", "20000"])
+        assert info.value.code == 2 and "[1, 16384]" in capsys.readouterr().err
+    help_text = _subparser("segment").format_help()
+    for shown in ("default: 448", "default: 112", "default: auto", "default: 64"):
+        assert shown in " ".join(help_text.split()), shown
