@@ -33,10 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table, write_json  # noqa: E402
 
 
-def process(args: list[str]) -> tuple[float, str]:
-    """Wall time and stderr of ``python ARGS`` in a fresh process."""
+def process(args: list[str], source: Path | None = None) -> tuple[float, str]:
+    """Wall time and stderr of ``python ARGS`` in a fresh process (``source``: the zeus_qupath tree it runs)."""
+    import os
+
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = f"{source}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(source)
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         tail = "\n".join(line for line in res.stderr.splitlines() if not line.startswith("import time:"))[-2000:]
@@ -97,6 +102,9 @@ def main() -> int:
     ap.add_argument("--work-dir", default="bench/results/startup")
     ap.add_argument("--tiny-cache", default=None, help="where the tiny model is kept (default: WORK_DIR/tiny-model)")
     ap.add_argument("--json", default="bench/results/startup.json")
+    ap.add_argument("--before", default=None, metavar="REV",
+                    help="also run zeus_qupath as of git revision REV (a temporary worktree), alternating with this "
+                         "tree: start-up before/after")
     args = ap.parse_args()
 
     from zeus_qupath.demo import DEMO_SEED, DEMO_SIZE
@@ -114,6 +122,8 @@ def main() -> int:
     command = ["segment", str(slide), "--model", f"open_clip:{tiny.config_path}", "--pretrained",
                str(tiny.checkpoint_path), "--prompts", str(prompts), "--device", "cpu", "--quiet", "--no-cache"]
 
+    if args.before:
+        return before_after(args, command, work)
     runs = []
     for r in range(args.runs):
         interpreter_s, _ = process(["-c", "pass"])
@@ -146,6 +156,45 @@ def main() -> int:
     print(f"slowest top-level imports (last run): {slowest}")
     write_json(args.json, {"benchmark": "startup", "machine": machine(), "slide": list(DEMO_SIZE), "runs": runs,
                            "median": summary})
+    return 0
+
+
+def startup_seconds(out: Path, wall: float) -> float:
+    """Wall time outside reading and embedding: start-up to the first batch (imports, model, prompts) plus exit."""
+    stages = json.loads((out / "run.json").read_text())["slides"][0]["seconds"]
+    return wall - stages["tissue"] - stages["embed"] - stages["polygons"]
+
+
+def before_after(args, command: list[str], work: Path) -> int:
+    """``zeus segment`` from revision ``args.before`` and from this tree, alternating; medians of start-up."""
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    before = Path(tempfile.mkdtemp(prefix="zeus-before-")) / "tree"
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(before), args.before], check=True,
+                   capture_output=True)
+    rows: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    try:
+        for r in range(args.runs):
+            for label, source in (("before", before), ("after", root)):
+                out = work / f"ab-{label}{r}"
+                shutil.rmtree(out, ignore_errors=True)
+                wall, log = process(["-X", "importtime", "-m", "zeus_qupath", *command, "--out", str(out)], source)
+                imports, top = import_seconds(log)
+                names = {name for _, name in top}
+                rows[label].append({"wall_s": wall, "imports_s": imports, "startup_s": startup_seconds(out, wall),
+                                    "imports_transformers": float("transformers" in names),
+                                    "imports_timm": float("timm" in names)})
+                print(f"{label} run {r + 1}: wall {wall:.1f} s, start-up {rows[label][-1]['startup_s']:.1f} s, "
+                      f"imports {imports:.1f} s", flush=True)
+    finally:
+        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(before)], capture_output=True)
+    med = {label: {k: float(statistics.median(r[k] for r in runs)) for k in runs[0]} for label, runs in rows.items()}
+    print(table([[k.removesuffix("_s"), med["before"][k], med["after"][k]] for k in med["before"]],
+                ["median over runs (s)", f"before ({args.before})", "after"]))
+    write_json(Path(args.json).with_name("startup_before_after.json"),
+               {"benchmark": "startup before/after", "before": args.before, "machine": machine(), "runs": rows,
+                "median": med})
     return 0
 
 

@@ -16,6 +16,56 @@ _LOCAL_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bi
 OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_pytorch_model.bin", "open_clip_model.safetensors", "*.txt")
 
 
+_OPTIONAL = ("transformers", "timm")  # what open_clip imports for HF text towers, timm image towers and CoCa
+_OPTIONAL_MODULES = ("open_clip.hf_model", "open_clip.timm_model", "open_clip.coca_model")
+
+
+def _plain_config(spec: str) -> bool:
+    """True for a config JSON file whose towers are open_clip's own (no HF text tower, no timm tower, no CoCa)."""
+    if not spec.endswith(".json"):
+        return False
+    try:
+        cfg = json.loads(Path(spec).expanduser().read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # let the loader report it
+    if not isinstance(cfg, dict) or "multimodal_cfg" in cfg:
+        return False
+    text, vision = cfg.get("text_cfg") or {}, cfg.get("vision_cfg") or {}
+    return isinstance(text, dict) and isinstance(vision, dict) and not text.get("hf_model_name") \
+        and not vision.get("timm_model_name")
+
+
+def import_open_clip(spec: str, plain: bool | None = None):
+    """open_clip, imported without transformers and timm when ``spec`` needs neither (start-up time).
+
+    open_clip imports both at its own import, for towers most configs do not have (about 2-3 s of a
+    run's start-up). For a plain config JSON they are hidden while open_clip is imported (its modules
+    then record them as absent); a later model that needs them re-imports those open_clip modules,
+    which re-binds the names in place, so earlier models keep working.
+    """
+    import importlib
+    import sys
+
+    plain = _plain_config(spec) if plain is None else plain
+    if "open_clip" in sys.modules:
+        if not plain:
+            for name in _OPTIONAL_MODULES:
+                module = sys.modules.get(name)
+                if module is not None and any(getattr(module, m, "") is None for m in _OPTIONAL):
+                    importlib.reload(module)
+        return sys.modules["open_clip"]
+    hidden = [m for m in _OPTIONAL if m not in sys.modules] if plain else []
+    for m in hidden:
+        sys.modules[m] = None  # type: ignore[assignment]  # "import m" raises ImportError while hidden
+    try:
+        import open_clip
+    finally:
+        for m in hidden:
+            if m in sys.modules and sys.modules[m] is None:
+                del sys.modules[m]
+    return open_clip
+
+
 class OpenClipEncoder(Encoder):
     """An open_clip ``CLIP``/``CustomTextCLIP``: ``encode_image`` and ``encode_text``."""
 
@@ -41,7 +91,7 @@ class OpenClipEncoder(Encoder):
 
 def load_open_clip(
     spec: str, pretrained: str | None, device: torch.device, precision: str, display_name: str | None = None,
-    random_weights: bool = False, _weights_checked: bool = False,
+    random_weights: bool = False, _weights_checked: bool = False, _plain: bool = False,
 ) -> OpenClipEncoder:
     """Build an open_clip model from a built-in name, a config JSON file, or a ``local-dir:``/``hf-hub:`` id.
 
@@ -49,7 +99,7 @@ def load_open_clip(
     file (with a checkpoint file) is loaded as a private ``local-dir:`` folder, never registered with
     open_clip: registering would change the model of that name for the whole process.
     """
-    import open_clip
+    open_clip = import_open_clip(spec, True if _plain else None)
 
     name = spec
     path = Path(spec).expanduser()
@@ -59,12 +109,12 @@ def load_open_clip(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return load_open_clip(spec, None, device, precision, display_name, random_weights=False,
-                                  _weights_checked=True)
+                                  _weights_checked=True, _plain=_plain)
     if spec.endswith(".json"):
         with tempfile.TemporaryDirectory(prefix="zeus-open_clip-") as folder:
             _private_model_dir(path, pretrained, Path(folder))
             return load_open_clip(f"local-dir:{folder}", None, device, precision, display_name or path.stem,
-                                  _weights_checked=True)
+                                  _weights_checked=True, _plain=_plain_config(spec))
     elif not spec.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
         raise ModelError(f"unknown open_clip model {spec!r} (see open_clip.list_models(), or pass a config .json)")
     if pretrained and not spec.startswith(("hf-hub:", "local-dir:")):
