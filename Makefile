@@ -14,7 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,paquo,conch,plip,ray]'
 	touch $@
 
-demo: install
+# the demo needs the package only: no test tools, Ray, paquo or CONCH (a full install also serves)
+$(VENV)/.installed-demo: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -f $(VENV)/.installed || { $(BIN)/python -m pip install -q --upgrade pip && \
+		$(BIN)/python -m pip install -q -e .; }
+	touch $@
+
+demo: $(VENV)/.installed-demo
 	$(BIN)/zeus demo --out $(DEMO_OUT)
 
 test: install

@@ -477,3 +477,13 @@ def test_segment_and_serve_share_one_definition_of_their_common_options(capsys):
     help_text = _subparser("segment").format_help()
     for shown in ("default: 448", "default: 112", "default: auto", "default: 64"):
         assert shown in " ".join(help_text.split()), shown
+
+
+def test_models_lists_the_default_first_and_how_to_get_missing_weights(capsys, monkeypatch):
+    from zeus_qupath.models import DEFAULT_MODEL, PRESETS, availability
+
+    monkeypatch.setattr(availability, "_cached", lambda repo, filename: False)  # no weights here
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith(f"{DEFAULT_MODEL} (default)")
+    assert f"`hf download {PRESETS[DEFAULT_MODEL].hf_repo}`" in "\n".join(lines)

@@ -37,3 +37,19 @@ def test_overlay_colours_coverage_and_outlines(tmp_path):
     write_png(tmp_path / "o.png", out)
     with Image.open(tmp_path / "o.png") as im:
         assert np.array_equal(np.asarray(im), out)  # lossless
+
+
+def test_overlay_has_a_legend_naming_the_positive_class_colours():
+    from zeus_qupath.overlay import draw_legend
+
+    scores = PatchScores(np.array([[0, 0]]), np.array([[0.1, 0.3]], np.float32), ("normal", "tumor"), "tumor",
+                         1000, 1000, 20000, 10000, 0.5)
+    thumb = np.full((1000, 2000, 3), 200, np.uint8)
+    out = render_overlay(thumb, scores, [])
+    x0, y0, x1, y1 = draw_legend(thumb.copy(), "tumor")
+    assert x1 > 1000 and y1 > 750  # the bottom-right corner, away from the slide's covered top-left
+    legend = out[y0:y1 + 1, x0:x1 + 1].reshape(-1, 3)
+    colours = {tuple(int(v) for v in c) for c in legend}
+    assert tuple(POSITIVE_RGB) in colours and tuple(NEGATIVE_RGB) in colours  # both ends of the ramp
+    assert (255, 255, 255) in colours and (0, 0, 0) in colours  # white box, black text and outline sample
+    assert draw_legend(np.full((200, 400, 3), 200, np.uint8), "tumor") is None  # too small: none drawn

@@ -313,13 +313,18 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     rows = [("preset", "code", "weights", "licence", "weights looked for in")]
     notes = []
-    for name, preset in PRESETS.items():
+    for name in sorted(PRESETS, key=lambda n: n != DEFAULT_MODEL):  # the default first, then the table's order
+        preset = PRESETS[name]
         st = model_status(name)
         rows.append((name + (" (default)" if name == DEFAULT_MODEL else ""),
                      "yes" if st.code_available else "no", "yes" if st.weights_available else "no",
                      preset.license, str(st.weights_location)))
         if not st.code_available:
             notes.append(f"{name}: {st.code_detail}")
+        if not st.weights_available and preset.hf_repo:
+            login = " (gated: accept its terms on the Hub page, then `hf auth login`)" if preset.gated else ""
+            notes.append(f"{name}: get the weights with `hf download {preset.hf_repo}`{login}, "
+                         f"or pass --pretrained with a local copy")
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])

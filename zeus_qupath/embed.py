@@ -177,6 +177,9 @@ class StreamEncoder:
             if cur.kept is None:
                 cur.kept = np.ones(len(grid), dtype=bool)
             cur.kept[indices[~event.keep]] = False
+            drop = getattr(cur.progress, "drop", None)  # a bar that counts patches: they leave its total
+            if drop is not None and (~event.keep).any():
+                drop(int(np.count_nonzero(~event.keep)))
             indices, rows, cols = indices[event.keep], rows[event.keep], cols[event.keep]
             if not len(indices):
                 return

@@ -53,7 +53,48 @@ def render_overlay(
         cv2.polylines(out, pts, isClosed=True, color=(0, 0, 0), thickness=thickness)
     if scores.meta.get("adapter"):  # scored with zeus learn's adapter, not zero-shot: say so on the image
         label_adapted(out)
+    draw_legend(out, scores.positive_class, thickness)
     return out
+
+
+def _ascii(text: str) -> str:
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:40]  # OpenCV's fonts draw ASCII only
+
+
+def draw_legend(rgb: np.ndarray, positive_class: str, line: int = 2) -> tuple[int, int, int, int] | None:
+    """A legend in the bottom-right corner: the colour ramp from the other classes (blue) to ``positive_class``
+    (red), and the outline's line; returns its box (x0, y0, x1, y1), or None on a thumbnail too small for it."""
+    h, w = rgb.shape[:2]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = max(0.35, min(w, h) / 1100)
+    thick = max(1, int(round(scale * 1.5)))
+    left, right, outline = "other classes", f"{_ascii(positive_class)} (score margin)", "ZEUS region"
+    (lw, th), base = cv2.getTextSize(left, font, scale, thick)
+    rw = cv2.getTextSize(right, font, scale, thick)[0][0]
+    ow = cv2.getTextSize(outline, font, scale, thick)[0][0]
+    pad = max(3, th // 2)
+    ramp_w = max(40, 4 * th)
+    row = th + base + pad
+    box_w = pad + max(lw + pad + ramp_w + pad + rw, ramp_w + pad + ow) + pad
+    box_h = pad + 2 * row
+    if box_w > w // 2 or box_h > h // 4:  # a thumbnail too small to carry one without hiding the slide
+        return None
+    x0, y0 = max(0, w - box_w - pad), max(0, h - box_h - pad)
+    x1, y1 = min(w - 1, x0 + box_w), min(h - 1, y0 + box_h)
+    cv2.rectangle(rgb, (x0, y0), (x1, y1), (255, 255, 255), -1)
+    cv2.rectangle(rgb, (x0, y0), (x1, y1), (0, 0, 0), 1)
+    ty = y0 + pad + th
+    cv2.putText(rgb, left, (x0 + pad, ty), font, scale, (0, 0, 0), thick, cv2.LINE_AA)
+    rx = x0 + pad + lw + pad
+    t = np.linspace(0.0, 1.0, ramp_w)[:, None]
+    colours = np.rint(t * POSITIVE_RGB + (1 - t) * NEGATIVE_RGB).astype(np.uint8)
+    ry0, ry1 = y0 + pad, min(y1, y0 + pad + th + base)
+    rgb[ry0:ry1, rx:rx + ramp_w][:] = colours[None, : max(0, min(ramp_w, w - rx))]
+    cv2.putText(rgb, right, (rx + ramp_w + pad, ty), font, scale, (0, 0, 0), thick, cv2.LINE_AA)
+    ly = ty + row - th // 2
+    cv2.line(rgb, (x0 + pad, ly), (x0 + pad + ramp_w, ly), (0, 0, 0), max(1, line))
+    cv2.putText(rgb, outline, (x0 + 2 * pad + ramp_w, ty + row), font, scale, (0, 0, 0), thick, cv2.LINE_AA)
+    return x0, y0, x1, y1
 
 
 def label_adapted(rgb: np.ndarray) -> None:

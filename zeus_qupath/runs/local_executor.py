@@ -55,6 +55,21 @@ class _Prepared:
     sample_seconds: float = 0.0
 
 
+class _PatchBar:
+    """A slide's progress bar: embedded patches count up; white/black patches left out leave the total, so that
+    the bar ends at the patch count the run reports."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def __call__(self, n: int) -> None:
+        self.bar.update(n)
+
+    def drop(self, n: int) -> None:
+        self.bar.total = max(0, self.bar.total - n)
+        self.bar.refresh()
+
+
 class LocalPipeline:
     """Segments slides in this process with overlapping stages (see the module docstring)."""
 
@@ -145,7 +160,7 @@ class LocalPipeline:
             return None
         p.bar = tqdm(total=len(plan.grid), desc=p.job.entry.stem, unit="patch", file=sys.stderr,
                      dynamic_ncols=True, leave=False, position=1)
-        return p.bar.update
+        return _PatchBar(p.bar)
 
     def _finish(self, p: _Prepared, embedding: SlideEmbedding) -> SlideReport:
         n = len(self.m.encoders)
