@@ -35,6 +35,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from shapely.geometry import Polygon
+
 from zeus_qupath.errors import GeoJSONError, ProjectError
 from zeus_qupath.output_set import atomic_open
 from zeus_qupath.qupath_geojson import QuPathObject, class_color, feature_to_object, repair_geometry
@@ -53,11 +55,29 @@ from .project_files import PROJECT_FILE, ZEUS_GEOJSON, ImageUpdate, zeus_entry_m
 from .uris import UriMap, map_path, path_to_file_uri, same_file_uri
 
 
+def _held_outline(annotation: Any) -> Any | None:
+    """A PolygonROI's own vertices as a valid shapely Polygon, or None for any other ROI (or a stand-in).
+
+    QuPath gives a PolygonROI's geometry (``annotation.roi``) through ``java.awt.geom.Area``, which on Java
+    25.0.3/26.0.1 (and Debian's 17.0.21) loses area and splits large outlines, and on every Java drops collinear
+    vertices; the vertices themselves are what QuPath holds, draws and saves (the import script compares the same).
+    """
+    try:
+        roi = annotation.java_object.getROI()
+        if str(roi.getClass().getSimpleName()) != "PolygonROI":
+            return None
+        polygon = Polygon([(float(p.getX()), float(p.getY())) for p in roi.getAllPoints()])
+    except Exception:  # no Java object (a test double), or fewer than 3 vertices
+        return None
+    return polygon if polygon.is_valid and not polygon.is_empty else None
+
+
 def paquo_annotation_to_object(annotation: Any) -> QuPathObject | None:
     """A paquo annotation as a ``QuPathObject``: properties from QuPath's own GeoJSON, exact ROI geometry.
 
-    QuPath's GeoJSON rounds coordinates to 2 decimals, so the geometry is taken from the ROI itself
-    (``annotation.roi``, through WKB) for the area and vertex comparisons of the keep-edits rule.
+    QuPath's GeoJSON rounds coordinates to 2 decimals, so the geometry is taken from the ROI itself (a
+    PolygonROI's vertices, ``_held_outline``; else ``annotation.roi``, through WKB) for the area and vertex
+    comparisons of the keep-edits rule.
     """
     try:
         obj = feature_to_object(annotation.to_geojson(), source="paquo annotation")
@@ -65,7 +85,8 @@ def paquo_annotation_to_object(annotation: Any) -> QuPathObject | None:
         return None  # not understood: never removed, so the annotator keeps it
     if obj is None:
         return None
-    exact = repair_geometry(annotation.roi)
+    held = _held_outline(annotation)
+    exact = held if held is not None else repair_geometry(annotation.roi)
     return obj if exact is None else replace(obj, geometry=exact)
 
 
