@@ -393,7 +393,8 @@ def test_full_disk_leaves_nothing_half_written(tmp_path, slide, tiny_args):
     out = tmp_path / "out"
     res = run_cli("segment", str(slide), *tiny_args, "--out", str(out), "--no-cache",
                   preexec=_file_size_limit(20_000))
-    one_error(res.returncode, res.stderr, "")
+    one_error(res.returncode, res.stderr, "File too large")
+    assert str(out) in res.stderr  # which output (and folder) the failed write was for
     assert [p for p in outputs_in(out) if p.name != "run.json"] == []
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -109,11 +107,7 @@ def test_slide_without_tissue_gives_empty_collection(tmp_path, tiny_args, capsys
     assert "no tissue" in capsys.readouterr().err
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zeus_qupath", *args], capture_output=True, text=True, timeout=600)
-
-
-def test_bad_inputs_one_line_no_traceback_no_output(tmp_path, tiny_args, spindle_prompts):
+def test_bad_inputs_one_line_no_traceback_no_output(tmp_path, tiny_args, spindle_prompts, capsys):
     out = tmp_path / "out"
     truncated = tmp_path / "cut.svs"
     data = shared_file("wsi", "CMU-1-Small-Region.svs").read_bytes()
@@ -128,25 +122,31 @@ def test_bad_inputs_one_line_no_traceback_no_output(tmp_path, tiny_args, spindle
         (["segment", svs, "--model", "no-such-model", "--prompts", str(spindle_prompts)], "unknown model"),
         (["segment", svs, "--model", "quiltnet-b32", "--prompts", str(spindle_prompts)], "QuiltNet-B-32"),
         (["segment", str(shared_file("wsi", "OS-1-detail.ome.tif")), *tiny_args, "--target-mpp", "1", "--mpp", "-1"],
-         "error"),
-        (["polygons", str(tmp_path / "missing.scores.npz")], "not found"),
+         "argument --mpp: must be a pixel size in um/px in (0, 1000], got '-1'"),
+        (["polygons", str(tmp_path / "missing.scores.npz")], "scores file not found"),
     ]
-    for args, needle in cases:
-        res = _run_cli(*args, "--out", str(out)) if args[0] == "segment" else _run_cli(*args)
-        assert res.returncode != 0, args
-        err = res.stderr.strip().splitlines()
-        assert "Traceback" not in res.stderr, res.stderr
-        assert len(err) == 1 and needle in err[0], res.stderr
+    for args, needle in cases:  # in this process: main() is what the console script runs
+        try:
+            rc = main([*args, "--out", str(out)] if args[0] == "segment" else args)
+        except SystemExit as exc:  # argparse's usage errors
+            rc = exc.code
+        err = capsys.readouterr().err
+        assert rc == 2, (args, err)
+        assert "Traceback" not in err, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("zeus") and needle in lines[0], err
     assert not out.exists() or not any(p.suffix in (".geojson", ".npz", ".png") for p in out.iterdir())
 
 
-def test_unknown_mpp_is_a_one_line_error(tmp_path, tiny_args):
+def test_unknown_mpp_is_a_one_line_error(tmp_path, tiny_args, capsys):
     Image.fromarray(np.full((500, 500, 3), 200, np.uint8)).save(tmp_path / "a.png")
-    res = _run_cli("segment", str(tmp_path / "a.png"), *tiny_args, "--target-mpp", "0.5", "--out", str(tmp_path / "o"))
-    assert res.returncode == 2 and "pixel size unknown" in res.stderr and "Traceback" not in res.stderr
+    assert main(["segment", str(tmp_path / "a.png"), *tiny_args, "--target-mpp", "0.5",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pixel size unknown" in err[0]
 
 
-def test_score_command_from_clam_features(tmp_path, tiny_args, tiny_encoder):
+def test_score_command_from_clam_features(tmp_path, tiny_args, tiny_encoder, capsys):
     import h5py
 
     from zeus_qupath.samples.synthetic import make_synthetic_slide
@@ -172,8 +172,10 @@ def test_score_command_from_clam_features(tmp_path, tiny_args, tiny_encoder):
     with h5py.File(bad, "w") as h5:
         h5["coords"] = grid.coords.astype(np.int32)
         h5["features"] = np.ones((len(grid), 7), np.float32)
-    res = _run_cli("score", str(bad), *model_args, "--patch-size", "448", "--out", str(tmp_path / "o2"))
-    assert res.returncode == 2 and "7-d" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    capsys.readouterr()
+    assert main(["score", str(bad), *model_args, "--patch-size", "448", "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "7-d" in err[0]
 
 
 def test_qupath_round_trip_keeps_edits_and_reports_corrections(tmp_path, tiny_args, capsys):

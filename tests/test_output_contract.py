@@ -487,3 +487,20 @@ def test_models_lists_the_default_first_and_how_to_get_missing_weights(capsys, m
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith(f"{DEFAULT_MODEL} (default)")
     assert f"`hf download {PRESETS[DEFAULT_MODEL].hf_repo}`" in "\n".join(lines)
+
+
+def test_a_full_disk_names_the_output_folder(tmp_path):
+    import errno
+
+    from zeus_qupath.console import os_error_line
+    from zeus_qupath.output_set import atomic_path
+
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as info, OutputSet(out) as staged:
+        staged.path("a.txt").write_text("a")
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a zip or PNG writer raises it: no file name
+    assert os_error_line(info.value) == f"no space left on device ({out})"
+    with pytest.raises(OSError) as info, OutputSet(out) as staged, atomic_path(staged.path("b.npz")):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert os_error_line(info.value) == f"no space left on device ({out / 'b.npz'})"
+    assert not out.exists()

@@ -137,6 +137,9 @@ class OutputSet:
         """An OSError on a staged file names the output it was for (its folder included), not the staging copy."""
         if not isinstance(error, OSError):
             return
+        if error.filename is None:  # a write through a file object (zip, PNG): at least the folder it was for
+            error.filename = str(self.folder)
+            return
         for attr in ("filename", "filename2"):
             name = getattr(error, attr, None)
             if name is None:
@@ -218,8 +221,10 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     try:
         yield tmp_path
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # written through a file object: name the file
+            exc.filename = str(target)
         raise
 
 
