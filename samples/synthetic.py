@@ -46,12 +46,13 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from zeus_qupath.atomic import atomic_path
 from zeus_qupath.errors import ZeusError
+from zeus_qupath.output_set import atomic_path
 
 BACKGROUND = 0
 NORMAL = 1
 TUMOR = 2
+CONFOUNDER = 3  # only with confounder_fraction > 0: a necrosis-like third texture (see label_map)
 
 _BG_LEVEL = 240.0
 _JPEG_QUALITY = 85
@@ -60,6 +61,7 @@ _MIN_LEVEL_SIZE = 2000
 
 __all__ = [
     "BACKGROUND",
+    "CONFOUNDER",
     "NORMAL",
     "TUMOR",
     "SyntheticSlide",
@@ -81,6 +83,7 @@ class SyntheticSlide:
     width: int
     height: int
     mpp: float
+    confounder_mask_path: Path | None = None  # written only when the slide has a confounder
 
 
 # --------------------------------------------------------------------------- hashing and noise
@@ -164,11 +167,14 @@ def label_map(
     mask_downsample: int = 32,
     tissue_fraction: float = 0.45,
     tumor_fraction: float = 0.3,
+    confounder_fraction: float = 0.0,
 ) -> np.ndarray:
     """The slide's layout as a uint8 map (0 background, 1 normal, 2 tumor) at ``mask_downsample``.
 
     ``tissue_fraction`` is the share of the slide covered by tissue, ``tumor_fraction`` the share
     of the tissue that is tumor (both approximate: tiny fragments are dropped).
+    ``confounder_fraction`` > 0 adds label 3 (``CONFOUNDER``, a necrosis-like texture): smooth blobs
+    of another random field over roughly that share of the non-tumor tissue (0: the map is unchanged).
     """
     ds = mask_downsample
     mh, mw = math.ceil(height / ds), math.ceil(width / ds)
@@ -195,6 +201,13 @@ def label_map(
         tumor = tissue & (tfield > thr)
         tumor = _drop_small(tumor, min_cells=(700.0 / ds) ** 2)
         labels[tumor] = TUMOR
+    if confounder_fraction > 0 and tissue.any():
+        cscale = min(max(1500.0, 0.35 * tissue_scale), 12000.0)
+        cfield = _fbm(xs, ys, cscale, _key(seed, 3), octaves=2)
+        free = labels == NORMAL
+        if free.any():
+            conf = free & (cfield > np.quantile(cfield[free], 1.0 - confounder_fraction))
+            labels[_drop_small(conf, min_cells=(700.0 / ds) ** 2) & free] = CONFOUNDER
     return labels
 
 
@@ -216,6 +229,8 @@ def read_label_map(slide: SyntheticSlide) -> np.ndarray:
     tumor = np.asarray(Image.open(slide.tumor_mask_path)) > 127
     labels = tissue.astype(np.uint8)
     labels[tumor] = TUMOR
+    if slide.confounder_mask_path is not None:
+        labels[np.asarray(Image.open(slide.confounder_mask_path)) > 127] = CONFOUNDER
     return labels
 
 
@@ -227,6 +242,8 @@ _STROMA_LOOSE = np.array([8.0, 36.0, 20.0], dtype=np.float32)  # added in loose 
 _STROMA_NUCLEUS = np.array([104.0, 66.0, 146.0], dtype=np.float32)
 _TUMOR_CYTO = np.array([190.0, 138.0, 200.0], dtype=np.float32)
 _TUMOR_NUCLEUS = np.array([66.0, 40.0, 118.0], dtype=np.float32)
+_NECROSIS_BASE = np.array([228.0, 128.0, 160.0], dtype=np.float32)  # bright eosinophilic, no fibres
+_NECROSIS_DUST = np.array([92.0, 52.0, 110.0], dtype=np.float32)  # karyorrhectic nuclear dust
 
 
 def _nuclei(
@@ -338,6 +355,16 @@ class _Renderer:
         nucleus = _TUMOR_NUCLEUS * chroma[..., None]
         return img + cov[..., None] * 0.95 * (nucleus - img)
 
+    def necrosis(self, xs: np.ndarray, ys: np.ndarray, spacing: float) -> np.ndarray:
+        k = self.seed
+        shade = _value_noise(xs, ys, 80.0, _key(k, 31)) * 0.7 + _value_noise(xs, ys, 350.0, _key(k, 32)) * 0.3
+        img = _NECROSIS_BASE + (shade * 18.0)[..., None]
+        xx = xs[None, :].astype(np.float32)
+        yy = ys[:, None].astype(np.float32)
+        dust = _nuclei(xx, yy, cell=14.0, offset=3.0, key=_key(k, 33), presence=0.45,
+                       rx=(1.5, 3.0), ry=(1.5, 3.0), angle=None)
+        return img + dust[..., None] * 0.8 * (_NECROSIS_DUST - img)
+
     def paint(self, xs: np.ndarray, ys: np.ndarray, labels: np.ndarray, spacing: float = 1.0) -> np.ndarray:
         """RGB floats at pixel centres ``ys x xs`` (level-0 px, ``spacing`` apart) for ``labels``."""
         img = np.full((ys.size, xs.size, 3), _BG_LEVEL, dtype=np.float32)
@@ -347,6 +374,9 @@ class _Renderer:
             img = np.where(is_normal[..., None], self.stroma(xs, ys, spacing), img)
         if is_tumor.any():
             img = np.where(is_tumor[..., None], self.tumor(xs, ys, spacing), img)
+        is_conf = labels == CONFOUNDER
+        if is_conf.any():
+            img = np.where(is_conf[..., None], self.necrosis(xs, ys, spacing), img)
         return img
 
 
@@ -427,12 +457,15 @@ def make_synthetic_slide(
     tissue_fraction: float = 0.45,
     levels: int | None = None,
     mask_downsample: int = 32,
+    confounder_fraction: float = 0.0,
 ) -> SyntheticSlide:
     """Write a synthetic H&E-like pyramidal OME-TIFF at ``path`` plus its tumor and tissue masks.
 
     ``tumor_fraction`` is the share of the tissue that is tumor; ``tissue_fraction`` the share of the
     slide covered by tissue. ``levels`` fixes the number of pyramid levels (default: downsample 4
-    per level until the smallest is under 2000 px). All outputs are written atomically.
+    per level until the smallest is under 2000 px). ``confounder_fraction`` > 0 adds a necrosis-like
+third texture (see :func:`label_map`) and its mask ``<stem>.confounder.png``. All outputs are
+written atomically.
     """
     path = Path(path)
     if width < 1 or height < 1:
@@ -443,6 +476,8 @@ def make_synthetic_slide(
         raise ZeusError(f"tissue_fraction must be in (0, 1], got {tissue_fraction}")
     if not 0.0 <= tumor_fraction < 1.0:
         raise ZeusError(f"tumor_fraction must be in [0, 1), got {tumor_fraction}")
+    if not 0.0 <= confounder_fraction < 1.0:
+        raise ZeusError(f"confounder_fraction must be in [0, 1), got {confounder_fraction}")
     if not mpp > 0:
         raise ZeusError(f"mpp must be positive, got {mpp}")
     if mask_downsample < 1:
@@ -452,11 +487,12 @@ def make_synthetic_slide(
 
     labels = label_map(
         width, height, seed=seed, mask_downsample=mask_downsample,
-        tissue_fraction=tissue_fraction, tumor_fraction=tumor_fraction,
+        tissue_fraction=tissue_fraction, tumor_fraction=tumor_fraction, confounder_fraction=confounder_fraction,
     )
     stem = path.name.split(".")[0]
     tumor_path = path.with_name(f"{stem}.tumor.png")
     tissue_path = path.with_name(f"{stem}.tissue.png")
+    conf_path = path.with_name(f"{stem}.confounder.png") if confounder_fraction > 0 else None
 
     renderer = _Renderer(seed)
     sizes = _level_sizes(width, height, levels)
@@ -496,9 +532,12 @@ def make_synthetic_slide(
             Image.fromarray(np.where(labels == TUMOR, 255, 0).astype(np.uint8)).save(tmp, format="PNG")
         with atomic_path(tissue_path) as tmp:
             Image.fromarray(np.where(labels != BACKGROUND, 255, 0).astype(np.uint8)).save(tmp, format="PNG")
+        if conf_path is not None:
+            with atomic_path(conf_path) as tmp:
+                Image.fromarray(np.where(labels == CONFOUNDER, 255, 0).astype(np.uint8)).save(tmp, format="PNG")
     return SyntheticSlide(
         path=path, tumor_mask_path=tumor_path, tissue_mask_path=tissue_path,
-        mask_downsample=mask_downsample, width=width, height=height, mpp=mpp,
+        mask_downsample=mask_downsample, width=width, height=height, mpp=mpp, confounder_mask_path=conf_path,
     )
 
 

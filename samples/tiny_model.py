@@ -40,9 +40,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from zeus_qupath.atomic import atomic_open, atomic_path
 from zeus_qupath.errors import PromptError, ZeusError
-from zeus_qupath.samples.synthetic import BACKGROUND, TUMOR, SyntheticSlide, make_synthetic_slide, read_label_map
+from zeus_qupath.output_set import atomic_open, atomic_path
+from zeus_qupath.samples.synthetic import (
+    BACKGROUND,
+    CONFOUNDER,
+    TUMOR,
+    SyntheticSlide,
+    make_synthetic_slide,
+    read_label_map,
+)
 
 TINY_MODEL_NAME = "zeus-tiny"
 TRAIN_SEED_OFFSET = 10_000
@@ -50,6 +57,9 @@ PATCH_SIZE = 448
 DEFAULT_STEPS = 80
 _RECIPE_VERSION = 1  # bump when the training recipe changes, so cached models are retrained
 _TRAIN_SLIDE = dict(width=6144, height=4096, tissue_fraction=0.5, tumor_fraction=0.45)
+# the three-texture variant (``confounder_class``): the training slide also has the necrosis-like texture
+_TRAIN_SLIDE_CONFOUNDER = dict(width=6144, height=4096, tissue_fraction=0.6, tumor_fraction=0.35,
+                               confounder_fraction=0.45)
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -146,27 +156,34 @@ def labelled_patches(
     stride: int = 224,
     purity: float = 0.9,
     limit: int | None = None,
+    confounder_class: str | None = None,
 ) -> LabelledPatches:
     """Cut pure level-0 patches of a synthetic slide, labelled exactly from its masks.
 
     The positive class gets patches >= ``purity`` tumor; the first other class gets patches >=
     ``purity`` normal tissue with under 2 % tumor; mixed and background patches are skipped.
     ``limit`` keeps an evenly spread subset of at most that many patches per class.
+    ``confounder_class`` (one of ``classes``) gets patches >= ``purity`` of the slide's confounder
+    texture (``CONFOUNDER``); normal patches then also have under 2 % of it.
     """
-    negative = next(c for c in classes if c != positive_class)
+    negative = next(c for c in classes if c not in (positive_class, confounder_class))
     labels = read_label_map(slide)
     ds = slide.mask_downsample
     mh, mw = labels.shape
-    onehot = np.stack([labels == BACKGROUND, labels == TUMOR], axis=0).astype(np.float64)
+    onehot = np.stack([labels == BACKGROUND, labels == TUMOR, labels == CONFOUNDER], axis=0).astype(np.float64)
     picked: dict[str, list[tuple[int, int]]] = {positive_class: [], negative: []}
+    if confounder_class is not None:
+        picked[confounder_class] = []
     for y in range(0, slide.height - patch + 1, stride):
         wy = _cell_overlap(y, patch, ds, mh)
         for x in range(0, slide.width - patch + 1, stride):
             wx = _cell_overlap(x, patch, ds, mw)
-            bg, tumor = (wy @ onehot @ wx) / float(patch * patch)
+            bg, tumor, conf = (wy @ onehot @ wx) / float(patch * patch)
             if tumor >= purity:
                 picked[positive_class].append((x, y))
-            elif 1.0 - bg - tumor >= purity and tumor < 0.02:
+            elif confounder_class is not None and conf >= purity:
+                picked[confounder_class].append((x, y))
+            elif 1.0 - bg - tumor - conf >= purity and tumor < 0.02 and conf < 0.02:
                 picked[negative].append((x, y))
     coords, idx = [], []
     for cls, xy in picked.items():
@@ -254,19 +271,20 @@ def zero_shot_accuracy(
 # --------------------------------------------------------------------------- training
 
 
-def _cache_key(prompts_path: Path, seed: int, steps: int) -> str:
-    blob = json.dumps(
-        {
-            "config": tiny_model_config(),
-            "prompts_sha256": hashlib.sha256(prompts_path.read_bytes()).hexdigest(),
-            "seed": seed,
-            "steps": steps,
-            "recipe": _RECIPE_VERSION,
-            "train_slide": _TRAIN_SLIDE,
-            "open_clip": open_clip.__version__,
-        },
-        sort_keys=True,
-    )
+def _cache_key(prompts_path: Path, seed: int, steps: int, confounder_class: str | None = None) -> str:
+    facts = {
+        "config": tiny_model_config(),
+        "prompts_sha256": hashlib.sha256(prompts_path.read_bytes()).hexdigest(),
+        "seed": seed,
+        "steps": steps,
+        "recipe": _RECIPE_VERSION,
+        "train_slide": _TRAIN_SLIDE,
+        "open_clip": open_clip.__version__,
+    }
+    if confounder_class is not None:  # the two-texture model's key stays what it was
+        facts["train_slide"] = _TRAIN_SLIDE_CONFOUNDER
+        facts["confounder_class"] = confounder_class
+    blob = json.dumps(facts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -278,8 +296,13 @@ def train_tiny_model(
     steps: int = DEFAULT_STEPS,
     device: str = "cpu",
     batch_size: int = 64,
+    confounder_class: str | None = None,
 ) -> TinyModel:
     """Fit the tiny model on a training synthetic slide and write config + checkpoint to ``out_dir``.
+
+    ``confounder_class`` (a class of the prompt file, not its positive class) trains the three-texture
+    variant: the training slide also has the necrosis-like confounder texture, whose pure patches are
+    captioned with that class's prompts.
 
     Writes ``zeus-tiny.json`` (open_clip config), ``zeus-tiny.pt`` (state dict) and
     ``zeus-tiny.meta.json`` (cache key, training facts), each atomically.
@@ -287,6 +310,10 @@ def train_tiny_model(
     out_dir = Path(out_dir)
     prompts_path = Path(prompts_path)
     classes, texts, positive = read_prompt_classes(prompts_path)
+    if confounder_class is not None and (confounder_class not in classes or confounder_class == positive
+                                         or len(classes) < 3):
+        raise ZeusError(f"confounder class {confounder_class!r} must be a non-positive class of a prompt file "
+                        f"with at least three classes (it has {list(classes)})")
     if steps < 1:
         raise ZeusError(f"steps must be >= 1, got {steps}")
     t0 = time.perf_counter()
@@ -299,7 +326,7 @@ def train_tiny_model(
     try:
         with torch.random.fork_rng(devices=[]):  # seed the model init without touching the caller's RNG
             return _train(out_dir, prompts_path, classes, texts, positive, seed=seed, steps=steps, device=device,
-                          batch_size=batch_size, t0=t0)
+                          batch_size=batch_size, t0=t0, confounder_class=confounder_class)
     finally:
         torch.set_num_threads(threads)
 
@@ -316,6 +343,7 @@ def _train(
     device: str,
     batch_size: int,
     t0: float,
+    confounder_class: str | None = None,
 ) -> TinyModel:
     config_path = out_dir / f"{TINY_MODEL_NAME}.json"
     checkpoint_path = out_dir / f"{TINY_MODEL_NAME}.pt"
@@ -326,8 +354,10 @@ def _train(
     tokenizer = open_clip.get_tokenizer(name)
 
     with tempfile.TemporaryDirectory(prefix="zeus-tiny-train-") as tmp:
-        slide = make_synthetic_slide(Path(tmp) / "train.tif", seed=TRAIN_SEED_OFFSET + seed, **_TRAIN_SLIDE)
-        data = labelled_patches(slide, classes, positive_class=positive, stride=112)
+        layout = _TRAIN_SLIDE if confounder_class is None else _TRAIN_SLIDE_CONFOUNDER
+        slide = make_synthetic_slide(Path(tmp) / "train.tif", seed=TRAIN_SEED_OFFSET + seed, **layout)
+        data = labelled_patches(slide, classes, positive_class=positive, stride=112,
+                                confounder_class=confounder_class)
     counts = np.bincount(data.labels, minlength=len(classes))
     if (counts == 0).any():
         found = dict(zip(classes, counts.tolist(), strict=True))
@@ -389,7 +419,8 @@ def _train(
     with atomic_path(checkpoint_path) as tmp:
         torch.save(state, tmp)
     meta = {
-        "key": _cache_key(prompts_path, seed, steps),
+        "key": _cache_key(prompts_path, seed, steps, confounder_class),
+        "confounder_class": confounder_class,
         "model_name": TINY_MODEL_NAME,
         "prompts": prompts_path.name,
         "classes": list(classes),
@@ -407,7 +438,8 @@ def _train(
 
 
 def load_or_train_tiny_model(
-    cache_dir: str | Path, prompts_path: str | Path, seed: int = 0, *, steps: int = DEFAULT_STEPS
+    cache_dir: str | Path, prompts_path: str | Path, seed: int = 0, *, steps: int = DEFAULT_STEPS,
+    confounder_class: str | None = None,
 ) -> TinyModel:
     """Reuse a cached model whose config, prompt file contents, seed and recipe match; else train one.
 
@@ -415,7 +447,7 @@ def load_or_train_tiny_model(
     """
     prompts_path = Path(prompts_path)
     read_prompt_classes(prompts_path)  # fail early on a bad prompt file
-    key = _cache_key(prompts_path, seed, steps)
+    key = _cache_key(prompts_path, seed, steps, confounder_class)
     out_dir = Path(cache_dir) / f"{TINY_MODEL_NAME}-{key[:16]}"
     tiny = TinyModel(out_dir / f"{TINY_MODEL_NAME}.json", out_dir / f"{TINY_MODEL_NAME}.pt")
     meta_path = out_dir / f"{TINY_MODEL_NAME}.meta.json"
@@ -430,7 +462,7 @@ def load_or_train_tiny_model(
         cached = False
     if cached:
         return tiny
-    return train_tiny_model(out_dir, prompts_path, seed=seed, steps=steps)
+    return train_tiny_model(out_dir, prompts_path, seed=seed, steps=steps, confounder_class=confounder_class)
 
 
 # --------------------------------------------------------------------------- CLI

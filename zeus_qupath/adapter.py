@@ -137,7 +137,7 @@ class Adapter:
         return buf.getvalue()
 
     def save(self, path: str | Path) -> None:
-        from .atomic import atomic_path
+        from .output_set import atomic_path
 
         with atomic_path(path, suffix=".npz") as tmp:
             Path(tmp).write_bytes(self.to_bytes())

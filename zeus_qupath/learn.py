@@ -406,7 +406,7 @@ def slide_embeddings(path: str, models: Any, params: Any, cache: Any, memo: Any 
 def learn_from_corrections(images: Sequence[CorrectedImage], config: LearnConfig,
                            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> LearnResult:
     """The whole stage: check, load the model, embeddings (cache first), labels, cross-validation, adapter."""
-    from .atomic import writable_dir
+    from .output_set import writable_dir
     from .embedding_cache import EmbeddingCache
     from .identity import FingerprintMemo, effective_precision
     from .models.ensemble import load_run_models
