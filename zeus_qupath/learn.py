@@ -406,11 +406,11 @@ def slide_embeddings(path: str, models: Any, params: Any, cache: Any, memo: Any 
 def learn_from_corrections(images: Sequence[CorrectedImage], config: LearnConfig,
                            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> LearnResult:
     """The whole stage: check, load the model, embeddings (cache first), labels, cross-validation, adapter."""
-    from .output_set import writable_dir
     from .embedding_cache import EmbeddingCache
     from .identity import FingerprintMemo, effective_precision
     from .models.ensemble import load_run_models
     from .models.specs import parse_model_specs
+    from .output_set import writable_dir
 
     t0 = time.perf_counter()
     check_corrections(images)
