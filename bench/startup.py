@@ -180,8 +180,9 @@ def before_after(args, command: list[str], work: Path) -> int:
                 out = work / f"ab-{label}{r}"
                 shutil.rmtree(out, ignore_errors=True)
                 wall, log = process(["-X", "importtime", "-m", "zeus_qupath", *command, "--out", str(out)], source)
-                imports, top = import_seconds(log)
-                names = {name for _, name in top}
+                imports, _ = import_seconds(log)
+                names = {line.rsplit("|", 1)[-1].strip() for line in log.splitlines()
+                         if line.startswith("import time:")}
                 rows[label].append({"wall_s": wall, "imports_s": imports, "startup_s": startup_seconds(out, wall),
                                     "imports_transformers": float("transformers" in names),
                                     "imports_timm": float("timm" in names)})
