@@ -170,9 +170,10 @@ def _assert_exact(objects: list[QuPathObject], features: dict[str, dict], writte
         held = obj.properties["held"]
         if same_geometry(held, want):  # every vertex as written (float32)
             assert is_untouched_zeus(replace(obj, geometry=held), written), name
-        else:  # QuPath 0.4/0.5 build a plain polygon's ROI through Area, which drops collinear vertices (any Java)
-            assert obj.properties["roiType"] == "Polygon" and held.equals(want), name
-            assert shapely.get_num_coordinates(held) < shapely.get_num_coordinates(want), name
+        else:  # QuPath 0.4/0.5 build a plain polygon's ROI through Area (any Java), which drops collinear vertices
+            # and splits some edges of float32 vertices: the same outline, every point within float32 rounding of the
+            # written one and the reverse
+            assert obj.properties["roiType"] == "Polygon" and held.hausdorff_distance(want) <= 1e-3, name
         assert _same_shape(obj.geometry, want), name  # what QuPath's geometry operations, exports and measurements see
 
 
