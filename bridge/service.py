@@ -7,8 +7,8 @@ turns a checked request into a call of the engine's
 :class:`~zeus_qupath.on_demand.OnDemandSegmenter` (the same tissue, grid, embedding, scoring and
 polygon steps as ``zeus segment``, and the same two-tier embedding cache), then runs the server.
 
-Endpoints: ``GET /health`` (no token), ``GET /version``, ``POST /segment`` (token), ``GET /openapi.json``
-(no token: the API's description). See :mod:`.service_app`.
+Endpoints: ``GET /health`` (no token), ``GET /version``, ``POST /segment``, ``POST /learn`` (token; learning
+is :mod:`.service_learn`), ``GET /openapi.json`` (no token: the API's description). See :mod:`.service_app`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from zeus_qupath.runs.run import CACHE_DIR, versions
 from zeus_qupath.segment import SegmentParams
 
 from .sandbox import Roots, bundled_prompt_names, bundled_prompts
+from .service_learn import ProjectLearner
 from .service_schema import DEFAULT_MAX_REGION_VERTICES, RequestError, parse_region, parse_threshold, validate_body
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ class ZeusService:
         self.models = ModelPool(config.device, config.precision, config.max_models)
         self.segmenter = OnDemandSegmenter(config.params, self.cache, self.models, config.max_patches)
         self.started = time.time()
+        self.learner = ProjectLearner(self)  # POST /learn
         self.default_adapter = Adapter.load(config.adapter) if config.adapter else None
         # fail fast: the default models and prompts must work before the service answers anything
         prompts = load_prompts(self.default_prompts, config.positive_class)

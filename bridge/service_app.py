@@ -6,6 +6,9 @@
 - ``POST /segment`` (token): a :class:`~.service_schema.SegmentBody`; answers a QuPath GeoJSON
   FeatureCollection of ZEUS annotations in level-0 px, with the headers ``X-Zeus-Patches`` (patches
   scored), ``X-Zeus-Embedded`` (patches embedded for this request) and ``Server-Timing``.
+- ``POST /learn`` (token): a :class:`~.service_schema.LearnBody` (a QuPath project under a ``--root``); learns an
+  adapter from the project's corrections, writes it to ``<project>/zeus/adapter-<hash>.npz`` and answers its
+  path and the cross-validation table (:mod:`.service_learn`).
 - ``GET /openapi.json`` (no token): this API's OpenAPI description.
 
 Every answer that is not a success is ``{"error": "one line"}`` with a 4xx status (500 only for a bug,
@@ -32,13 +35,13 @@ from zeus_qupath import __version__
 from zeus_qupath.errors import ZeusError
 
 from .service import ZeusService
-from .service_schema import API_VERSION, ErrorBody, RequestError, SegmentBody
+from .service_schema import API_VERSION, ErrorBody, LearnBody, RequestError, SegmentBody
 
 log = logging.getLogger("zeus_qupath.bridge.service")
 
 DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) at most this much of a refused body, so the client sees the answer
 MAX_ERROR_CHARS = 300
-ROUTES = {"/health": "GET", "/version": "GET", "/segment": "POST", "/openapi.json": "GET"}
+ROUTES = {"/health": "GET", "/version": "GET", "/segment": "POST", "/learn": "POST", "/openapi.json": "GET"}
 
 DESCRIPTION = """The local ZEUS service that `groovy/zeus_segment_current_image.groovy` calls from QuPath.
 
@@ -122,7 +125,7 @@ def create_app(service: ZeusService) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         path = request.url.path
         if exc.status_code == 404:
-            message = f"no endpoint {path[:100]}: use GET /health, GET /version or POST /segment"
+            message = f"no endpoint {path[:100]}: use GET /health, GET /version, POST /segment or POST /learn"
         elif exc.status_code == 405:
             allowed = ROUTES.get(path.rstrip("/") or "/", "GET")
             return error_response(405, f"{path} answers {allowed}, not {request.method}", {"Allow": allowed})
@@ -193,6 +196,26 @@ def create_app(service: ZeusService) -> FastAPI:
             "X-Zeus-Patches": str(result.patches), "X-Zeus-Embedded": str(result.embedded),
             "Server-Timing": timing, "Cache-Control": "no-store"})
 
+    learn_schema = LearnBody.model_json_schema(ref_template="#/components/schemas/{model}")
+
+    @app.post(
+        "/learn", summary="Learn an adapter from a QuPath project's corrections, written into the project",
+        responses={**errors, 200: {"description": "written, adapter (its path in <project>/zeus/ or null), sha256, "
+                                                  "cv (the cross-validation table), table, message, notes"}},
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": learn_schema}}},
+                       "security": [{"HTTPBearer": []}]})
+    async def learn(request: Request) -> JSONResponse:
+        authorize(request)
+        body = await read_json(request, service.config.max_request_bytes)
+        try:
+            parsed = service.learner.parse(body)
+            result = await run_in_threadpool(service.learner.learn, parsed)
+        except RequestError:
+            raise
+        except ZeusError as exc:  # nothing to learn from, bad corrections, a project it cannot write to
+            raise RequestError(422, _one_line(exc) or type(exc).__name__) from None
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
@@ -200,7 +223,8 @@ def create_app(service: ZeusService) -> FastAPI:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             components = schema.setdefault("components", {})
-            components.setdefault("schemas", {}).update({"SegmentBody": body_schema, **nested})
+            components.setdefault("schemas", {}).update({"SegmentBody": body_schema, "LearnBody": learn_schema,
+                                                         **nested})
             components.setdefault("securitySchemes", {})["HTTPBearer"] = {
                 "type": "http", "scheme": "bearer", "description": "the token zeus serve printed (or $ZEUS_TOKEN)"}
             app.openapi_schema = schema

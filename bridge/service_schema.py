@@ -90,6 +90,23 @@ class SegmentBody(BaseModel):
                                                   "service's --adapter); \"none\" scores zero-shot")
 
 
+class LearnBody(BaseModel):
+    """The body of ``POST /learn`` (:mod:`.service_learn`). Only ``project`` is required."""
+
+    model_config = _STRICT
+    project: str = Field(description="absolute path of a QuPath project folder (or its project.qpproj) under a "
+                                     "--root; the adapter is written into <project>/zeus/")
+    images: list[str] | None = Field(None, description="the images to learn from (default: those an annotator "
+                                                       "changed after ZEUS's import)")
+    model: str | None = Field(None, description="one model (default: the service's)")
+    pretrained: str | None = Field(None, description="weights: a tag, a checkpoint file or a folder under a --root")
+    prompts: str | None = Field(None, description="a bundled prompt set's name or a prompt file under a --root")
+    positive_class: str | None = Field(None, description="the class to outline (default: the prompt file's)")
+    class_map: dict[str, str] | None = Field(None, description="annotator class -> prompt class (default: classes "
+                                                               "the prompts lack are the negative class)")
+    force: bool = Field(False, description="write the adapter even when cross-validation finds it no better")
+
+
 class ErrorBody(BaseModel):
     """Every refusal: one line, no traceback."""
 
