@@ -235,6 +235,7 @@ def test_invalid_arguments_raise_zeus_error(tmp_path: Path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_writes_slide_and_masks(tmp_path: Path):
     out = tmp_path / "cli.tif"
     proc = subprocess.run(
@@ -253,6 +254,7 @@ def test_cli_writes_slide_and_masks(tmp_path: Path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "multiple of 16" in bad.stderr
 
 
+@pytest.mark.slow
 def test_large_mostly_background_slide_writes_with_small_memory(tmp_path: Path):
     """40000 x 30000 px (3.6 GB of RGB) written in a child process whose peak RSS we read back."""
     out = tmp_path / "big.tif"
@@ -304,6 +306,7 @@ def test_tiny_model_files_and_open_clip_preprocessing(tiny):
     assert tuple(feats.shape) == (1, cfg["embed_dim"])
 
 
+@pytest.mark.slow
 def test_engine_loading_route_works_in_a_fresh_process(tiny):
     """add_model_config(<json>) + create_model_and_transforms(<stem>, pretrained=<ckpt>), nothing else."""
     import torch
@@ -343,3 +346,28 @@ def test_cached_model_is_reused(tiny):
     again = load_or_train_tiny_model(tiny.config_path.parent.parent, prompt_path("spindle_cell"), seed=0)
     assert again == tiny
     assert tiny.checkpoint_path.stat().st_mtime_ns == mtime
+
+
+def test_a_confounder_takes_only_normal_tissue_and_leaves_the_default_layout_alone(tmp_path: Path):
+    """confounder_fraction > 0 adds a third, necrosis-like texture on normal tissue; 0 changes nothing."""
+    from zeus_qupath.samples.synthetic import CONFOUNDER
+
+    w, h, seed = 3072, 2048, 7
+    plain = label_map(w, h, seed=seed)
+    with_conf = label_map(w, h, seed=seed, confounder_fraction=0.4)
+    np.testing.assert_array_equal(label_map(w, h, seed=seed, confounder_fraction=0.0), plain)
+    np.testing.assert_array_equal(with_conf == TUMOR, plain == TUMOR)  # the tumor is where it was
+    np.testing.assert_array_equal(with_conf != BACKGROUND, plain != BACKGROUND)  # and the tissue
+    conf = with_conf == CONFOUNDER
+    assert np.all(plain[conf] == NORMAL) and 0.15 < conf.sum() / (plain == NORMAL).sum() < 0.6
+    slide = make_synthetic_slide(tmp_path / "c.tif", w, h, seed=seed, confounder_fraction=0.4)
+    np.testing.assert_array_equal(read_label_map(slide), with_conf)  # the masks written say the same
+    ds = slide.mask_downsample
+    with tiffslide.TiffSlide(slide.path) as ts:
+        img = np.asarray(ts.read_region((0, 0), 0, (w, h)).convert("RGB")).astype(np.float64)
+    cells = img[: h // ds * ds, : w // ds * ds].reshape(h // ds, ds, w // ds, ds, 3).mean(axis=(1, 3))
+    lab = with_conf[: h // ds, : w // ds]
+    mean = {c: cells[lab == c].mean(axis=0) for c in (NORMAL, TUMOR, CONFOUNDER)}
+    # its own colour: redder than the pink stroma, brighter than the purple tumor
+    assert mean[CONFOUNDER][1] < mean[NORMAL][1] - 20 and mean[CONFOUNDER].sum() > mean[TUMOR].sum() + 60
+    assert make_synthetic_slide(tmp_path / "p.tif", 512, 512, seed=1).confounder_mask_path is None
