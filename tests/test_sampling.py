@@ -186,6 +186,30 @@ def test_a_contour_off_the_coarse_lattice_is_still_covered():
     np.testing.assert_array_equal(mask_of(coords[out.kept], scores[out.kept], w, h), exact)
 
 
+def test_ensemble_embeds_the_same_patches_for_every_model():
+    """Two 'models' whose mean is the score: the rule sees the mean, and both embed the chosen patches."""
+    w, h = 640, 480
+    index, coords = lattice(w, h)
+    scores = disc_scores(coords, (300, 250), 150, 0.002)
+    rng = np.random.default_rng(3)
+    noise = rng.normal(0, 0.05, scores.shape).astype(np.float32)
+    a, b = scores + noise, scores - noise  # each alone disagrees with the mean
+    asked = []
+
+    def embed(positions):
+        asked.append(positions)
+        return [a[positions], b[positions]], None
+
+    out = sample_patches(coords, index, patch_size=P, stride=S, width=w, height=h, classes=CLASSES,
+                         positive_class="tumor", embed=embed, score=lambda f: (f[0] + f[1]) / 2,
+                         embed_dims=[2, 2], rule=SamplingRule("adaptive"))
+    np.testing.assert_array_equal(out.features[0][out.kept], a[out.kept])
+    np.testing.assert_array_equal(out.features[1][out.kept], b[out.kept])
+    mean = (a + b) / 2
+    np.testing.assert_array_equal(mask_of(coords[out.kept], mean[out.kept], w, h), mask_of(coords, mean, w, h))
+    assert out.embedded.mean() < 0.9
+
+
 def test_rule_refuses_bad_settings():
     with pytest.raises(ZeusError, match="--sampling"):
         SamplingRule("sometimes")
@@ -228,3 +252,11 @@ def test_segment_adaptive_against_exact(tiny_model, spindle_prompts, tmp_path):
     slide_report = json.loads((tmp_path / "adaptive" / "run.json").read_text())["slides"][0]
     assert slide_report["sampling"]["embedded"] == info["embedded"]
     assert "sampling" not in json.loads((tmp_path / "exact" / "run.json").read_text())["slides"][0]
+    # with the exact run's (complete) cache entry nothing is embedded or sampled: the exact scores
+    out = tmp_path / "cached"
+    assert main(["segment", str(slide), "--prompts", str(spindle_prompts), "--out", str(out), "--device", "cpu",
+                 "--model", f"open_clip:{tiny_model.config_path}", "--pretrained", str(tiny_model.checkpoint_path),
+                 "--sampling", "adaptive", "--quiet", "--cache", str(tmp_path / "exact" / ".cache")]) == 0
+    cached = PatchScores.load(out / "s.scores.npz")
+    np.testing.assert_array_equal(cached.coords, scores["exact"].coords)
+    assert json.loads((out / "run.json").read_text())["slides"][0]["cache"] == "hit"
