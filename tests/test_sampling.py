@@ -16,6 +16,8 @@ from zeus_qupath.outputs import PatchScores
 from zeus_qupath.reconstruct import zeus_mask_fullres
 from zeus_qupath.sampling import (
     SamplingRule,
+    adapter_diff_bound,
+    class_differences,
     coarse_lattice,
     envelopes,
     sample_patches,
@@ -208,6 +210,21 @@ def test_ensemble_embeds_the_same_patches_for_every_model():
     mean = (a + b) / 2
     np.testing.assert_array_equal(mask_of(coords[out.kept], mean[out.kept], w, h), mask_of(coords, mean, w, h))
     assert out.embedded.mean() < 0.9
+
+
+def test_adapter_score_bound_holds_and_is_reached():
+    """Adapted scores are not cosines: their bound comes from the adapter's weights, checked on unit vectors."""
+    rng = np.random.default_rng(4)
+    w, b = rng.normal(size=(3, 16)), rng.normal(size=3)
+    bound = adapter_diff_bound(w, b, positive=1)
+    f = rng.normal(size=(5000, 16))
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    s = f @ w.T + b
+    assert np.abs(class_differences(s, 1)).max() <= bound + 1e-12
+    j = int(np.argmax([np.linalg.norm(w[1] - w[k]) + abs(b[1] - b[k]) for k in (0, 2)]))
+    k = (0, 2)[j]
+    u = (w[1] - w[k]) / np.linalg.norm(w[1] - w[k]) * np.sign(b[1] - b[k] or 1.0)
+    assert abs((u @ w[1] + b[1]) - (u @ w[k] + b[k])) == pytest.approx(bound)
 
 
 def test_rule_refuses_bad_settings():

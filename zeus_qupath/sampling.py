@@ -121,6 +121,16 @@ class SampledPatches:
                 "rounds": list(self.rounds), "unsettled_cells": int(self.unsettled)}
 
 
+def adapter_diff_bound(weights: np.ndarray, bias: np.ndarray, positive: int) -> float:
+    """The largest ``|s_pos - s_j|`` of a linear adapter's scores ``W f + b`` on unit features ``f``:
+    ``max_j ||w_pos - w_j|| + |b_pos - b_j|`` (Cauchy-Schwarz; reached with f along w_pos - w_j)."""
+    w = np.asarray(weights, dtype=np.float64)
+    b = np.asarray(bias, dtype=np.float64).ravel()
+    dw = np.linalg.norm(np.delete(w[[positive]] - w, positive, axis=0), axis=1)
+    db = np.abs(np.delete(b[positive] - b, positive))
+    return float((dw + db).max()) if len(dw) else 0.0
+
+
 def coarse_lattice(index: np.ndarray, step: int) -> np.ndarray:
     """(N,) bool: patches whose lattice row and column (``PatchGrid.index``) are multiples of ``step``."""
     index = np.asarray(index).reshape(-1, 2)
@@ -134,7 +144,7 @@ def class_differences(scores: np.ndarray, positive: int) -> np.ndarray:
 
 
 def envelopes(coords: np.ndarray, reach: float, embedded: np.ndarray, diffs: np.ndarray, rule: SamplingRule,
-              pending_filter: bool = False) -> tuple[np.ndarray, np.ndarray]:
+              pending_filter: bool = False, diff_bound: float = SCORE_DIFF_BOUND) -> tuple[np.ndarray, np.ndarray]:
     """(lo, hi), each (M, C - 1): what each patch not embedded (``~embedded``, grid order) could add.
 
     ``diffs`` (K, C - 1) are the embedded patches' differences (:func:`class_differences`), in grid order
@@ -142,8 +152,8 @@ def envelopes(coords: np.ndarray, reach: float, embedded: np.ndarray, diffs: np.
     """
     missing = np.flatnonzero(~embedded)
     k = diffs.shape[1]
-    lo = np.full((len(missing), k), -SCORE_DIFF_BOUND)
-    hi = np.full((len(missing), k), SCORE_DIFF_BOUND)
+    lo = np.full((len(missing), k), -diff_bound)
+    hi = np.full((len(missing), k), diff_bound)
     if rule.bound == "neighbours" and len(missing) and embedded.any():
         have = np.flatnonzero(embedded)
         tree_missing = cKDTree(coords[missing].astype(np.float64))
@@ -157,8 +167,8 @@ def envelopes(coords: np.ndarray, reach: float, embedded: np.ndarray, diffs: np.
             np.maximum.at(nhi, rows, diffs[cols])
             seen = np.isfinite(nlo[:, 0])
             spread = nhi[seen] - nlo[seen]
-            lo[seen] = np.maximum(nlo[seen] - rule.slack * spread, -SCORE_DIFF_BOUND)
-            hi[seen] = np.minimum(nhi[seen] + rule.slack * spread, SCORE_DIFF_BOUND)
+            lo[seen] = np.maximum(nlo[seen] - rule.slack * spread, -diff_bound)
+            hi[seen] = np.minimum(nhi[seen] + rule.slack * spread, diff_bound)
     if pending_filter:  # a skipped patch may turn out white or black: it then adds nothing
         lo = np.minimum(lo, 0.0)
         hi = np.maximum(hi, 0.0)
@@ -321,13 +331,15 @@ def sample_patches(
     rule: SamplingRule,
     stride: int | None = None,
     pending_filter: bool = False,
+    diff_bound: float = SCORE_DIFF_BOUND,
 ) -> SampledPatches:
     """Embed the grid patches (``coords``, lattice ``index``) that the adaptive rule needs (module docstring).
 
     ``embed(positions)`` embeds the grid patches at ``positions`` (sorted) and returns one (len, D_i)
     feature array per encoder and the white/black filter's verdict (bool (len,), or None: all kept).
     ``score(features)`` turns per-encoder feature arrays of some patches into their (n, C) class scores
-    (over the same patches, so prompt screening sees every patch embedded so far).
+    (over the same patches, so prompt screening sees every patch embedded so far). ``diff_bound``: the
+    largest ``|s_pos - s_j|`` any patch can have (2 for cosine scores; see :func:`adapter_diff_bound`).
     """
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     n = len(coords)
@@ -359,10 +371,10 @@ def sample_patches(
         rows = np.flatnonzero(kept)
         values = np.asarray(score([f[rows] for f in features]), dtype=np.float32)
         diffs = class_differences(values, positive)
-        lo, hi = envelopes(coords, reach, kept, diffs, rule, pending_filter)
+        lo, hi = envelopes(coords, reach, kept, diffs, rule, pending_filter, diff_bound)
         if rounds >= rule.max_rounds:  # give up on the envelopes: only the score bound
             lo, hi = envelopes(coords, reach, kept, diffs, SamplingRule("adaptive", bound="scores"),
-                               pending_filter)
+                               pending_filter, diff_bound)
         # dropped (white/black) patches are known to add nothing: neither missing nor scored
         known = embedded & ~kept
         lo_all = np.zeros((n, diffs.shape[1]))

@@ -121,7 +121,7 @@ class LocalPipeline:
         Models whose features are cached (complete entries) give theirs; the others embed the chosen patches.
         """
         from ..embed import embed_positions
-        from ..sampling import SamplingRule, sample_patches
+        from ..sampling import SCORE_DIFF_BOUND, SamplingRule, adapter_diff_bound, sample_patches
         from ..scoring import slide_scores
 
         t0 = time.perf_counter()
@@ -141,11 +141,14 @@ class LocalPipeline:
                                 **self.m.score_options)[0]
 
         rule = SamplingRule(params.sampling)
+        adapter = self.m.score_options.get("adapter")
+        positive = self.m.prompts.class_names.index(self.m.prompts.positive_class)
+        bound = SCORE_DIFF_BOUND if adapter is None else adapter_diff_bound(adapter.weights, adapter.bias, positive)
         result = sample_patches(grid.coords, grid.index, patch_size=grid.geometry.patch_size_l0,
                                 stride=grid.geometry.stride_l0, width=grid.width, height=grid.height,
                                 classes=self.m.prompts.class_names, positive_class=self.m.prompts.positive_class,
                                 embed=embed, score=score, embed_dims=[e.embed_dim for e in encoders], rule=rule,
-                                pending_filter=grid.pixel_filter)
+                                pending_filter=grid.pixel_filter, diff_bound=bound)
         if grid.pixel_filter and result.embedded.any() and not result.kept.any():
             prepared.warnings.append(f"{Path(prepared.path).name}: no tissue found (every patch read is white or "
                                      "black); writing an empty FeatureCollection")
