@@ -237,3 +237,24 @@ def test_outlines_imported_on_a_good_java_stay_untouched_on_a_bad_one(version: s
     assert run.error is None and _replaced_all(run.output, len(outlines)) and WARNING not in run.output, run
     entry = good.load_project(project).entry("slide.tif")
     _assert_exact(entry.annotations, third, written_record(entry.entry_path / ZEUS_GEOJSON))
+
+
+def test_segment_script_adds_the_services_outlines_exactly_on_a_bad_java(outlines: dict, slide: Path, bad_javas,
+                                                                         tmp_path: Path, tmp_path_factory) -> None:
+    """``zeus_segment_current_image.groovy`` with an answer of the service (ANSWER_FILE, as the extension runs it)
+    on QuPath 0.7.0 and Temurin 25.0.3: the outlines are added as written, with the one WARNING line."""
+    qupath = qupath_or_skip("0.7.0", tmp_path_factory, java_home=bad_java_for("0.7.0", bad_javas))
+    project = _project(tmp_path, slide, [])
+    answer = tmp_path / "answer.geojson"
+    answer.write_text(json.dumps({"type": "FeatureCollection", "features": list(outlines.values())}), "utf-8")
+    script = tmp_path / "zeus_segment_current_image.groovy"
+    text = (GROOVY.parent / "zeus_segment_current_image.groovy").read_text(encoding="utf-8")
+    script.write_text(text.replace("String ANSWER_FILE = ''", f"String ANSWER_FILE = '{answer.as_posix()}'", 1),
+                      encoding="utf-8")
+    (run,) = qupath.run_for_project(project, script)
+    assert run.error is None, run
+    warnings = [line for line in run.output.splitlines() if WARNING in line]
+    assert len(warnings) == 1 and f"Java {java_full_version(qupath.java_home)}" in warnings[0], run.output
+    entry = qupath.load_project(project).entry("slide.tif")
+    record = entry.entry_path / "zeus_service.geojson"  # the answer, kept as the record of what ZEUS wrote
+    _assert_exact(entry.annotations, outlines, written_record(record))
