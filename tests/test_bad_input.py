@@ -135,6 +135,7 @@ def uncompressed_slide(path: Path, seed: int = 5) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_slide_edited_in_place_is_embedded_again(tmp_path, tiny_args):
     """Same size, same layout, mtime put back: the old fingerprint (size, first and last MiB, tile layout)
     called it unchanged, skipped it and even --redo reused its stale embeddings."""
@@ -299,6 +300,7 @@ def test_bad_prompt_files(tmp_path, capsys, tiny_args, slide, content, needle):
     assert outputs_in(tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_sparse_h5_is_refused_before_it_is_read(tmp_path, tiny_args):
     """1.6 KB on disk, 16 GB declared: refused from the dataset headers, at the memory of loading the model."""
     h5 = tmp_path / "sparse.h5"
@@ -320,6 +322,7 @@ def test_sparse_h5_is_refused_before_it_is_read(tmp_path, tiny_args):
 # ------------------------------------------------------------------ failures of the environment
 
 
+@pytest.mark.slow
 def test_truncated_slide_is_one_line_unless_debug(tmp_path, tiny_args):
     from zeus_qupath.samples.synthetic import make_synthetic_slide
 
@@ -388,6 +391,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_full_disk_leaves_nothing_half_written(tmp_path, slide, tiny_args):
     """A write that fails half-way (EFBIG through RLIMIT_FSIZE here; ENOSPC on a tmpfs below)."""
     out = tmp_path / "out"
@@ -398,6 +402,7 @@ def test_full_disk_leaves_nothing_half_written(tmp_path, slide, tiny_args):
     assert [p for p in outputs_in(out) if p.name != "run.json"] == []
 
 
+@pytest.mark.slow
 def test_no_space_left_on_a_small_tmpfs(tmp_path, slide, tiny_args):
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
@@ -454,6 +459,7 @@ def test_slide_without_tissue_reads_back(tmp_path, capsys, tiny_args):
 # ------------------------------------------------------------------ two runs into one folder
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_out_folder(tmp_path, tiny_args):
     from zeus_qupath.samples.synthetic import make_synthetic_slide
 

@@ -64,6 +64,7 @@ def test_segment_real_slides(real_run, stem, size):
     assert {s["stem"] for s in run["slides"]} == {"CMU-1-Small-Region", "OS-1-detail"}
 
 
+@pytest.mark.slow
 def test_coarse_tissue_rule_finds_tissue_in_a_small_crop(tmp_path, tiny_args, capsys):
     slide = shared_file("wsi", "OS-1-detail.ome.tif")
     assert main(["segment", str(slide), *tiny_args, "--out", str(tmp_path / "zeus")]) == 0
@@ -85,6 +86,7 @@ def test_polygons_command_reproduces_segment(real_run, tmp_path):
     assert len(a) == len(b) and ga.symmetric_difference(gb).area <= 1e-6 * max(ga.area, 1)
 
 
+@pytest.mark.slow
 def test_demo_segments_the_synthetic_slide(tmp_path, tiny_model_cache, capsys):
     assert main(["demo", "--out", str(tmp_path), "--cache", str(tiny_model_cache), "--quiet"]) == 0
     text = capsys.readouterr().out
@@ -146,6 +148,7 @@ def test_unknown_mpp_is_a_one_line_error(tmp_path, tiny_args, capsys):
     assert len(err) == 1 and "pixel size unknown" in err[0]
 
 
+@pytest.mark.slow
 def test_score_command_from_clam_features(tmp_path, tiny_args, tiny_encoder, capsys):
     import h5py
 
@@ -178,6 +181,7 @@ def test_score_command_from_clam_features(tmp_path, tiny_args, tiny_encoder, cap
     assert len(err) == 1 and "7-d" in err[0]
 
 
+@pytest.mark.slow
 def test_qupath_round_trip_keeps_edits_and_reports_corrections(tmp_path, tiny_args, capsys):
     """Segment into a QuPath-free project, correct like an annotator, re-run, export: the issue's walk-through."""
     import uuid

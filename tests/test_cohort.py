@@ -68,6 +68,7 @@ def leftovers(out: Path) -> list[Path]:
     return found
 
 
+@pytest.mark.slow
 def test_kill_9_mid_cohort_then_resume(cohort, tiny_cli, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "zeus_qupath", "segment", str(cohort / "slides"), *tiny_cli, "--out", str(out)]
@@ -113,6 +114,7 @@ def test_kill_9_mid_cohort_then_resume(cohort, tiny_cli, tmp_path):
     assert res.returncode == 0 and "0 done, 3 skipped, 0 failed" in res.stdout
 
 
+@pytest.mark.slow
 def test_skip_errors_continues_and_reports(cohort, tiny_cli, tmp_path, capsys):
     slides = tmp_path / "slides"
     slides.mkdir()
@@ -136,6 +138,7 @@ def test_skip_errors_continues_and_reports(cohort, tiny_cli, tmp_path, capsys):
     assert "broken.svs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tampered_output_is_redone_and_other_parameters_redo(cohort, tiny_cli, tmp_path, capsys):
     out = tmp_path / "out"
     a = str(cohort / "slides" / "a.tif")
@@ -179,6 +182,7 @@ def test_manifest_globs_and_slide_lists(cohort, tmp_path):
         read_manifest(bad)
 
 
+@pytest.mark.slow
 def test_manifest_run_uses_its_pixel_sizes(cohort, tiny_cli, tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"slide,mpp\n{cohort / 'slides' / 'a.tif'},0.8\n")

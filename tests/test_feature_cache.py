@@ -130,6 +130,7 @@ def test_model_identity_follows_weights(tiny_model, tiny_encoder, tmp_path):
     assert json.loads(json.dumps(ident.to_dict()))["embed_dim"] == tiny_encoder.embed_dim
 
 
+@pytest.mark.slow
 def test_new_prompts_or_threshold_only_rescore(tmp_path, tiny_model, spindle_prompts):
     from zeus_qupath.samples.synthetic import make_synthetic_slide
 

@@ -66,6 +66,7 @@ def qupath(request, tmp_path_factory):
     return qupath_or_skip(request.param, tmp_path_factory)
 
 
+@pytest.mark.jvm
 def test_real_qupath_reads_tiles_with_their_scores(qupath, tmp_path):
     scores = contour_patch_scores()
     path = tmp_path / f"slide{TILES_SUFFIX}"
@@ -84,6 +85,7 @@ def test_real_qupath_reads_tiles_with_their_scores(qupath, tmp_path):
         assert [np.float32(obj.measurements[n]) for n in names] == scores.scores[i].tolist()
 
 
+@pytest.mark.jvm
 def test_polygons_tiles_option_on_a_scores_file(qupath, tmp_path, capsys):
     scores = contour_patch_scores(seed=4)
     scores.save(tmp_path / "s.scores.npz")
@@ -99,6 +101,7 @@ def test_polygons_tiles_option_on_a_scores_file(qupath, tmp_path, capsys):
     assert not (tmp_path / "t.tiles.geojson").exists()  # off by default
 
 
+@pytest.mark.slow
 def test_segment_tiles_end_to_end(tmp_path, tiny_model, tmp_path_factory):
     """zeus segment --tiles on a real slide (default: CLAM/ZEUS per-contour patches); QuPath 0.6.0 reads the tiles."""
     from conftest import shared_file

@@ -292,6 +292,7 @@ def _zeus(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_segment_without_model_asks_for_keep_weights(tmp_path):
     from conftest import shared_file
 
@@ -305,6 +306,7 @@ def test_segment_without_model_asks_for_keep_weights(tmp_path):
     assert not out.exists() or not any(p.suffix in (".geojson", ".npz", ".png") for p in out.rglob("*"))
 
 
+@pytest.mark.slow
 def test_zeus_models_marks_keep_as_default(tmp_path):
     res = _zeus(tmp_path, "models")
     assert res.returncode == 0, res.stderr

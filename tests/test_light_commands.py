@@ -83,6 +83,7 @@ def polygons_run(results):
     return run_light("polygons", str(results / "CMU-1-Small-Region.scores.npz"), cwd=results.parent)
 
 
+@pytest.mark.slow
 def test_polygons_loads_no_model_code(polygons_run, results):
     res, modules = polygons_run
     assert model_side(modules) == []
@@ -94,6 +95,7 @@ def test_polygons_loads_no_model_code(polygons_run, results):
     assert box(0, 0, WIDTH, HEIGHT).contains(region)
 
 
+@pytest.mark.slow
 def test_evaluate_loads_no_model_code(polygons_run, results):
     gt = results.parent / "gt.geojson"
     gt.write_text(json.dumps({"type": "FeatureCollection", "features": [{
@@ -109,6 +111,7 @@ def test_evaluate_loads_no_model_code(polygons_run, results):
     assert json.loads(res.stdout)["dice"] == pytest.approx(exact, abs=2e-3)
 
 
+@pytest.mark.slow
 def test_project_add_and_export_load_no_model_code(polygons_run, results):
     project = results.parent / "project"
     res, modules = run_light("project", "add", str(project), str(results), "--backend", "files", cwd=results.parent)

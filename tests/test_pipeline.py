@@ -139,6 +139,7 @@ def test_torch_cut_equals_numpy_cut():
                               region[rows[k] * 112: rows[k] * 112 + 448, cols[k] * 112: cols[k] * 112 + 448])
 
 
+@pytest.mark.slow
 def test_device_cut_path_gives_the_same_features(slides, tiny_encoder):
     """The GPU path (upload region, cut with unfold, preprocess on the device) run on the CPU."""
     grid = tissue_grid(slides[1])
@@ -162,6 +163,7 @@ def test_device_cut_path_gives_the_same_features(slides, tiny_encoder):
     np.testing.assert_allclose(np.linalg.norm(out[False], axis=1), 1, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_target_mpp_scores_are_those_of_the_pyramid_level_pixels(slides, tiny_model, tiny_encoder, spindle_prompts,
                                                                   tmp_path):
     """``--target-mpp`` end to end: each patch's scores are those of the slide's own pyramid level, read by tiffslide.
@@ -212,6 +214,7 @@ def test_model_list_parsing():
         parse_model_specs("a,b", "x.pt")
 
 
+@pytest.mark.slow
 def test_ensemble_averages_the_models_scores(slides, tiny_model, spindle_prompts, tmp_path):
     """Two different models (the tiny one and a perturbed copy): scores are the mean of each alone."""
     state = torch.load(tiny_model.checkpoint_path, map_location="cpu", weights_only=True)
@@ -238,6 +241,7 @@ def test_ensemble_averages_the_models_scores(slides, tiny_model, spindle_prompts
     assert len(list((tmp_path / "ab" / ".cache").glob("*/*.npz"))) == 2
 
 
+@pytest.mark.slow
 def test_prompt_screening_reuses_the_embeddings(slides, tiny_model, spindle_prompts, tmp_path):
     common = dict(slides=(str(slides[1]),), prompts=str(spindle_prompts), out_dir=str(tmp_path),
                   model=f"open_clip:{tiny_model.config_path}", pretrained=str(tiny_model.checkpoint_path),

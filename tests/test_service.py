@@ -483,6 +483,7 @@ def test_concurrent_requests_embed_each_patch_once(server, folders):
     assert server.service.cache.stats().embedded_patches - before == n
 
 
+@pytest.mark.jvm
 def test_jvm_client_reads_the_feature_collection(server, folders, tmp_path):
     java = shutil.which("java")
     if java is None:
