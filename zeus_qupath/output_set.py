@@ -137,7 +137,7 @@ class OutputSet:
         """An OSError on a staged file names the output it was for (its folder included), not the staging copy."""
         if not isinstance(error, OSError):
             return
-        if error.filename is None:  # a write through a file object (zip, PNG): at least the folder it was for
+        if error.filename is None and error.errno is not None:  # written through a file object (zip, PNG)
             error.filename = str(self.folder)
             return
         for attr in ("filename", "filename2"):
@@ -223,7 +223,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
         os.replace(tmp_path, target)
     except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # written through a file object: name the file
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:  # through a file object
             exc.filename = str(target)
         raise
 
