@@ -157,6 +157,7 @@ def test_tissue_masks_and_contours_equal_clams(synthetic_slides):
         assert ours.downsample == pytest.approx(scale[0])
 
 
+@pytest.mark.slow
 def test_patch_sets_equal_clams(synthetic_slides, capsys):
     geometry = PatchGeometry(448, 112)
     total_ours, total_ref, common = 0, 0, 0

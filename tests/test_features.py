@@ -132,6 +132,7 @@ def contour_lattices(step: int, anchors: list[tuple[int, int]], n_per_row: int =
     return np.concatenate(out)
 
 
+@pytest.mark.slow
 def test_per_contour_lattices_rescore(tmp_path, tiny_encoder, prompts):
     """CLAM/ZEUS feature files (a lattice per contour, anchors off the slide origin) re-score with ZEUS's rule."""
     from zeus_qupath.reconstruct import zeus_mask, zeus_mask_fullres

@@ -495,6 +495,7 @@ def qupath(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return qupath_or_skip(request.param, tmp_path_factory)
 
 
+@pytest.mark.jvm
 def test_found_and_new_entries_load_in_real_qupath(qupath: Any, tmp_path: Path) -> None:
     """QuPath's own ProjectIO.loadProject reads the project after a relocation, a string entryID and a used
     data folder: one entry per slide, the annotator's URI kept, each image its own data folder."""

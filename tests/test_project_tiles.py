@@ -84,6 +84,8 @@ def saved_tiles(qupath: QuPath, project: Path, classes: tuple[str, ...]) -> tupl
     return zeus, other, entry
 
 
+@pytest.mark.jvm
+@pytest.mark.slow
 def test_tiles_reach_the_image_and_follow_the_latest_run(qupath: QuPath, tiny_model: Any, tmp_path: Path) -> None:
     from zeus_qupath.samples.synthetic import make_synthetic_slide
 
@@ -145,6 +147,7 @@ def _scores(seed: int, width: int, height: int, classes: tuple[str, ...]) -> Pat
     return PatchScores(coords, values, classes, "tumor", 448, 112, width, height, 0.5)
 
 
+@pytest.mark.jvm
 @pytest.mark.parametrize("version", ["0.4.4", "0.5.1"])
 def test_import_script_replaces_tiles_on_older_qupath(version: str, tmp_path: Path,
                                                       tmp_path_factory: pytest.TempPathFactory) -> None:

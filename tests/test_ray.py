@@ -20,6 +20,7 @@ def geometries(path):
     return [shape(f["geometry"]) for f in json.loads(path.read_text())["features"]]
 
 
+@pytest.mark.slow
 def test_ray_cohort_matches_local_and_shares_state(tmp_path, tiny_model, spindle_prompts):
     from zeus_qupath.samples.synthetic import make_synthetic_slide
 
