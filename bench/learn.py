@@ -1,5 +1,10 @@
 """Learning from corrections (``zeus learn``): held-out Dice of zero-shot vs adapted, and what learning costs.
 
+By default, the cohort on images (``bench/learn_images.py``: a tiny open_clip model trained on three textures,
+a prompt file naming two, synthetic slides through ``zeus segment`` / ``zeus learn`` / ``zeus segment
+--adapter``), then the cost of learning from 100k simulated patches. ``--simulated`` adds the older cohort
+simulated at the embedding level (below).
+
 A synthetic cohort at the embedding level: each slide is a patch grid (448 px patches, stride 112) over
 tissue made of discs of three textures, normal (A), tumor (B) and a confounder (C). A patch's embedding
 is the area-weighted mix of its textures' centroids plus noise, normalised (the image tower "knows" all
@@ -13,7 +18,7 @@ held-out slides against their true tumor outline (Dice inside tissue). Repeated 
 medians reported. Then the time to learn from 100k patches (4 slides of 25k patches, 768-d like KEEP) and
 the time to re-score one cached slide (apply the adapter + mask) against scoring it zero-shot.
 
-    python bench/learn.py [--tiny] [--out bench/results/learn.json]
+    python bench/learn.py [--seeds 3] [--simulated] [--tiny] [--out bench/results/learn.json]
 """
 
 from __future__ import annotations
@@ -209,11 +214,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--only-timing", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="also time the CLI loop with the tiny open_clip model")
+    ap.add_argument("--simulated", action="store_true", help="also the cohort simulated at the embedding level")
+    ap.add_argument("--no-images", action="store_true", help="skip the cohort on images (tiny model)")
     args = ap.parse_args(argv)
     result: dict = {"machine": machine(), "threads": os.environ.get("OMP_NUM_THREADS"), "cohorts": {}}
     if args.only_timing:
         args.seeds = 0
-    print(f"{'cohort':12} {'k':>2} {'zero-shot':>9} {'adapted':>8} {'change':>7}  written  method (median of seeds)")
+    if args.seeds and not args.no_images:
+        import tempfile
+
+        import learn_images
+
+        with tempfile.TemporaryDirectory(prefix="zeus-bench-learn-images-") as tmp:
+            images = learn_images.run(Path(tmp), args.seeds)
+        images["summary"] = learn_images.summary(images)
+        result["images"] = images
+        print(f"{'images cohort':26} {'k':>2} {'zero-shot':>9} {'adapted':>8} {'applied':>8} {'change':>7}  written"
+              "  (median of seeds; change = applied - zero-shot)")
+        for r in images["summary"]:
+            print(f"{r['cohort']:26} {r['k']:2d} {r['zero_shot']:9.3f} {r['adapted']:8.3f} {r['applied']:8.3f} "
+                  f"{r['change']:+7.3f}  {r['written']}/{r['seeds']}")
+        t = images["timing"]
+        print(f"one fresh slide ({t['patches']} patches): zeus segment first run {t['first_run_s']:.1f} s; "
+              f"zeus segment --adapter on it {t['adapted_rerun_s']:.1f} s (cache {t['rerun_cache']})")
+    if not args.simulated:
+        args.seeds = 0
+    if args.seeds:
+        print(f"{'simulated':12} {'k':>2} {'zero-shot':>9} {'adapted':>8} {'change':>7}  written  method "
+              "(median of seeds)")
     for name, conf in (("confounded", True), ("clean", False)) if args.seeds else ():
         rows = [cohort_run(seed + 1, conf) for seed in range(args.seeds)]
         result["cohorts"][name] = rows

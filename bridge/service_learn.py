@@ -124,7 +124,7 @@ class ProjectLearner:
 
         service = self.service
         images, notes = read_corrections(req.project, images=list(req.images) if req.images else None,
-                                         backend="auto", positive_class=req.positive_class or "Tumor")
+                                         backend="auto")  # as zeus learn reads a project
         for im in images:  # the service reads only files under its folders
             service.roots.check(str(Path(im.slide).absolute()), f"the slide of {im.name}")
         folder = req.project / ADAPTER_FOLDER

@@ -166,7 +166,9 @@ def test_version_needs_token_and_reports_model(server, tiny_model):
 def test_openapi_describes_the_api_for_script_authors(server):
     status, doc, _ = call(server, "GET", "/openapi.json", token=None)
     assert status == 200 and doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/health", "/version", "/segment"}
+    assert set(doc["paths"]) == {"/health", "/version", "/segment", "/learn"}
+    learn = doc["paths"]["/learn"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert learn["required"] == ["project"] and learn["additionalProperties"] is False
     post = doc["paths"]["/segment"]["post"]
     body = post["requestBody"]["content"]["application/json"]["schema"]
     assert body["required"] == ["slide"] and body["additionalProperties"] is False

@@ -199,7 +199,7 @@ def test_walk_in_the_qupath_window(walk):
     for name in STEPS:  # every step left a screenshot of the window
         assert any(p.name.endswith(f"-{name}.png") and p.stat().st_size > 10_000 for p in walk["shots"].iterdir())
 
-    # the menu: every item, Learn disabled with its reason (the service has no learn yet)
+    # the menu: every item, Learn disabled with its reason until the connection check (then offered: POST /learn)
     items = {i["id"]: i for i in states["menu"]["items"]}
     assert set(items) == {"zeus-segment-image", "zeus-segment-selected", "zeus-import", "zeus-heatmap", "zeus-export",
                           "zeus-learn", "zeus-settings"}
@@ -211,7 +211,7 @@ def test_walk_in_the_qupath_window(walk):
     assert "wrong token" in states["settings-wrong-token"]["result"], states["settings-wrong-token"]["result"]
     connected = states["settings-connected"]
     assert connected["result"].startswith("OK: Connected: zeus-qupath ") and "(API 1)" in connected["result"]
-    assert connected["learn"]["disabled"] and "not offered" in connected["learn"]["text"]
+    assert not connected["learn"]["disabled"] and connected["learn"]["text"] == "Learn from this project's corrections"
 
     # Import: QuPath holds exactly what zeus segment wrote, and the heatmap tiles
     imported = zeus_annotations(states["import"])
