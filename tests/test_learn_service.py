@@ -206,3 +206,13 @@ def test_learn_route_refusals_are_one_line_4xx(learn_project, body, status, word
     got, answer = _http(learn_project["server"], "POST", "/learn", body)
     assert got == status and list(answer) == ["error"] and "\n" not in answer["error"], answer
     assert words in answer["error"]
+
+
+def test_learn_route_does_not_write_an_adapter_no_better_than_zero_shot(learn_project, monkeypatch):
+    monkeypatch.setattr("zeus_qupath.learn.MIN_GAIN", 1.0)  # no adapter can beat zero-shot's Dice by 1.0
+    folder = learn_project["project"] / "zeus"
+    before = sorted(folder.glob("*")) if folder.exists() else []
+    status, answer = _http(learn_project["server"], "POST", "/learn", {"project": str(learn_project["project"])})
+    assert status == 200 and answer["written"] is False and answer["adapter"] is None and answer["sha256"] is None
+    assert "not better than zero-shot" in answer["message"] and answer["cv"]["better"] is False
+    assert (sorted(folder.glob("*")) if folder.exists() else []) == before  # nothing written, no leftover
