@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -43,7 +44,7 @@ TOKEN = "gui-walk-token-0123456789abcdef"
 W, H, MPP = 2048, 1536, 0.5
 WALK = Path(__file__).resolve().parent / "walk_startup.groovy"
 STEPS = ("menu", "settings-wrong-token", "settings-connected", "import", "edit", "segment", "reimport",
-         "segment-selected", "heatmap", "export", "done")
+         "segment-selected", "heatmap", "learn-refused", "export", "learn", "done")
 HANG_S = 900  # a step that has not finished after this long never will (a hung window): fail, not wait forever
 IMAGEJ_SERVER = "qupath.imagej.images.servers.ImageJServerBuilder"
 
@@ -120,13 +121,15 @@ def walk(tmp_path_factory, tiny_model):
     slide = plain_rgb_tiff(tmp)
     project = zeus_project(tmp, slide, tiny_model)
 
-    config = ServiceConfig(port=0, token=TOKEN, roots=(str(slide.parent),), model=f"open_clip:{tiny_model.config_path}",
+    config = ServiceConfig(port=0, token=TOKEN, roots=(str(slide.parent), str(project)),
+                           model=f"open_clip:{tiny_model.config_path}",
                            pretrained=str(tiny_model.checkpoint_path), device="cpu",
                            params=SegmentParams(tissue="coarse"))
     server = make_server(config)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
 
+    refused = post_learn(server.url, project)  # before the export: nothing to learn from (the walk's step 9a)
     walk_dir, shots, xtmp = tmp / "walk", tmp / "screenshots", tmp / "x"
     for d in (walk_dir, shots, xtmp):
         d.mkdir()
@@ -182,9 +185,22 @@ def walk(tmp_path_factory, tiny_model):
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
     with urllib.request.urlopen(req, timeout=600) as resp:
         answer = json.loads(resp.read())["features"]
+    learned = post_learn(server.url, project)  # the same request as Learn's, after the walk: the same answer
     server.shutdown()
     server.server_close()
-    return {"states": states, "shots": shots, "project": project, "answer": answer}
+    return {"states": states, "shots": shots, "project": project, "answer": answer, "refused": refused,
+            "learned": learned}
+
+
+def post_learn(url: str, project: Path) -> tuple[int, dict]:
+    """POST /learn for the project as the extension sends it: (status, JSON answer)."""
+    req = urllib.request.Request(url + "/learn", data=json.dumps({"project": str(project)}).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 def zeus_annotations(state: dict) -> dict[str, dict]:
@@ -263,3 +279,24 @@ def test_walk_in_the_qupath_window(walk):
     exported = {f["id"]: shape(f["geometry"]) for f in features(export / "case.tif.geojson")}
     assert (export / "case.tif-labels.png").is_file()
     assert same(exported[moved_id], moved)
+
+    # Learn before the export: the service's refusal, its one line as is, no result window
+    status, reference = walk["refused"]
+    assert status == 422 and "no QuPath export found" in reference["error"], reference
+    assert states["learn-refused"]["event"] == {"action": "learn", "ok": False, "message": reference["error"]}
+    assert states["learn-refused"]["dialog"] is False
+
+    # Learn: the service's answer shown as is (a refusal's error line; a result's message, adapter, monospace table)
+    # (the same request after the walk is the reference: learning is deterministic, the adapter's name its hash)
+    learn, (status, reference) = states["learn"], walk["learned"]
+    assert status == 200 and learn["event"]["ok"], (status, reference, learn["event"])
+    dialog = learn["dialog"]
+    assert dialog["message"] == reference["message"] and reference["table"].strip() in dialog["text"]
+    assert "mono" in dialog["font"].lower(), dialog["font"]
+    adapters = sorted((project / "zeus").glob("adapter-*.npz"))
+    if reference["written"]:
+        assert dialog["headline"] == f"Adapter written: {reference['adapter']}"
+        assert adapters == [Path(reference["adapter"])]
+    else:  # not better than zero-shot in cross-validation: a result, nothing written
+        assert dialog["headline"].startswith("The adapter was not written: it was not better than zero-shot")
+        assert adapters == []

@@ -156,9 +156,29 @@ Thread.start {
         }
         step('heatmap', [event: ev, maps: maps] + hierarchyState())
 
+        // 9a. Learn before any export: the service refuses (422, nothing to learn from); its line is shown as is
+        n = eventCount(); fire('zeus-learn'); ev = waitEvent(n)
+        step('learn-refused', [event: ev, dialog: onFx { stage('ZEUS: Learn result') != null }])
+        closeProgress()
+
         // 9. Export training data
         n = eventCount(); fire('zeus-export'); ev = waitEvent(n)
         step('export', [event: ev])
+        closeProgress()
+
+        // 10. Learn from this project's corrections (after the export: without paquo the service reads <project>/export/)
+        n = eventCount(); fire('zeus-learn'); ev = waitEvent(n)
+        def learned = onFx {
+            def s = stage('ZEUS: Learn result')
+            if (s == null)
+                return null
+            def root = s.getScene().getRoot()
+            def area = root.lookup('#zeus-learn-table')
+            [headline: root.lookup('#zeus-learn-headline').getText(), message: root.lookup('#zeus-learn-message').getText(),
+             text: area.getText(), font: area.getFont().getFamily()]
+        }
+        def progressText = onFx { Window.getWindows().find { it instanceof Stage && it.getTitle() == "ZEUS: Learn from this project's corrections" }?.getScene()?.getRoot()?.lookup('#zeus-progress-message')?.getText() }
+        step('learn', [event: ev, dialog: learned, progress: progressText])
         closeProgress()
         step('done', [:])
         System.exit(0)  // the test has what it needs; QuPath's own exit would ask about unsaved changes

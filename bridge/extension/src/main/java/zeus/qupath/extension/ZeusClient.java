@@ -59,9 +59,19 @@ public final class ZeusClient {
     /** A refusal or failure of the service, as one sentence for the annotator. */
     public static final class ServiceException extends Exception {
         private static final long serialVersionUID = 1L;
+        /** The HTTP status of a refusal (0: no answer, or not from the service). */
+        public final int status;
+        /** The service's own {"error": ...} line of a refusal (null: no answer). */
+        public final String error;
 
         public ServiceException(String message) {
+            this(message, 0, null);
+        }
+
+        public ServiceException(String message, int status, String error) {
             super(message);
+            this.status = status;
+            this.error = error;
         }
     }
 
@@ -252,7 +262,8 @@ public final class ZeusClient {
             throw new ServiceException(unreachable(e));
         }
         if (response.statusCode() != 200)
-            throw new ServiceException(refused(response.statusCode(), response.body()));
+            throw new ServiceException(refused(response.statusCode(), response.body()), response.statusCode(),
+                    errorOf(response.body()));
         return response.body();
     }
 }

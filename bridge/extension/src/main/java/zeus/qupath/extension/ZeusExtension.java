@@ -474,8 +474,18 @@ public class ZeusExtension implements QuPathExtension {
             progress.update("Asking the ZEUS service to learn from " + project.getPath() + " ...", -1);
             JsonObject body = new JsonObject();
             body.addProperty("project", project.getPath().toString());
-            String answer = settings.client().post("/learn", body, Duration.ofMinutes(120), request);
-            return "The service answered: " + (answer.length() > 300 ? answer.substring(0, 300) + "..." : answer);
+            String answer;
+            try {
+                answer = settings.client().post("/learn", body, Duration.ofMinutes(120), request);
+            } catch (ZeusClient.ServiceException e) {
+                // a refusal (422: nothing to learn from, e.g. run Export training data first): the service's own line
+                if (e.status >= 400 && e.status < 500 && e.status != 401 && e.error != null && !e.error.isBlank())
+                    throw new ZeusClient.ServiceException(e.error, e.status, e.error);
+                throw e;
+            }
+            LearnResult result = LearnResult.parse(answer);  // written: false is a result, not an error
+            Platform.runLater(() -> result.show(qupath.getStage()));
+            return result.summary();
         });
     }
 }
