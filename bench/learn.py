@@ -38,8 +38,8 @@ from common import machine, write_json  # noqa: E402
 
 from zeus_qupath.adapter import identity  # noqa: E402
 from zeus_qupath.learn import Unit, label_slide, learn, unit_dice  # noqa: E402
+from zeus_qupath.params import Threshold  # noqa: E402
 from zeus_qupath.patch_labels import Correction, LabelRule  # noqa: E402
-from zeus_qupath.reconstruct import Threshold  # noqa: E402
 from zeus_qupath.tissue import TissueMask  # noqa: E402
 
 PATCH, STRIDE = 448, 112

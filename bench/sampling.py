@@ -97,8 +97,8 @@ def _mask(scores) -> np.ndarray:
 
 
 def _polygons(scores) -> int:
-    from zeus_qupath.reconstruct import Threshold
-    from zeus_qupath.segment import SegmentParams, polygons_from_scores
+    from zeus_qupath.params import SegmentParams, Threshold
+    from zeus_qupath.segment import polygons_from_scores
 
     return len(polygons_from_scores(scores, Threshold(), SegmentParams()))
 
@@ -109,10 +109,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _run(slide: Path, tissue: str, model: tuple[str, str | None, bool], out: Path, sampling: str) -> float:
-    from zeus_qupath.reconstruct import Threshold
+    from zeus_qupath.params import SegmentParams, Threshold
     from zeus_qupath.runs.run import RunConfig, run_segment
     from zeus_qupath.samples import prompt_path
-    from zeus_qupath.segment import SegmentParams
 
     spec, pretrained, random_weights = model
     t0 = time.perf_counter()

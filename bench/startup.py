@@ -75,9 +75,9 @@ def writing_times(slide: Path, out: Path, tmp: Path) -> dict[str, float]:
     """Each output step of ``zeus segment``, timed alone on the run's outputs."""
     from zeus_qupath.outputs import PatchScores
     from zeus_qupath.overlay import render_overlay, write_png
+    from zeus_qupath.params import SegmentParams, Threshold
     from zeus_qupath.qupath_geojson import write_geojson
-    from zeus_qupath.reconstruct import Threshold
-    from zeus_qupath.segment import SegmentParams, geojson_from_scores, polygons_from_scores
+    from zeus_qupath.segment import geojson_from_scores, polygons_from_scores
     from zeus_qupath.slide import Slide
     from zeus_qupath.tissue import view_downsample
 

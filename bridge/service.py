@@ -28,13 +28,12 @@ from zeus_qupath import __version__
 from zeus_qupath.adapter import Adapter, applied_identity
 from zeus_qupath.embedding_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, EmbeddingCache
 from zeus_qupath.errors import ModelError, ZeusError
-from zeus_qupath.models import DEFAULT_MODEL
 from zeus_qupath.models.pool import DEFAULT_MAX_MODELS, ModelPool
 from zeus_qupath.models.specs import ModelSpec, parse_model_specs
 from zeus_qupath.on_demand import OnDemandSegmenter, SegmentRequest, SegmentResult
+from zeus_qupath.params import DEFAULT_MODEL, SegmentParams
 from zeus_qupath.prompts import DEFAULT_PROMPT_SET, load_prompts
 from zeus_qupath.runs.run import CACHE_DIR, versions
-from zeus_qupath.segment import SegmentParams
 
 from .sandbox import Roots, bundled_prompt_names, bundled_prompts
 from .service_learn import ProjectLearner

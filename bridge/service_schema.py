@@ -21,7 +21,7 @@ from shapely.geometry.base import BaseGeometry
 
 from zeus_qupath.errors import ZeusError
 from zeus_qupath.outline import polygonal
-from zeus_qupath.reconstruct import Threshold
+from zeus_qupath.params import Threshold
 
 #: the version of this HTTP API (``GET /version`` answers it as ``api``): clients such as the QuPath extension
 #: (bridge/extension) compare it with their own and say so on a mismatch; raise it on a change that breaks them

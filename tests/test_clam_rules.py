@@ -259,7 +259,8 @@ def test_pixel_filters_are_clams():
 
 
 def test_prepare_slide_uses_the_zeus_rule_by_default():
-    from zeus_qupath.segment import SegmentParams, prepare_slide
+    from zeus_qupath.params import SegmentParams
+    from zeus_qupath.segment import prepare_slide
 
     path = shared_file("wsi", "CMU-1-Small-Region.svs")
     with Slide(path) as slide:

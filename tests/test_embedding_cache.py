@@ -13,9 +13,9 @@ from zeus_qupath.grid import PatchGeometry, PatchGrid
 from zeus_qupath.models.pool import ModelPool
 from zeus_qupath.models.specs import ModelSpec
 from zeus_qupath.on_demand import OnDemandSegmenter, SegmentRequest
+from zeus_qupath.params import SegmentParams
 from zeus_qupath.runs.run import RunConfig, run_segment
 from zeus_qupath.samples import prompt_path
-from zeus_qupath.segment import SegmentParams
 from zeus_qupath.tissue import TissueMask
 
 GEOMETRY = PatchGeometry(448, 112)

@@ -17,8 +17,8 @@ from zeus_qupath.feature_cache import CachedEmbeddings, CacheKey, FeatureCache
 from zeus_qupath.grid import PatchGeometry
 from zeus_qupath.identity import file_fingerprint, model_identity
 from zeus_qupath.outputs import PatchScores
+from zeus_qupath.params import SegmentParams
 from zeus_qupath.runs.run import RunConfig, run_segment
-from zeus_qupath.segment import SegmentParams
 from zeus_qupath.tissue import TissueMask
 
 GEO = PatchGeometry(448, 112)
@@ -167,6 +167,6 @@ def test_new_prompts_or_threshold_only_rescore(tmp_path, tiny_model, spindle_pro
 
 
 def _argmax():
-    from zeus_qupath.reconstruct import Threshold
+    from zeus_qupath.params import Threshold
 
     return Threshold("argmax")

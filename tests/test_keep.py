@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from zeus_qupath.errors import ModelError
-from zeus_qupath.models import DEFAULT_MODEL, PRESETS, load_encoder
+from zeus_qupath.models import PRESETS, load_encoder
+from zeus_qupath.params import DEFAULT_MODEL
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")

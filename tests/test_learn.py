@@ -20,8 +20,8 @@ from zeus_qupath.learn import (
     unit_dice,
     units_of,
 )
+from zeus_qupath.params import Threshold
 from zeus_qupath.patch_labels import LEFT_OUT, NEGATIVE, Correction, LabelRule, central_cells, patch_labels
-from zeus_qupath.reconstruct import Threshold
 from zeus_qupath.tissue import TissueMask
 
 # patches of 40 px at stride 10: the central cell of the patch at (x, y) is [x + 15, x + 25) x [y + 15, y + 25)

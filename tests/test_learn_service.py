@@ -15,9 +15,9 @@ from zeus_qupath.errors import ZeusError
 from zeus_qupath.models.pool import ModelPool
 from zeus_qupath.models.specs import ModelSpec
 from zeus_qupath.on_demand import OnDemandSegmenter, SegmentRequest
+from zeus_qupath.params import SegmentParams
 from zeus_qupath.prompts import load_prompts
 from zeus_qupath.samples import prompt_path
-from zeus_qupath.segment import SegmentParams
 
 pytestmark = pytest.mark.slow
 

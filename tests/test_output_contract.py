@@ -261,7 +261,7 @@ def test_export_removes_what_a_killed_export_left(tmp_path):
 
 def test_service_memory_tier_sees_an_in_place_edit(tmp_path):
     from zeus_qupath.on_demand import OnDemandSegmenter
-    from zeus_qupath.segment import SegmentParams
+    from zeus_qupath.params import SegmentParams
 
     slide = tmp_path / "s.png"
     Image.new("RGB", (64, 48), "white").save(slide)
@@ -480,7 +480,8 @@ def test_segment_and_serve_share_one_definition_of_their_common_options(capsys):
 
 
 def test_models_lists_the_default_first_and_how_to_get_missing_weights(capsys, monkeypatch):
-    from zeus_qupath.models import DEFAULT_MODEL, PRESETS, availability
+    from zeus_qupath.models import PRESETS, availability
+    from zeus_qupath.params import DEFAULT_MODEL
 
     monkeypatch.setattr(availability, "_cached", lambda repo, filename: False)  # no weights here
     assert main(["models"]) == 0

@@ -14,6 +14,7 @@ from zeus_qupath.errors import SlideError
 from zeus_qupath.grid import PatchGeometry, PatchGrid, make_grid
 from zeus_qupath.models.specs import parse_model_specs
 from zeus_qupath.outputs import PatchScores
+from zeus_qupath.params import SegmentParams
 from zeus_qupath.reader import (
     PlanFailure,
     ReadPlan,
@@ -26,7 +27,6 @@ from zeus_qupath.reader import (
     patch_windows,
 )
 from zeus_qupath.runs.run import RunConfig, run_segment
-from zeus_qupath.segment import SegmentParams
 from zeus_qupath.slide import Slide
 from zeus_qupath.tissue import detect_tissue
 

@@ -25,9 +25,8 @@ from zeus_qupath.bridge.publish import (
 )
 from zeus_qupath.errors import GeoJSONError, ProjectError, ZeusError
 from zeus_qupath.heatmap import measurement_name, write_tiles
-from zeus_qupath.outputs import TILES_SUFFIX, PatchScores, output_stem
+from zeus_qupath.outputs import TILES_SUFFIX, PatchScores, SlideReport, output_stem
 from zeus_qupath.qupath_geojson import QuPathObject, feature_collection, read_qupath_geojson, write_geojson
-from zeus_qupath.segment import SlideReport
 
 TESTDATA = Path(__file__).resolve().parent / "data"
 SVS = TESTDATA / "wsi" / "CMU-1-Small-Region.svs"  # 2220 x 2967, 0.499 um/px

@@ -10,8 +10,8 @@ from shapely import unary_union
 from shapely.geometry import shape
 
 from zeus_qupath.outputs import PatchScores
+from zeus_qupath.params import SegmentParams
 from zeus_qupath.runs.run import RunConfig, run_segment
-from zeus_qupath.segment import SegmentParams
 
 pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'zeus-qupath[ray]')")
 

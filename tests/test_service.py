@@ -41,10 +41,9 @@ from zeus_qupath.errors import ZeusError
 from zeus_qupath.models.pool import ModelPool
 from zeus_qupath.models.specs import ModelSpec
 from zeus_qupath.on_demand import OnDemandSegmenter, SegmentRequest
+from zeus_qupath.params import SegmentParams, Threshold
 from zeus_qupath.qupath_geojson import parse_qupath_geojson
-from zeus_qupath.reconstruct import Threshold
 from zeus_qupath.samples import prompt_path
-from zeus_qupath.segment import SegmentParams
 
 TOKEN = "test-token-0123456789"
 ROOT = Path(__file__).resolve().parents[1]

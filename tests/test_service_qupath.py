@@ -21,7 +21,7 @@ from shapely.geometry import shape
 
 from zeus_qupath.bridge.project_files import FilesProject
 from zeus_qupath.bridge.service import ServiceConfig, make_server
-from zeus_qupath.segment import SegmentParams
+from zeus_qupath.params import SegmentParams
 
 from qupath.fixtures import qupath_or_skip
 from qupath.harness import VERSIONS, QuPath, route_images_to_test_server

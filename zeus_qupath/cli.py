@@ -14,6 +14,14 @@ from . import __version__
 from .console import configure_console, os_error_line
 from .errors import ZeusError, one_line
 from .output_set import OutputSet, writable_dir
+from .params import (
+    DEFAULT_MODEL,
+    DEFAULT_PATCH_SIZE,
+    DEFAULT_STRIDE,
+    DEFAULT_THRESHOLD,
+    DEFAULT_TISSUE_RULE,
+    TISSUE_RULES,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,7 +72,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _add_polygon_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threshold", default="zeus", help="zeus (default: ZEUS's blur rule), argmax, or prob:P")
+    p.add_argument("--threshold", default=DEFAULT_THRESHOLD, help="zeus (default: ZEUS's blur rule), argmax, or prob:P")
     p.add_argument("--min-area", type=_area, default=0.0, metavar="UM2",
                    help="drop regions smaller than this (um^2; px^2 when the pixel size is unknown)")
     p.add_argument("--min-hole-area", type=_area, default=0.0, metavar="UM2", help="fill holes smaller than this")
@@ -75,13 +83,13 @@ def _add_polygon_options(p: argparse.ArgumentParser) -> None:
 def _add_patch_options(p: argparse.ArgumentParser) -> None:
     """The patch, tissue and model-run options ``zeus segment`` and ``zeus serve`` share: one definition each,
     one validator, the defaults in ``--help``."""
-    p.add_argument("--patch-size", type=_patch_px, default=448, metavar="PX",
-                   help="patch side in px at the cutting resolution (default: 448, as ZEUS)")
-    p.add_argument("--stride", type=_patch_px, default=112, metavar="PX",
-                   help="step between patches in px (default: 112, as ZEUS)")
+    p.add_argument("--patch-size", type=_patch_px, default=DEFAULT_PATCH_SIZE, metavar="PX",
+                   help=f"patch side in px at the cutting resolution (default: {DEFAULT_PATCH_SIZE}, as ZEUS)")
+    p.add_argument("--stride", type=_patch_px, default=DEFAULT_STRIDE, metavar="PX",
+                   help=f"step between patches in px (default: {DEFAULT_STRIDE}, as ZEUS)")
     p.add_argument("--target-mpp", type=_mpp, default=None, metavar="UM_PER_PX",
                    help="cut patches at this pixel size (um/px); default: level 0 as ZEUS does")
-    p.add_argument("--tissue", choices=("zeus", "coarse"), default="zeus",
+    p.add_argument("--tissue", choices=TISSUE_RULES, default=DEFAULT_TISSUE_RULE,
                    help="tissue and patch rule: zeus (default; CLAM's contours, per-contour grids, four-point test, "
                         "white/black filters, as ZEUS) or coarse (earlier versions' rule: every patch touching a "
                         "coarse tissue mask; finds tissue in small crops where CLAM's area filter finds none)")
@@ -99,8 +107,7 @@ def _add_tiles_option(p: argparse.ArgumentParser) -> None:
 
 
 def _segment_params(args: argparse.Namespace):
-    from .reconstruct import Threshold
-    from .segment import SegmentParams
+    from .params import SegmentParams, Threshold
 
     return SegmentParams(
         patch_size=args.patch_size, stride=args.stride, target_mpp=args.target_mpp, mpp=args.mpp,
@@ -154,9 +161,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_polygons(args: argparse.Namespace) -> int:
     from .heatmap import write_tiles
     from .outputs import TILES_SUFFIX, PatchScores
+    from .params import SegmentParams, Threshold
     from .qupath_geojson import write_geojson
-    from .reconstruct import Threshold
-    from .segment import SegmentParams, geojson_from_scores
+    from .segment import geojson_from_scores
 
     scores = PatchScores.load(args.scores)
     params = SegmentParams(min_area_um2=args.min_area, min_hole_area_um2=args.min_hole_area,
@@ -305,7 +312,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import DEFAULT_MODEL, PRESETS
+    from .models import PRESETS
     from .models.availability import check_model, model_status
 
     if args.check:
@@ -335,9 +342,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .bridge.service import ServiceConfig, serve
+    from .params import SegmentParams, Threshold
     from .prompts import DEFAULT_PROMPT_SET
-    from .reconstruct import Threshold
-    from .segment import SegmentParams
 
     params = SegmentParams(threshold=Threshold.parse(args.threshold), batch_size=args.batch_size,
                            patch_size=args.patch_size, stride=args.stride, target_mpp=args.target_mpp,
@@ -389,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt file (ZEUS template JSON) or a bundled set's name "
                         "(default: zeus_spindle_cell, ZEUS's published prompts)")
     p.add_argument("--positive-class", default=None, help="class to outline (default: from the prompt file)")
-    p.add_argument("--model", default="keep",  # = models.DEFAULT_MODEL (not imported: light commands load no torch)
-                   help="preset name (default: keep) or open_clip:NAME_OR_CONFIG_JSON; "
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"preset name (default: {DEFAULT_MODEL}) or open_clip:NAME_OR_CONFIG_JSON; "
                         "several joined by commas average their scores")
     p.add_argument("--pretrained", default=None,
                    help="open_clip tag or checkpoint file; a preset's weights folder (comma-separated, one per model)")
@@ -501,23 +507,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "paquo", "files"])
     p.add_argument("--prompts", default=None, metavar="FILE_OR_SET", help="as in zeus segment")
     p.add_argument("--positive-class", default=None)
-    p.add_argument("--model", default="keep", help="as in zeus segment (one model)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="as in zeus segment (one model)")
     p.add_argument("--pretrained", default=None)
     p.add_argument("--random-weights", action="store_true", help="as in zeus segment (tests only)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--patch-size", type=_patch_px, default=448)
-    p.add_argument("--stride", type=_patch_px, default=112)
+    p.add_argument("--patch-size", type=_patch_px, default=DEFAULT_PATCH_SIZE)
+    p.add_argument("--stride", type=_patch_px, default=DEFAULT_STRIDE)
     p.add_argument("--target-mpp", type=_mpp, default=None)
     p.add_argument("--mpp", type=_mpp, default=None)
     p.add_argument("--no-tissue", action="store_true")
-    p.add_argument("--tissue", choices=("zeus", "coarse"), default="zeus")
+    p.add_argument("--tissue", choices=TISSUE_RULES, default=DEFAULT_TISSUE_RULE)
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="the embedding cache zeus segment filled (its --cache, or OUT/.cache; default: --originals' "
                         ".cache); uncached slides are embedded once and stored there")
     p.add_argument("--batch-size", type=_batch, default=64)
     p.add_argument("--workers", type=_number(int, 1, 256, what="a thread count"), default=2)
-    p.add_argument("--threshold", default="zeus", help="the mask rule the Dice is computed with (as zeus segment)")
+    p.add_argument("--threshold", default=DEFAULT_THRESHOLD,
+                   help="the mask rule the Dice is computed with (as zeus segment)")
     p.set_defaults(func=cmd_learn, min_area=0.0, min_hole_area=0.0, tolerance=None, tiles=False)
 
     p = sub.add_parser("serve", help="local HTTP service for the QuPath scripts (loopback, token, allowed roots)")
@@ -527,12 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder whose slides may be segmented (repeatable; required)")
     p.add_argument("--token-env", default="ZEUS_TOKEN",
                    help="environment variable holding the token (default ZEUS_TOKEN); generated and printed if unset")
-    p.add_argument("--model", default="keep", help="preset name (default: keep) or open_clip:...")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset name (default: {DEFAULT_MODEL}) or open_clip:...")
     p.add_argument("--pretrained", default=None)
     p.add_argument("--prompts", default=None, metavar="FILE_OR_SET",
                    help="bundled prompt set name or a prompt file "
                         "(default: zeus_spindle_cell, ZEUS's published prompts)")
-    p.add_argument("--threshold", default="zeus", help="default threshold (zeus, argmax, prob:P)")
+    p.add_argument("--threshold", default=DEFAULT_THRESHOLD, help="default threshold (zeus, argmax, prob:P)")
     _add_patch_options(p)  # the same options, defaults and limits as zeus segment
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="embedding cache folder shared with zeus segment --cache DIR (or a zeus segment --out "

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .evaluate import Scores, evaluate
+from .params import SegmentParams
 from .runs.run import RunConfig, RunReport, run_segment
-from .segment import SegmentParams
 
 DEMO_SEED = 7  # the tiny model trains on other seeds, never on the demo slide
 DEMO_SIZE = (6144, 4096)

@@ -31,7 +31,8 @@ from shapely.geometry.base import BaseGeometry
 
 from .feature_cache import CachedEmbeddings, CacheKey, FeatureCache
 from .grid import PatchGeometry, PatchGrid
-from .segment import SegmentParams, patch_geometry
+from .params import SegmentParams
+from .segment import patch_geometry
 from .tissue import TissueMask
 
 DEFAULT_MAX_ENTRIES = 16

@@ -33,8 +33,9 @@ from . import __version__
 from .adapter import SHIFTS, Adapter, FitStats, applied_identity, candidates, fit, fit_stats, shift_bias
 from .errors import ZeusError
 from .outputs import PatchScores
+from .params import DEFAULT_MODEL, Threshold
 from .patch_labels import LEFT_OUT, NEGATIVE, Correction, LabelRule, patch_labels
-from .reconstruct import Threshold, sample_centres, sample_step, zeus_mask
+from .reconstruct import sample_centres, sample_step, zeus_mask
 from .tissue import TissueMask
 
 EVAL_PIXELS = 250_000  # mask samples per slide for the cross-validation Dice
@@ -324,7 +325,7 @@ def learn(slides: Sequence[LabelledSlide], text: np.ndarray, classes: Sequence[s
 @dataclass(frozen=True)
 class LearnConfig:
     out: str
-    model: str = "keep"
+    model: str = DEFAULT_MODEL
     pretrained: str | None = None
     random_weights: bool = False
     prompts: str = ""

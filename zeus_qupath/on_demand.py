@@ -37,11 +37,11 @@ from .models.base import Encoder
 from .models.pool import LoadedModel, ModelPool
 from .models.specs import ModelSpec
 from .outline import SlideOutline, outline_patches, patches_in_region, polygonal
+from .params import SegmentParams, Threshold
 from .polygons import tissue_geometry
 from .prompts import load_prompts
 from .reader import ReadPlan, RegionStream, SlideFailed
-from .reconstruct import Threshold
-from .segment import SegmentParams, patch_geometry, prepare_slide
+from .segment import patch_geometry, prepare_slide
 from .slide import Slide, SlideInfo
 
 log = logging.getLogger(__name__)

@@ -24,15 +24,16 @@ from shapely.geometry.base import BaseGeometry
 from .annotations import build_annotations
 from .grid import PatchGeometry, PatchGrid
 from .outputs import PatchScores
+from .params import Threshold
 from .polygons import PolygonParams, mask_polygons
 from .prompts import PromptSet
 from .qupath_geojson import feature_collection
-from .reconstruct import Threshold, zeus_mask
+from .reconstruct import zeus_mask
 from .scoring import slide_scores
 
 if TYPE_CHECKING:
     from .models.base import Encoder  # for annotations only: importing it imports torch
-    from .segment import SegmentParams
+    from .params import SegmentParams
 
 
 def polygonal(geom: BaseGeometry) -> BaseGeometry:

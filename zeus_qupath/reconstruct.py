@@ -35,36 +35,12 @@ import scipy.sparse
 
 from .errors import ZeusError
 from .outputs import PatchScores
+from .params import Threshold
 
 ZEUS_BLUR_THRESHOLD = 0.1
 MAX_FINE_PIXELS = 32_000_000
 BLOCK_SAMPLES = 2_000_000  # mask samples computed at once (rows x columns of one band)
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """How scores become a mask: ``zeus`` (default), ``argmax`` or ``prob`` with ``value``."""
-
-    method: str = "zeus"
-    value: float = 0.5
-
-    @classmethod
-    def parse(cls, text: str) -> Threshold:
-        t = text.strip().lower()
-        if t in ("zeus", "argmax"):
-            return cls(t)
-        if t.startswith("prob:"):
-            try:
-                value = float(t[5:])
-            except ValueError:
-                value = math.nan
-            if not 0.0 < value < 1.0:
-                raise ZeusError(f"--threshold prob:P needs 0 < P < 1, got {text!r}")
-            return cls("prob", value)
-        raise ZeusError(f"--threshold must be zeus, argmax or prob:P, got {text!r}")
-
-    def __str__(self) -> str:
-        return f"prob:{self.value:g}" if self.method == "prob" else self.method
+ZEUS_RULE = Threshold()  # the default: ZEUS's blur rule
 
 
 @dataclass(frozen=True)
@@ -241,7 +217,7 @@ def _probabilities(scores: PatchScores, logit_scale: float | None) -> np.ndarray
     return probs[:, [scores.positive_index]]
 
 
-def zeus_mask(scores: PatchScores, logit_scale: float | None = None, threshold: Threshold = Threshold(),
+def zeus_mask(scores: PatchScores, logit_scale: float | None = None, threshold: Threshold = ZEUS_RULE,
               max_pixels: int = MAX_FINE_PIXELS) -> Mask:
     """The mask of ``threshold``'s rule, sampled every ``sample_step`` px, with memory bounded by the patches."""
     step = sample_step(scores.width, scores.height, max_pixels)

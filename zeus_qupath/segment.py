@@ -16,7 +16,7 @@ import base64
 import io
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,33 +33,15 @@ from .outline import outline_patches, outline_polygons
 from .output_set import OutputSet
 from .outputs import PatchScores, SlideReport, output_paths, output_stem
 from .overlay import render_overlay, write_png
+from .params import SegmentParams, Threshold
 from .polygons import tissue_geometry
 from .prompts import PromptSet
 from .qupath_geojson import feature_collection, write_geojson
-from .reconstruct import Threshold
 from .slide import Slide, SlideInfo
-from .tissue import DEFAULT_TISSUE_RULE, TissueMask, clam_tissue, full_tissue, tissue_from_view, view_downsample
+from .tissue import TissueMask, clam_tissue, full_tissue, tissue_from_view, view_downsample
 
 if TYPE_CHECKING:  # the model side (torch) is imported where it runs: zeus polygons must not load it
     from .models.base import Encoder
-
-
-@dataclass(frozen=True)
-class SegmentParams:
-    patch_size: int = 448
-    stride: int = 112
-    target_mpp: float | None = None
-    mpp: float | None = None
-    batch_size: int = 64
-    workers: int = 2
-    threshold: Threshold = field(default_factory=Threshold)
-    min_area_um2: float = 0.0
-    min_hole_area_um2: float = 0.0
-    tolerance_px: float | None = None
-    detect_tissue: bool = True
-    tissue: str = DEFAULT_TISSUE_RULE  # tissue and patch rule: "zeus" (CLAM's, as ZEUS runs it) or "coarse"
-    heatmap_tiles: bool = False  # also write <stem>.tiles.geojson: the scores as QuPath tiles (heatmap.py)
-    sampling: str = "exact"  # which patches are embedded: exact (every grid patch, ZEUS) or adaptive (sampling.py)
 
 
 def encode_tissue(tissue: TissueMask) -> dict[str, Any]:

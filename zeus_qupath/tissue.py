@@ -36,8 +36,6 @@ from scipy import ndimage
 from .slide import Slide
 
 DEFAULT_MAX_SIDE = 2048
-TISSUE_RULES = ("zeus", "coarse")  # --tissue; "zeus" is the default
-DEFAULT_TISSUE_RULE = "zeus"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from shapely import affinity
 from shapely.geometry import shape
 
 from zeus_qupath.bridge.service import ServiceConfig, make_server
-from zeus_qupath.segment import SegmentParams
+from zeus_qupath.params import SegmentParams
 
 from qupath.extension import build_extension, gui_dir
 from qupath.fixtures import skip_or_fail

@@ -85,9 +85,6 @@ PRESETS: dict[str, ModelPreset] = {
     ]
 }
 
-# KEEP: a model ZEUS evaluated (with CONCH and MUSK), public MIT weights, built natively (no remote code)
-DEFAULT_MODEL = "keep"
-
 
 def preset_or_none(name: str) -> ModelPreset | None:
     return PRESETS.get(name.strip().lower())

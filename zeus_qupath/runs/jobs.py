@@ -10,8 +10,9 @@ from typing import Any
 from ..errors import ZeusError
 from ..models.ensemble import RunModels, load_run_models
 from ..models.specs import ModelSpec
+from ..outputs import SlideReport
+from ..params import SegmentParams
 from ..reader import DEFAULT_BLOCK_CELLS
-from ..segment import SegmentParams, SlideReport
 from .discovery import SlideEntry
 
 

@@ -26,10 +26,10 @@ from ..embedding_cache import EmbeddingCache, slide_key
 from ..feature_cache import CachedEmbeddings, CacheKey
 from ..identity import effective_precision
 from ..models.ensemble import RunModels
+from ..outputs import SlideReport
 from ..reader import PlanFailure, ReadPlan, RegionStream, SlideFailed, plan_blocks
 from ..segment import (
     PreparedSlide,
-    SlideReport,
     drop_filtered,
     finish_slide,
     patch_geometry,

@@ -29,7 +29,7 @@ from ..models.ensemble import RunModels
 from ..models.specs import parse_model_specs
 from ..output_set import remove_stale_temporaries, writable_dir
 from ..outputs import RUN_JSON, RunRecord, SlideReport, write_run_record
-from ..segment import SegmentParams
+from ..params import DEFAULT_MODEL, SegmentParams
 from .discovery import SlideEntry, collect_slides
 from .jobs import RunSettings, SlideFailure, SlideJob, load_settings_models
 from .local_executor import run_local
@@ -49,7 +49,7 @@ class RunConfig:
     slides: tuple[str, ...]
     prompts: str
     out_dir: str
-    model: str = "keep"  # one spec, or several joined by commas (an ensemble); = models.DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # one spec, or several joined by commas (an ensemble)
     pretrained: str | None = None  # one per model, comma-separated, when there are several
     positive_class: str | None = None
     device: str = "auto"

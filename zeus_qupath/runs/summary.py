@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..segment import SlideReport
+from ..outputs import SlideReport
 from .jobs import SlideFailure
 
 
