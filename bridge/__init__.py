@@ -4,7 +4,9 @@ QuPath's GeoJSON (reader 0.2-0.7, writer, ZEUS's marker) is the engine's ``zeus_
 Modules: ``edits`` (the keep-edits rule),
 ``uris`` (slide paths as QuPath ``file:`` URIs, with a path map for other machines),
 ``project_files`` (QuPath-free project writer), ``project_paquo`` (writer through paquo and QuPath),
-``project`` (``open_project`` picks one).
+``project`` (``choose_backend``; ``open_project`` opens the one it picks);
+``zeus export``: ``export`` (the stage) with ``export_sources``, ``label_masks``, ``correction_stats`` and
+``export_report``; ``corrections`` (the corrected images ``zeus learn`` reads).
 """
 
 from .edits import MergeResult, is_untouched_zeus, merge_annotations

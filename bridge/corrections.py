@@ -1,6 +1,6 @@
 """The corrected images ``zeus learn`` learns from, read from a QuPath project or a folder of GeoJSON exports.
 
-Reading is ``zeus export``'s (:func:`bridge.export.read_sources`): a project through paquo (each saved
+Reading is ``zeus export``'s (:func:`bridge.export_sources.read_sources`): a project through paquo (each saved
 image's ``data.qpdata``) or through what ``export_training_data.groovy`` wrote into ``<project>/export/``;
 a folder of QuPath GeoJSON exports (0.2 to 0.7), with ZEUS's originals beside them or in ``originals``.
 
@@ -25,17 +25,14 @@ import numpy as np
 import shapely
 
 from zeus_qupath.errors import ProjectError, ZeusError
+from zeus_qupath.geometry import polygonal
 from zeus_qupath.learn import CorrectedImage
 from zeus_qupath.outputs import output_stem, read_run_record
 from zeus_qupath.patch_labels import Correction
 
-from .export import (
-    DEFAULT_POSITIVE_CLASS,
-    SlideSource,
-    compare_annotations,
-    polygonal,
-    read_sources,
-)
+from .correction_stats import compare_annotations
+from .export_sources import SlideSource, read_sources
+from .label_masks import DEFAULT_POSITIVE_CLASS
 from .project_files import PROJECT_FILE, FilesProject, entry_uri
 from .uris import file_uri_to_path
 

@@ -105,25 +105,37 @@ def paquo_status() -> tuple[bool, str]:
     return True, "paquo and a QuPath install were found"
 
 
+def choose_backend(backend: str) -> str:
+    """``"paquo"`` or ``"files"``: the backend to try first for ``backend`` (``"auto"``, ``"paquo"``, ``"files"``).
+
+    ``"auto"`` gives paquo when paquo finds a QuPath install, else files; ``"paquo"`` without them raises a
+    ``ProjectError`` that says why. A caller of ``"auto"`` falls back to files if paquo then fails.
+    """
+    if backend not in BACKENDS:
+        raise ProjectError(f"unknown project backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if backend == "files":
+        return "files"
+    ok, why = paquo_status()
+    if ok:
+        return "paquo"
+    if backend == "paquo":
+        raise ProjectError(f"the paquo backend is not available: {why}")
+    return "files"
+
+
 def open_project(path: str | os.PathLike[str], backend: str = "auto") -> ProjectWriter:
     """Open or create the QuPath project at ``path`` (a folder or its ``project.qpproj``).
 
     ``backend``: ``"paquo"`` (needs paquo and a QuPath install; a ``ProjectError`` says why when they
     are missing), ``"files"`` (QuPath-free), or ``"auto"`` (paquo when available, else files).
     """
-    if backend not in BACKENDS:
-        raise ProjectError(f"unknown project backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    if backend in ("auto", "paquo"):
-        ok, why = paquo_status()
-        if ok:
-            from .project_paquo import PaquoProject
+    if choose_backend(backend) == "paquo":
+        from .project_paquo import PaquoProject
 
-            if backend == "paquo":
-                return PaquoProject(path)
-            try:
-                return PaquoProject(path)
-            except ProjectError:
-                pass  # auto: fall back to the QuPath-free writer
-        elif backend == "paquo":
-            raise ProjectError(f"the paquo backend is not available: {why}")
+        if backend == "paquo":
+            return PaquoProject(path)
+        try:
+            return PaquoProject(path)
+        except ProjectError:
+            pass  # auto: fall back to the QuPath-free writer
     return FilesProject(path)

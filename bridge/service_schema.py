@@ -20,7 +20,7 @@ from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
 from zeus_qupath.errors import ZeusError
-from zeus_qupath.outline import polygonal
+from zeus_qupath.geometry import polygonal_or_empty
 from zeus_qupath.params import Threshold
 
 #: the version of this HTTP API (``GET /version`` answers it as ``api``): clients such as the QuPath extension
@@ -236,7 +236,7 @@ def parse_region(value: Rectangle | Geometry | Feature,
         if crossings_over(geom, MAX_REPAIR_CROSSINGS):
             raise RequestError(422, f"region crosses itself more than {MAX_REPAIR_CROSSINGS} times; "
                                     "send a valid (non-self-intersecting) outline")
-        geom = polygonal(shapely.make_valid(geom))
+        geom = polygonal_or_empty(geom)  # make_valid, then the areal part
     if geom.is_empty or geom.area <= 0 or not np.isfinite(geom.area):
         raise RequestError(422, "region has no area")
     return geom

@@ -16,7 +16,7 @@
  *     file: an image that cannot be opened on this computer gets a one-line message, its GeoJSON
  *     all the same, and no mask (an older mask of it is removed, so none is left that disagrees);
  *   - labels.json: the label of each class, the same for every image, by the rule `zeus export`
- *     (bridge/export.py) follows too: the classes of the annotations with an area, without QuPath's
+ *     (bridge/label_masks.py) follows too: the classes of the annotations with an area, without QuPath's
  *     '*' classes (Ignore*, Region*); names that differ only in case share one label (all spellings
  *     are listed); the positive class gets 1, the others 2, 3, ... in the order of their lower-case
  *     names (Unicode code points);

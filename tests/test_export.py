@@ -22,19 +22,16 @@ from PIL import Image
 from shapely.geometry import box, mapping, shape
 
 import zeus_qupath.bridge.export as export_mod
-from zeus_qupath.bridge.export import (
-    SlideSource,
-    compare_annotations,
-    export_corrections,
-    format_table,
-    label_map,
-    polygonal,
-    rasterize_labels,
-    write_mask,
-)
+import zeus_qupath.bridge.label_masks as label_masks
+from zeus_qupath.bridge.correction_stats import compare_annotations
+from zeus_qupath.bridge.export import export_corrections
+from zeus_qupath.bridge.export_report import format_table
+from zeus_qupath.bridge.export_sources import SlideSource
+from zeus_qupath.bridge.label_masks import label_map, rasterize_labels, write_mask
 from zeus_qupath.bridge.project_files import ZEUS_GEOJSON, packed_argb
 from zeus_qupath.bridge.publish import ResultItem, publish_results
 from zeus_qupath.errors import ZeusError
+from zeus_qupath.geometry import polygonal
 from zeus_qupath.qupath_geojson import (
     MEAS_AREA_PX,
     MEAS_CENTROID_X,
@@ -327,7 +324,7 @@ def test_overlaps_higher_label_on_top_and_large_masks_as_tiff(tmp_path: Path, mo
     mask = rasterize_labels(objects, labels, 100, 100, 10)
     assert mask.shape == (10, 10) and mask[5, 5] == 2 and mask[0, 0] == 1  # Stroma (2) over Tumor (1)
     assert mask[9, 9] == 2  # whatever the object order or size: the higher label is on top
-    monkeypatch.setattr(export_mod, "MAX_PNG_SIDE", 8)
+    monkeypatch.setattr(label_masks, "MAX_PNG_SIDE", 8)
     path = write_mask(tmp_path / "s.labels", mask)
     assert path.name == "s.labels.tif"
     import tifffile

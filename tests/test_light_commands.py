@@ -104,6 +104,7 @@ def test_evaluate_loads_no_model_code(polygons_run, results):
     res, modules = run_light("evaluate", str(results / "CMU-1-Small-Region.geojson"), str(gt),
                              "--size", f"{WIDTH},{HEIGHT}", cwd=results.parent)
     assert model_side(modules) == []
+    assert "cv2" not in modules  # two GeoJSON files: no OpenCV either (only a tissue mask detected on a slide)
     # the Dice of the polygons themselves (exact areas), against the command's raster count at 1 px
     pred = shapely.union_all([shape(f["geometry"]) for f in
                               json.loads((results / "CMU-1-Small-Region.geojson").read_text())["features"]])

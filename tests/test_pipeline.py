@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from zeus_qupath.embed import StreamEncoder, cut_patches_torch, embed_grid
+from zeus_qupath.embed import StreamEncoder, cut_patches_torch
 from zeus_qupath.errors import SlideError
 from zeus_qupath.grid import PatchGeometry, PatchGrid, make_grid
 from zeus_qupath.models.specs import parse_model_specs
+from zeus_qupath.on_demand import embed_patches
 from zeus_qupath.outputs import PatchScores
 from zeus_qupath.params import SegmentParams
 from zeus_qupath.reader import (
@@ -197,13 +198,14 @@ def test_target_mpp_scores_are_those_of_the_pyramid_level_pixels(slides, tiny_mo
     features = tiny_encoder.encode_images(patches)
     prompts = load_prompts(spindle_prompts)
     np.testing.assert_allclose(scores.scores[pick], features @ class_prototypes(tiny_encoder, prompts).T, atol=1e-4)
-    # the on-demand path (zeus serve) embeds a grid through embed_grid: the same pixels, the same features
+    # the on-demand path (zeus serve) embeds a grid through embed_patches: the same pixels, the same features
     assert not (scores.coords[pick] % 224).any()  # one lattice from (0, 0) without tissue detection
     index = scores.coords[pick][:, ::-1] // 224
     grid = PatchGrid(PatchGeometry(112, 56, 4.0), 2560, 1792, int(index[:, 0].max()) + 1,
                      int(index[:, 1].max()) + 1, index)
-    np.testing.assert_allclose(embed_grid(str(slides[0]), grid, tiny_encoder, batch_size=16, workers=1), features,
-                               atol=1e-5)
+    on_demand, kept = embed_patches(slides[0], grid, tiny_encoder, SegmentParams(batch_size=16, workers=1))
+    assert kept is None or kept.all()
+    np.testing.assert_allclose(on_demand, features, atol=1e-5)
 
 
 def test_model_list_parsing():

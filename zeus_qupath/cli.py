@@ -300,7 +300,8 @@ def cmd_project_add(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .bridge.export import export_corrections, format_table
+    from .bridge.export import export_corrections
+    from .bridge.export_report import format_table
 
     if args.downsample is not None and args.mpp is not None:
         raise ZeusError("give --downsample or --mpp, not both")

@@ -239,32 +239,6 @@ class StreamEncoder:
         self._resolve()
 
 
-def embed_grid(
-    slide_path: str,
-    grid: PatchGrid,
-    encoder: Encoder,
-    *,
-    mpp: float | None = None,
-    batch_size: int = 64,
-    workers: int = 2,
-    progress: ProgressFn | None = None,
-) -> np.ndarray:
-    """(N, D) float32 unit embeddings of one slide's grid patches, in grid order."""
-    if len(grid) == 0:
-        return np.zeros((0, encoder.embed_dim), dtype=np.float32)
-    plan = ReadPlan.for_grid(0, slide_path, grid)
-    stream = RegionStream([plan], workers=workers, transform=pin_region if wants_device_cut([encoder]) else None)
-    runner = StreamEncoder([encoder], batch_size=batch_size, progress=lambda _: progress)
-    try:
-        for result in runner.run(stream):
-            if isinstance(result, SlideFailed):
-                raise result.error
-            return result.features[0]
-    finally:
-        stream.close()
-    raise RuntimeError("the region stream ended without the slide")  # pragma: no cover
-
-
 def embed_positions(
     slide_path: str,
     grid: PatchGrid,

@@ -25,8 +25,8 @@ from PIL import Image
 from shapely.geometry import box
 
 from .errors import ZeusError
+from .geometry import polygon_parts
 from .slide import Slide
-from .tissue import detect_tissue
 
 MASK_SUFFIXES = {".png", ".npy", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
 GEOJSON_SUFFIXES = {".geojson", ".json"}
@@ -76,16 +76,9 @@ def read_geometry(path: str | os.PathLike[str], class_name: str | None) -> shape
     polys = [
         part for o in objs
         if o.object_type == "annotation" and (class_name is None or (o.class_name or "").lower() == class_name.lower())
-        for part in _polygon_parts(o.geometry)
+        for part in polygon_parts(o.geometry)
     ]
     return shapely.union_all(polys) if polys else shapely.Polygon()
-
-
-def _polygon_parts(geom: shapely.Geometry) -> list[shapely.Geometry]:
-    """The Polygons and MultiPolygons of ``geom`` (inside GeometryCollections too)."""
-    if geom.geom_type in ("Polygon", "MultiPolygon"):
-        return [geom]
-    return [p for g in getattr(geom, "geoms", []) for p in _polygon_parts(g)]
 
 
 def geometry_scores(pred: shapely.Geometry, gt: shapely.Geometry, region: shapely.Geometry) -> Scores:
@@ -197,6 +190,8 @@ def evaluate(
     tissue_mask = None
     if tissue is not None:
         if tissue_is_slide:
+            from .tissue import detect_tissue  # OpenCV: only for a tissue mask detected on a slide
+
             with Slide(tissue) as s:
                 t = detect_tissue(s)
             tissue_mask = _resize_nearest(t.mask, shape)
@@ -208,6 +203,8 @@ def evaluate(
 def _tissue_geometry(tissue: str | os.PathLike[str], is_slide: bool, dims: tuple[int, int]) -> shapely.Geometry:
     """The tissue as level-0 polygons: from the slide's tissue mask, or a mask image spanning the slide."""
     if is_slide:
+        from .tissue import detect_tissue  # OpenCV: only for a tissue mask detected on a slide
+
         with Slide(tissue) as s:
             mask = detect_tissue(s).mask
     else:

@@ -1,7 +1,7 @@
 """Segment a slide, or a region of it, on request: the engine behind ``zeus serve``.
 
 The steps are ``zeus segment``'s own: :func:`~zeus_qupath.segment.prepare_slide` (tissue and patch grid),
-the embedding stream (:func:`~zeus_qupath.embed.embed_grid`), and
+the embedding stream (:func:`embed_patches`, through :class:`~zeus_qupath.embed.StreamEncoder`), and
 :func:`~zeus_qupath.outline.outline_patches` (scores, mask, polygons), with the same cache key
 (:func:`~zeus_qupath.embedding_cache.slide_key`). What differs is reuse: the two-tier
 :class:`~zeus_qupath.embedding_cache.EmbeddingCache` keeps each slide's features between requests, so
@@ -31,12 +31,13 @@ from .adapter import Adapter, applied_identity
 from .embed import StreamEncoder, pin_region, wants_device_cut
 from .embedding_cache import EmbeddingCache, SlideEmbeddings, slide_key
 from .errors import ZeusError
+from .geometry import polygonal_or_empty
 from .grid import PatchGrid
 from .identity import StatGuard, file_fingerprint
 from .models.base import Encoder
 from .models.pool import LoadedModel, ModelPool
 from .models.specs import ModelSpec
-from .outline import SlideOutline, outline_patches, patches_in_region, polygonal
+from .outline import SlideOutline, outline_patches, patches_in_region
 from .params import SegmentParams, Threshold
 from .polygons import tissue_geometry
 from .prompts import load_prompts
@@ -171,7 +172,7 @@ class OnDemandSegmenter:
         fingerprint, info = self.slide_identity(request.slide)
         region = None
         if request.region is not None:
-            region = polygonal(request.region.intersection(box(0, 0, info.width, info.height)))
+            region = polygonal_or_empty(request.region.intersection(box(0, 0, info.width, info.height)))
             if region.is_empty or region.area <= 0:
                 raise ZeusError(f"the region lies outside the image ({info.width} x {info.height} px)")
         entries = [self.slide_entry(request.slide, fingerprint, info, m) for m in models]

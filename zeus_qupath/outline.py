@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import shapely
 from shapely import affinity
-from shapely.geometry import MultiPolygon, Polygon
+from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 
 from .annotations import build_annotations
+from .geometry import polygonal_or_empty
 from .grid import PatchGeometry, PatchGrid
 from .outputs import PatchScores
 from .params import Threshold
@@ -34,14 +35,6 @@ from .scoring import slide_scores
 if TYPE_CHECKING:
     from .models.base import Encoder  # for annotations only: importing it imports torch
     from .params import SegmentParams
-
-
-def polygonal(geom: BaseGeometry) -> BaseGeometry:
-    """Only the areal parts of ``geom`` (a Polygon, a MultiPolygon or an empty Polygon)."""
-    if isinstance(geom, (Polygon, MultiPolygon)):
-        return geom
-    parts = [g for g in getattr(geom, "geoms", []) if isinstance(g, (Polygon, MultiPolygon))]
-    return shapely.union_all(parts) if parts else Polygon()
 
 
 def patches_in_region(grid: PatchGrid, region: BaseGeometry | None) -> np.ndarray:
@@ -76,7 +69,7 @@ def outline_polygons(scores: PatchScores, threshold: Threshold, params: SegmentP
     poly_params = polygon_params(params, scores.mpp)
     if region is None:
         return mask_polygons(zeus_mask(scores, threshold=threshold), poly_params, clip=clip)
-    clip = region if clip is None else polygonal(clip.intersection(region))
+    clip = region if clip is None else polygonal_or_empty(clip.intersection(region))
     if clip.is_empty or len(scores.coords) == 0:
         return []
     p, s = scores.patch_size, scores.stride

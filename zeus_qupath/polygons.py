@@ -14,9 +14,10 @@ import numpy as np
 import rasterio.features
 import shapely
 from affine import Affine
-from shapely.geometry import MultiPolygon, Polygon, box, shape
+from shapely.geometry import Polygon, box, shape
 from shapely.geometry.base import BaseGeometry
 
+from .geometry import polygon_parts
 from .reconstruct import Mask
 from .tissue import TissueMask
 
@@ -39,19 +40,6 @@ def raster_polygons(mask: np.ndarray, pixel_size: float, origin: tuple[float, fl
     # the bool mask seen as 0/1 bytes (no copy) is both the values and the mask: no slide-sized temporaries
     return [shape(geom) for geom, value in rasterio.features.shapes(mask.view(np.uint8), mask=mask,
                                                                      transform=transform) if value == 1]
-
-
-def _polygonal(geom: BaseGeometry) -> list[Polygon]:
-    """The polygon parts of any (possibly collection) geometry."""
-    if geom.is_empty:
-        return []
-    if isinstance(geom, Polygon):
-        return [geom]
-    if isinstance(geom, MultiPolygon):
-        return list(geom.geoms)
-    if hasattr(geom, "geoms"):
-        return [p for g in geom.geoms for p in _polygonal(g)]
-    return []
 
 
 def clean_polygon(poly: Polygon, min_hole_area: float) -> Polygon:
@@ -77,7 +65,7 @@ def mask_polygons(mask: Mask, params: PolygonParams = PolygonParams(),
         geom = shapely.make_valid(poly).intersection(region)
         if tolerance > 0:
             geom = geom.simplify(tolerance, preserve_topology=True)
-        for part in _polygonal(shapely.make_valid(geom)):
+        for part in polygon_parts(shapely.make_valid(geom)):
             part = clean_polygon(part, params.min_hole_area)
             if part.area > 0 and part.area >= params.min_area and part.is_valid:
                 out.append(part)

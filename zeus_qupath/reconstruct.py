@@ -115,11 +115,6 @@ def positive_argmax(sums: np.ndarray, positive: int) -> np.ndarray:
     return sums[..., positive] > others.max(axis=-1)
 
 
-def opencv_sigma(ksize: int) -> float:
-    """OpenCV's Gaussian sigma for ``sigma=0``: 0.3 * ((k - 1) / 2 - 1) + 0.8."""
-    return 0.3 * ((ksize - 1) / 2 - 1) + 0.8
-
-
 def sample_step(width: int, height: int, max_pixels: int = MAX_FINE_PIXELS) -> int:
     """Level-0 px between mask samples: 1 (exact) when the slide fits ``max_pixels``, else the smallest that does."""
     return max(1, math.ceil(math.sqrt(width * height / max_pixels)))
