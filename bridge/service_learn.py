@@ -25,11 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from zeus_qupath.errors import ZeusError
 
-from .service_schema import LearnBody, RequestError
+from .service_schema import LearnBody, RequestError, validate_model
 
 ADAPTER_FOLDER = "zeus"
 PROJECT_FILE = "project.qpproj"
@@ -57,22 +55,7 @@ class LearnRequest:
 
 def validate_learn_body(data: Any) -> LearnBody:
     """The body as a :class:`LearnBody`, or a 400 that names the first bad field."""
-    if not isinstance(data, dict):
-        raise RequestError(400, "the request must be a JSON object like {\"project\": \"/path/to/project\"}")
-    fields = tuple(LearnBody.model_fields)
-    unknown = sorted(str(k) for k in data if k not in fields)
-    if unknown:
-        raise RequestError(400, f"unknown field {unknown[0]!r}; known fields: {', '.join(fields)}")
-    if "project" not in data:
-        raise RequestError(400, "missing field 'project' (the QuPath project folder)")
-    try:
-        return LearnBody.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else ""
-        raise RequestError(400, _USAGE.get(field, f"{field}: {err['msg']}")) from None
-    except RecursionError:
-        raise RequestError(400, "the request nests too deeply") from None
+    return validate_model(data, LearnBody, "project", "the QuPath project folder", "/path/to/project", _USAGE)
 
 
 class ProjectLearner:

@@ -127,23 +127,34 @@ _USAGE = {
 }
 
 
-def validate_body(data: Any) -> SegmentBody:
-    """The body as a :class:`SegmentBody`, or a 400 that names the first bad field."""
+def validate_model(data: Any, model: type[BaseModel], required: str, what: str, example: str,
+                   usage: dict[str, str]) -> Any:
+    """``data`` as an instance of ``model``, or a 400 that names the first bad field.
+
+    ``required`` is the one field a request must have, ``what`` says what it holds and ``example`` is a value for it
+    (both for the messages); ``usage`` maps a field to the line shown when its value is refused.
+    """
+    fields = tuple(model.model_fields)
     if not isinstance(data, dict):
-        raise RequestError(400, "the request must be a JSON object like {\"slide\": \"/path/to/slide.svs\"}")
-    unknown = sorted(str(k) for k in data if k not in FIELDS)
+        raise RequestError(400, f"the request must be a JSON object like {{\"{required}\": \"{example}\"}}")
+    unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
-        raise RequestError(400, f"unknown field {unknown[0]!r}; known fields: {', '.join(FIELDS)}")
-    if "slide" not in data:
-        raise RequestError(400, "missing field 'slide' (the path of the slide file)")
+        raise RequestError(400, f"unknown field {unknown[0]!r}; known fields: {', '.join(fields)}")
+    if required not in data:
+        raise RequestError(400, f"missing field {required!r} ({what})")
     try:
-        return SegmentBody.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else ""
-        raise RequestError(400, _USAGE.get(field, f"{field}: {err['msg']}")) from None
+        raise RequestError(400, usage.get(field, f"{field}: {err['msg']}")) from None
     except RecursionError:
         raise RequestError(400, "the request nests too deeply") from None
+
+
+def validate_body(data: Any) -> SegmentBody:
+    """The body as a :class:`SegmentBody`, or a 400 that names the first bad field."""
+    return validate_model(data, SegmentBody, "slide", "the path of the slide file", "/path/to/slide.svs", _USAGE)
 
 
 def _number(v: Any) -> bool:
