@@ -399,14 +399,6 @@ def qupath(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return qupath_or_skip(request.param, tmp_path_factory)
 
 
-def only_boundary_differences(a: np.ndarray, b: np.ndarray) -> bool:
-    """Every pixel where the masks differ has each mask's value within one pixel in the other mask."""
-    for y, x in np.argwhere(a != b):
-        win = (slice(max(y - 1, 0), y + 2), slice(max(x - 1, 0), x + 2))
-        if b[y, x] not in a[win] or a[y, x] not in b[win]:
-            return False
-    return True
-
 
 @pytest.mark.jvm
 @pytest.mark.slow
@@ -414,6 +406,7 @@ def only_boundary_differences(a: np.ndarray, b: np.ndarray) -> bool:
 def test_groovy_export_survives_a_missing_slide_and_agrees_with_zeus_export(qupath: Any, tmp_path: Path) -> None:
     """Run for project on real QuPath: a slide that cannot be opened keeps its GeoJSON (one line, no mask, older
     mask removed), the others get masks, one summary; labels.json and masks equal ``zeus export``'s."""
+    from qupath.fixtures import only_boundary_differences
     from qupath.harness import route_images_to_test_server
 
     missing = tmp_path / "slides" / "missing.tif"

@@ -22,7 +22,7 @@ from zeus_qupath.bridge.project_files import FilesProject
 from zeus_qupath.qupath_geojson import QuPathObject, annotation_feature
 
 from conftest import shared_file
-from qupath.fixtures import qupath_or_skip
+from qupath.fixtures import only_boundary_differences, qupath_or_skip
 from qupath.harness import QuPath, route_images_to_test_server
 
 pytestmark = [pytest.mark.jvm, pytest.mark.slow]
@@ -38,14 +38,6 @@ TILE_NAME = re.compile(r"\[d=([0-9.]+),x=(\d+),y=(\d+),w=(\d+),h=(\d+)\](-labell
 def qupath(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> QuPath:
     return qupath_or_skip(request.param, tmp_path_factory)
 
-
-def only_boundary_differences(a: np.ndarray, b: np.ndarray) -> bool:
-    """Every pixel where the masks differ has each mask's value within one pixel in the other mask."""
-    for y, x in np.argwhere(a != b):
-        win = (slice(max(y - 1, 0), y + 2), slice(max(x - 1, 0), x + 2))
-        if b[y, x] not in a[win] or a[y, x] not in b[win]:
-            return False
-    return True
 
 
 def _tiles_script(tmp_path: Path) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from .harness import QuPath, QuPathUnavailable
@@ -36,3 +37,13 @@ def qupath_or_skip(version: str, tmp_path_factory: pytest.TempPathFactory, *,
     except QuPathUnavailable as exc:
         skip_or_fail(f"QuPath {version}: {exc}")
         raise  # not reached
+
+
+def only_boundary_differences(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label masks differ only on boundaries: at every pixel where they differ, each mask's value
+    occurs within one pixel (3 x 3 window) in the other mask (Java2D's fill rule against ours, up to one pixel)."""
+    for y, x in np.argwhere(a != b):
+        win = (slice(max(y - 1, 0), y + 2), slice(max(x - 1, 0), x + 2))
+        if b[y, x] not in a[win] or a[y, x] not in b[win]:
+            return False
+    return True
