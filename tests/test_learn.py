@@ -228,6 +228,15 @@ def test_one_slide_is_cross_validated_on_its_halves():
     units, kind = units_of([synthetic_slide("only", 1, cent)])
     assert kind == "halves" and len(units) == 2
     assert not np.any(units[0].patches & units[1].patches) and np.all(units[0].patches | units[1].patches)
+    # an adapter for one half never learns from a patch that holds pixels of the other half (448 px patches at a
+    # 112 px stride overlap the cut for ~3 strides on each side)
+    s = units[0].slide
+    for unit, other in ((units[0], units[1]), (units[1], units[0])):
+        ox0, oy0, ox1, oy1 = other.window
+        x, y = s.coords[unit.trainable, 0], s.coords[unit.trainable, 1]
+        overlaps = (x < ox1) & (x + s.patch_size > ox0) & (y < oy1) & (y + s.patch_size > oy0)
+        assert not overlaps.any()
+        assert unit.trainable.sum() < unit.patches.sum()  # the band at the cut is left out of training
 
 
 def test_learning_fixes_the_confounder_on_held_out_slides():

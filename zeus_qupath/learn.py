@@ -83,6 +83,9 @@ class Unit:
     slide: LabelledSlide
     patches: np.ndarray  # bool (N,): the slide's patches in this unit
     window: tuple[float, float, float, float]
+    #: bool (N,): the patches an adapter may learn from when this unit is NOT held out; None = ``patches``. A
+    #: half's patches whose box reaches across the cut share pixels with the other half, so they are left out.
+    trainable: np.ndarray | None = None
     _truth: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def truth(self) -> tuple[np.ndarray, np.ndarray]:
@@ -135,9 +138,12 @@ def units_of(slides: Sequence[LabelledSlide]) -> tuple[list[Unit], str]:
     axis = 0 if len(centre) == 0 or np.ptp(centre[:, 0]) >= np.ptp(centre[:, 1]) else 1
     cut = float(np.median(centre[:, axis])) if len(centre) else 0.0
     first = centre[:, axis] < cut
+    start = s.coords[:, axis] if len(s.coords) else np.zeros(0)
+    clear = (start + s.patch_size <= cut) | (start >= cut)  # no pixel on both sides of the cut
     w, h = float(s.width), float(s.height)
     boxes = [(0.0, 0.0, cut, h), (cut, 0.0, w, h)] if axis == 0 else [(0.0, 0.0, w, cut), (0.0, cut, w, h)]
-    return [Unit(f"{s.name} (half 1)", s, first, boxes[0]), Unit(f"{s.name} (half 2)", s, ~first, boxes[1])], "halves"
+    return [Unit(f"{s.name} (half 1)", s, first, boxes[0], first & clear),
+            Unit(f"{s.name} (half 2)", s, ~first, boxes[1], ~first & clear)], "halves"
 
 
 def train_labels(features: np.ndarray, labels: np.ndarray, text: np.ndarray, positive: int) -> np.ndarray:
@@ -214,10 +220,10 @@ def cross_validate(units: Sequence[Unit], text: np.ndarray, classes: Sequence[st
     stats, zero_shot, labelled = [], [], []
     for u in units:
         s = u.slide
-        train = u.patches & (s.labels != LEFT_OUT)
+        train = (u.patches if u.trainable is None else u.trainable) & (s.labels != LEFT_OUT)
         y = train_labels(s.features[train], s.labels[train], text, pos)
         stats.append(fit_stats(s.features[train], y, text, u.name))
-        labelled.append(int(train.sum()))
+        labelled.append(int(np.sum(u.patches & (s.labels != LEFT_OUT))))
         zero_shot.append(unit_dice(u, s.features[u.patches] @ text.T, classes, positive_class, threshold,
                                    logit_scale))
     trains, folds = [], []
@@ -304,6 +310,12 @@ def learn(slides: Sequence[LabelledSlide], text: np.ndarray, classes: Sequence[s
     total = stats[0]
     for st in stats[1:]:
         total = total + st
+    if folds_of == "halves":  # the halves' statistics leave out the patches across the cut: the adapter uses all
+        s = slides[0]
+        keep = s.labels != LEFT_OUT
+        text32 = np.asarray(text, np.float32)
+        total = fit_stats(s.features[keep], train_labels(s.features[keep], s.labels[keep], text32, pos), text32,
+                          s.name)
     kind, strength, shift = cv.best
     w, b = fit(total, text, kind, strength, shift, pos)
     header = {
