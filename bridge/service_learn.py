@@ -27,10 +27,10 @@ from typing import Any
 
 from zeus_qupath.errors import ZeusError
 
+from .project_files import PROJECT_FILE
 from .service_schema import LearnBody, RequestError, validate_model
 
 ADAPTER_FOLDER = "zeus"
-PROJECT_FILE = "project.qpproj"
 _USAGE = {
     "project": "project must be the absolute path of a QuPath project folder (or its project.qpproj)",
     "images": "images must be a list of image names",
@@ -101,13 +101,15 @@ class ProjectLearner:
 
     def _learn(self, req: LearnRequest) -> dict[str, Any]:
         from zeus_qupath.learn import LearnConfig, format_table, learn_from_corrections
+        from zeus_qupath.prompts import load_prompts
 
         from .corrections import read_corrections
         from .service import resolve_cache_dir
 
         service = self.service
+        positive = load_prompts(req.prompts, req.positive_class).positive_class  # which images an annotator changed
         images, notes = read_corrections(req.project, images=list(req.images) if req.images else None,
-                                         backend="auto")  # as zeus learn reads a project
+                                         backend="auto", positive_class=positive)  # as zeus learn reads a project
         for im in images:  # the service reads only files under its folders
             service.roots.check(str(Path(im.slide).absolute()), f"the slide of {im.name}")
         folder = req.project / ADAPTER_FOLDER

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -301,6 +300,3 @@ def candidates() -> list[tuple[str, float]]:
     """The (kind, strength) pairs ``zeus learn`` cross-validates (each with no shift, then the best with SHIFTS)."""
     return [("prototype", a) for a in (0.1, 0.25, 0.5, 0.75, 1.0)] + [("ridge", lam) for lam in (0.1, 0.01, 0.001)]
 
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

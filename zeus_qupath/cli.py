@@ -261,11 +261,12 @@ def cmd_learn(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .bridge.corrections import read_corrections
     from .learn import LearnConfig, format_table, learn_from_corrections
-    from .prompts import prompt_file
+    from .prompts import load_prompts, prompt_file
 
     slides = _class_map(args.slide) if args.slide else {}
+    positive = load_prompts(prompt_file(args.prompts), args.positive_class).positive_class
     images, notes = read_corrections(args.source, originals=args.originals, slides=slides, images=args.images,
-                                     backend=args.backend)
+                                     backend=args.backend, positive_class=positive)
     for note in notes:
         print(f"zeus: {note}", file=sys.stderr)
     cache = args.cache
