@@ -536,9 +536,14 @@ for (PathObject o : incoming + read.dropped) {  // the answer is ZEUS output too
 }
 def status = recordDir == null ? [:] : readImportRecord(recordDir)
 def hierarchy = imageData.getHierarchy()
-// the selected annotation is the area to fill, not an object of yours to keep clear (it stays, untouched)
-def merge = mergeZeus(hierarchy.getAllObjects(false).findAll { it != selected || regionGeometry == null }, incoming,
-        written, status)
+// the selected annotation is the area to fill, not an object of yours to keep clear (it stays, untouched); when
+// it is a ZEUS outline, its import record must not make it look deleted by you (its area would block the answer)
+String selectedId = regionGeometry != null && selected.getID() != null ? selected.getID().toString() : null
+def merge = mergeZeus(hierarchy.getAllObjects(false).findAll { it != selected || regionGeometry == null },
+        incoming.findAll { selectedId == null || it.getID() == null || it.getID().toString() != selectedId },
+        written, selectedId == null ? status : status.findAll { k, v -> k != selectedId })
+if (selectedId != null && status.containsKey(selectedId))
+    merge.status[selectedId] = status[selectedId]  // its record stays as it was
 // with a region, untouched ZEUS annotations outside it stay; the selected annotation always stays; so does one
 // whose new outline this Java cannot hold (not added)
 def notHeld = new HashSet(read.dropped.findAll { it.getID() != null }.collect { it.getID().toString() })

@@ -113,3 +113,50 @@ def test_script_segments_the_open_image_and_keeps_edits(qupath: QuPath, server, 
     assert not ({o.id for o in got} - {moved.id}) & set(after)  # the untouched ones were replaced
     assert len(after) == len(expected)  # the new object over the edited one was not added
     assert list(entry.entry_path.glob("zeus_service.geojson.bak-*"))  # the previous answer kept as a backup
+
+
+@pytest.fixture(scope="module")
+def qupath_latest(tmp_path_factory) -> QuPath:
+    return qupath_or_skip(VERSIONS[-1], tmp_path_factory)
+
+
+def test_a_zeus_outline_as_the_region_does_not_block_its_own_answer(qupath_latest: QuPath, server, slide: Path,
+                                                                    tmp_path: Path):
+    """The extension's *Segment selected annotation(s)* on a ZEUS outline (ANSWER_FILE, REGION_ID): the answer
+    inside it is added and the outline stays with its import record (it was once read as deleted by the annotator,
+    so its own area blocked every new outline)."""
+    import uuid
+
+    project = tmp_path / "project"
+    with FilesProject(project) as proj:
+        proj.add_or_update_image(slide, [], width=W, height=H, mpp=0.5, levels=[(W, H)])
+    route_images_to_test_server(project)  # STAND-IN: the slide is opened by the test-only image server
+    (run,) = qupath_latest.run_for_project(project, script_for(server, tmp_path), save=False)
+    assert run.error is None, run.error
+    entry = qupath_latest.load_project(project).entry("case.tif")
+    region = max((o for o in entry.annotations if o.name == "ZEUS Tumor"), key=lambda o: o.geometry.area)
+
+    answer = service_answer(server, slide)
+    inner = region.geometry.representative_point().buffer(6, cap_style="square")
+    assert region.geometry.contains(inner)
+    feature = dict(answer["features"][0], id=str(uuid.uuid4()), geometry=shapely.geometry.mapping(inner))
+    answer_file = tmp_path / "answer.json"
+    answer_file.write_text(json.dumps(dict(answer, features=[feature])), encoding="utf-8")
+    text = script_for(server, tmp_path).read_text(encoding="utf-8")
+    for old, new in (("String ANSWER_FILE = ''", f"String ANSWER_FILE = '{answer_file}'"),
+                     ("String REGION_ID = ''", f"String REGION_ID = '{region.id}'")):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    script = tmp_path / "with_answer.groovy"
+    script.write_text(text, encoding="utf-8")
+
+    (run,) = qupath_latest.run_for_project(project, script, save=False)
+    assert run.error is None, run.error
+    assert "Added 1 ZEUS annotation(s)" in run.output, run.output
+    entry = qupath_latest.load_project(project).entry("case.tif")
+    after = {o.id: o for o in entry.annotations}
+    assert region.id in after and after[region.id].geometry.symmetric_difference(region.geometry).area < 1e-3
+    assert feature["id"] in after
+    assert after[feature["id"]].geometry.symmetric_difference(inner).area <= 1e-3 * inner.area
+    record = json.loads((entry.entry_path / "zeus_imported.json").read_text())
+    assert region.id in record["objects"] and feature["id"] in record["objects"]
