@@ -8,8 +8,11 @@ for the next run.
 
 The memory tier holds :class:`SlideEmbeddings`: a slide's grid, tissue mask and the features of the
 patches embedded *so far*, so a region request embeds only the patches it lacks and a later request
-only the rest. An entry whose every patch is embedded is written to the disk tier once; partial
-entries live in memory only. Memory follows the number of embedded patches, never the slide's pixels.
+only the rest. An entry whose every patch is embedded is written to the disk tier once; the service's
+partial entries live in memory only. A partial disk entry (what ``zeus segment --sampling adaptive``
+wrote) is read into the memory tier as such, so a request embeds only what it lacks; the command line
+reads it through :meth:`EmbeddingCache.load` with ``partial=True``. Memory follows the number of
+embedded patches, never the slide's pixels.
 The tier is bounded by a number of entries and a byte budget (least recently used first); with room
 for no entry (``max_entries=0``, what a cohort run uses) only the disk tier is used.
 
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from shapely.geometry.base import BaseGeometry
 
-from .feature_cache import CachedEmbeddings, CacheKey, FeatureCache
+from .feature_cache import DROPPED, KEPT, MISSING, CachedEmbeddings, CacheKey, FeatureCache
 from .grid import PatchGeometry, PatchGrid
 from .params import SegmentParams
 from .segment import patch_geometry
@@ -71,12 +74,14 @@ class SlideEmbeddings:
     @classmethod
     def from_cached(cls, key: CacheKey, cached: CachedEmbeddings, geometry: PatchGeometry, mpp: float | None,
                     tissue_outline: BaseGeometry | None = None) -> SlideEmbeddings:
-        """A complete entry from a disk-tier entry."""
+        """An entry from a disk-tier entry: complete, or partial (its missing patches stay to embed; once they
+        are, :meth:`EmbeddingCache.persist` writes the complete entry)."""
         entry = cls(key, cached.width, cached.height, mpp, cached.tissue, cached.grid(geometry),
-                    int(cached.features.shape[1]), tissue_outline=tissue_outline, on_disk=True)
-        entry.slots = np.arange(len(entry.grid), dtype=np.int64)
+                    int(cached.features.shape[1]), tissue_outline=tissue_outline, on_disk=cached.complete)
+        entry.slots = cached.slots()
         entry._store = np.ascontiguousarray(cached.features, dtype=np.float32)
-        entry._filled = len(entry.grid)
+        entry._filled = int(cached.features.shape[0])
+        entry._dropped = int(np.count_nonzero(entry.slots == -2))
         return entry
 
     @property
@@ -137,15 +142,14 @@ class SlideEmbeddings:
             raise KeyError("some patches are not embedded yet")
         return self._store[rows]
 
-    def to_cached(self) -> CachedEmbeddings:
-        """The disk-tier form of a complete entry (the kept patches' features, in grid order), as ``zeus segment``
-        stores it."""
-        if not self.complete:
+    def to_cached(self, partial: bool = False) -> CachedEmbeddings:
+        """The disk-tier form (the kept patches' features, in grid order), as ``zeus segment`` stores it: of a
+        complete entry, or with ``partial`` of any entry (partial while some patch is missing)."""
+        if not self.complete and not partial:
             raise ValueError("only a complete entry goes to disk")
         kept = self.slots >= 0
-        grid = self.grid.filtered(kept)
-        return CachedEmbeddings(self._store[self.slots[kept]], grid.index, grid.rows, grid.cols, self.width,
-                                self.height, self.tissue, grid.origin)
+        state = np.where(kept, KEPT, np.where(self.slots == -2, DROPPED, MISSING)).astype(np.int8)
+        return CachedEmbeddings.from_state(self.grid, self.tissue, state, self._store[self.slots[kept]])
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,8 @@ def usable(cached: CachedEmbeddings | None, width: int, height: int, embed_dim: 
     """``cached`` when it fits a slide of this size and a model of this width, else None."""
     if cached is None:
         return None
-    ok = (cached.width, cached.height) == (width, height) and cached.features.shape == (len(cached.index), embed_dim)
+    rows = len(cached.index) if cached.state is None else int(np.count_nonzero(cached.state == KEPT))
+    ok = (cached.width, cached.height) == (width, height) and cached.features.shape == (rows, embed_dim)
     return cached if ok else None
 
 
@@ -195,8 +200,13 @@ class EmbeddingCache:
         self.embedded_patches = 0
 
     # -- complete slides (a cohort run) ------------------------------------------------------------
-    def load(self, key: CacheKey, width: int, height: int, embed_dim: int) -> CachedEmbeddings | None:
-        """Every feature of a slide, from memory (a complete entry) or disk; None when neither tier has them."""
+    def load(self, key: CacheKey, width: int, height: int, embed_dim: int,
+             partial: bool = False) -> CachedEmbeddings | None:
+        """Every feature of a slide, from memory (a complete entry) or disk; None when neither tier has them.
+
+        With ``partial`` a partial disk entry (some patches embedded, :class:`CachedEmbeddings` with a
+        ``state``) is returned when there is no complete one.
+        """
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry.complete and (entry.width, entry.height, entry.embed_dim) == (
@@ -205,7 +215,8 @@ class EmbeddingCache:
                 self.hits += 1
                 with entry.lock:
                     return entry.to_cached()
-        cached = usable(self.disk.load(key), width, height, embed_dim) if self.disk is not None else None
+        cached = (usable(self.disk.load(key, partial=partial), width, height, embed_dim)
+                  if self.disk is not None else None)
         with self._lock:
             if cached is None:
                 self.misses += 1
@@ -214,7 +225,8 @@ class EmbeddingCache:
         return cached
 
     def store(self, key: CacheKey, cached: CachedEmbeddings) -> None:
-        """Keep a complete slide's features on disk (a cohort run reads each slide once: memory would not help)."""
+        """Keep a slide's features on disk (a cohort run reads each slide once: memory would not help); a
+        partial entry never replaces a complete one (:meth:`FeatureCache.store`)."""
         if self.disk is not None:
             self.disk.store(key, cached)
 
@@ -225,7 +237,8 @@ class EmbeddingCache:
     def entry(self, key: CacheKey, width: int, height: int, embed_dim: int, geometry: PatchGeometry,
               mpp: float | None, create: Callable[[], SlideEmbeddings],
               outline: Callable[[TissueMask], BaseGeometry | None] | None = None) -> SlideEmbeddings:
-        """The memory entry of ``key``: kept, else from disk (complete), else ``create()`` (empty; once per key)."""
+        """The memory entry of ``key``: kept, else from disk (complete or partial), else ``create()`` (empty; once
+        per key)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -241,7 +254,8 @@ class EmbeddingCache:
                     self.hits += 1
                     return entry
             try:
-                cached = usable(self.disk.load(key), width, height, embed_dim) if self.disk is not None else None
+                cached = (usable(self.disk.load(key, partial=True), width, height, embed_dim)
+                          if self.disk is not None else None)
                 if cached is not None:
                     entry = SlideEmbeddings.from_cached(key, cached, geometry, mpp,
                                                         outline(cached.tissue) if outline else None)
