@@ -83,10 +83,12 @@ def test_neighbour_rule_embeds_a_fraction_and_keeps_the_mask():
     out, calls = run(coords, index, scores, SamplingRule("adaptive"), w, h)
     exact = mask_of(coords, scores, w, h)
     adaptive = mask_of(coords[out.kept], scores[out.kept], w, h)
-    assert 0.2 < out.embedded.mean() < 0.6  # the coarse quarter plus a band around the disc's edge
+    assert 0.06 < out.embedded.mean() < 0.45  # the coarse sixteenth plus a band around the disc's edge
     np.testing.assert_array_equal(adaptive, exact)
-    # the first round is the coarse lattice (every other row and column), and no patch is embedded twice
-    np.testing.assert_array_equal(calls[0], np.flatnonzero((index[:, 0] % 2 == 0) & (index[:, 1] % 2 == 0)))
+    # the first round is the coarse lattice (every 4th row and column), the second only its half step (every
+    # other row and column), later ones any patch; no patch is embedded twice
+    np.testing.assert_array_equal(calls[0], np.flatnonzero((index[:, 0] % 4 == 0) & (index[:, 1] % 4 == 0)))
+    assert len(calls) >= 3 and np.all(index[calls[1]] % 2 == 0) and np.any(index[calls[2]] % 2 == 1)
     everything = np.concatenate(calls)
     assert len(everything) == len(np.unique(everything)) == out.embedded.sum()
 
@@ -152,6 +154,23 @@ def test_envelopes_from_neighbours_and_pending_filters():
     np.testing.assert_allclose([lo[0, 0], hi[0, 0]], [0.0, 0.4], atol=1e-12)
     lo, hi = envelopes(coords, 20, embedded, diffs, rule, pending_filter=True)  # a skipped patch may add nothing
     np.testing.assert_allclose(lo[:, 0], [0.0, 0.0, -2.0])
+
+
+def test_envelope_uses_the_nearest_surrounding_ring():
+    """Missing patch (2, 2) of a 16 px lattice. Ring 1 holds (3, 3) only (one side); ring 2 adds (0, 0) and
+    (4, 4), so it is surrounded in x and in y there: the envelope is the range over rings 1-2, without ring
+    3's (5, 5). With (3, 3) and (5, 5) alone it is never surrounded: every ring within reach counts."""
+    s = 16
+    cells = [(2, 2), (3, 3), (0, 0), (4, 4), (5, 5)]
+    coords = np.array([[c * s, r * s] for r, c in cells], dtype=np.int64)
+    values = np.array([[0.1], [0.4], [0.2], [0.5]])
+    embedded = np.array([False, True, True, True, True])
+    lo, hi = envelopes(coords, 3 * s, embedded, values, SamplingRule("adaptive"), step=s)
+    np.testing.assert_allclose([lo[0, 0], hi[0, 0]], [0.1, 0.4])
+    embedded = np.array([False, True, False, False, True])
+    lo, hi = envelopes(coords, 3 * s, embedded, values[[0, 3]], SamplingRule("adaptive"), step=s)
+    # (2, 2): both; (0, 0): only (3, 3) within reach; (4, 4): surrounded at ring 1 by (3, 3) and (5, 5)
+    np.testing.assert_allclose([lo[:, 0], hi[:, 0]], [[0.1, 0.1, 0.1], [0.5, 0.1, 0.5]])
 
 
 def test_white_patches_found_while_sampling_add_nothing():

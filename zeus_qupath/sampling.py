@@ -9,13 +9,16 @@ patches that are not embedded cannot change it.
 The rule (:func:`sample_patches`):
 
 1. Embed a coarse lattice of the same patch grid: the patches whose lattice (row, col) are both
-   multiples of ``coarse_step`` (grids are per tissue contour, each on its own lattice; the test is
-   on each patch's own lattice index).
+   multiples of ``coarse_step`` (default 4: one patch in 16; grids are per tissue contour, each on its
+   own lattice; the test is on each patch's own lattice index).
 2. For every patch not embedded yet, bound what it could add to each difference ``s_pos - s_j``
    (positive class minus each other class): the *envelope* ``[lo, hi]``.
-   ``bound="neighbours"`` (the default): the range of that difference over the embedded patches at most
-   ``reach`` px away in x and in y (:func:`neighbour_reach`: one stride at step 2), widened by ``slack``
-   times that range on both sides. A patch with no embedded neighbour gets the score bound below.
+   ``bound="neighbours"`` (the default): the range of that difference over its *surrounding* embedded
+   patches: those at most ``r`` px away in x and in y, for the smallest ``r`` (a whole number of strides,
+   at most ``reach``: :func:`neighbour_reach`, 3 strides at step 4) at which embedded patches lie on both
+   sides of it (or level with it) in x and in y; a patch never surrounded within ``reach`` (at the edge of
+   its contour) takes every embedded patch within ``reach``. The range is widened by ``slack`` times
+   itself on both sides. A patch with no embedded neighbour gets the score bound below.
    ``bound="scores"``: ``[-2, 2]``, the widest a difference of two cosine similarities (or of two means
    of them, an ensemble) can be. When the white/black filters are still to run on the patches not
    read yet (``--tissue zeus``), a skipped patch may also contribute nothing, so 0 joins the envelope.
@@ -25,9 +28,11 @@ The rule (:func:`sample_patches`):
    positive from the embedded sums and ``E_j + L_j > 0`` for every other class j, or not positive and
    ``E_j + H_j <= 0`` for some j (``E``: the embedded patches' summed differences; ``L``/``H``: the
    missing patches' summed envelope ends). Ties go to the non-positive classes, as in ZEUS.
-4. Every missing patch that covers an unsettled cell is embedded; envelopes and cells are evaluated
-   again; repeat until every cell is settled (or ``max_rounds``: then every patch that covers an
-   unsettled cell, round after round, until none is left, which in the worst case is all of them).
+4. The missing patches that cover an unsettled cell are embedded, finer lattice first: after the
+   coarse round only those on the lattice of half the step (step 4: every other position), then all
+   (step 1); envelopes and cells are evaluated again; repeat until every cell is settled (or
+   ``max_rounds``: then the score bound, so every patch that covers an unsettled cell, round after
+   round, until none is left, which in the worst case is all of them).
 
 What it guarantees: with ``bound="scores"`` every cell's argmax equals the exact run's (so the
 mask, a function of the argmax only, is identical) given the same embedded features; that bound is
@@ -73,10 +78,10 @@ class SamplingRule:
     """How patches are chosen: ``exact`` (every grid patch, ZEUS) or ``adaptive`` (see the module docstring)."""
 
     mode: str = "exact"
-    coarse_step: int = 2  # first round: every coarse_step-th lattice position in x and in y
+    coarse_step: int = 4  # first round: every coarse_step-th lattice position in x and in y; then halved
     bound: str = "neighbours"  # envelope of a skipped patch: its embedded neighbours' range, or the score bound
     slack: float = 0.0  # widen the neighbours' range by this fraction of it on both sides
-    reach: float | None = None  # neighbours' reach in level-0 px (None: one coarse step, see neighbour_reach)
+    reach: float | None = None  # neighbours' largest reach in level-0 px (None: see neighbour_reach)
     mask_aware: bool = False  # resolve only the unsettled cells that could change a mask pixel (no gain measured)
     max_rounds: int = 8  # after these, the remaining rounds embed every patch over an unsettled cell
 
@@ -144,11 +149,13 @@ def class_differences(scores: np.ndarray, positive: int) -> np.ndarray:
 
 
 def envelopes(coords: np.ndarray, reach: float, embedded: np.ndarray, diffs: np.ndarray, rule: SamplingRule,
-              pending_filter: bool = False, diff_bound: float = SCORE_DIFF_BOUND) -> tuple[np.ndarray, np.ndarray]:
+              pending_filter: bool = False, diff_bound: float = SCORE_DIFF_BOUND,
+              step: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(lo, hi), each (M, C - 1): what each patch not embedded (``~embedded``, grid order) could add.
 
     ``diffs`` (K, C - 1) are the embedded patches' differences (:func:`class_differences`), in grid order
-    of ``embedded``'s True entries.
+    of ``embedded``'s True entries. ``step``: the rings (level-0 px) in which neighbours are searched
+    (:func:`surrounding_pairs`; None: ``reach``, one ring).
     """
     missing = np.flatnonzero(~embedded)
     k = diffs.shape[1]
@@ -160,6 +167,8 @@ def envelopes(coords: np.ndarray, reach: float, embedded: np.ndarray, diffs: np.
         tree_have = cKDTree(coords[have].astype(np.float64))
         pairs = tree_missing.sparse_distance_matrix(tree_have, reach, p=np.inf, output_type="coo_matrix")
         rows, cols = pairs.row, pairs.col  # (missing, embedded) pairs at most ``reach`` apart in x and in y
+        if len(rows):
+            rows, cols = surrounding_pairs(coords[missing], coords[have], rows, cols, pairs.data, step)
         if len(rows):
             nlo = np.full((len(missing), k), np.inf)
             nhi = np.full((len(missing), k), -np.inf)
@@ -175,12 +184,42 @@ def envelopes(coords: np.ndarray, reach: float, embedded: np.ndarray, diffs: np.
     return lo, hi
 
 
+def surrounding_pairs(missing_xy: np.ndarray, have_xy: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                      dist: np.ndarray, step: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The (missing, embedded) pairs each missing patch's envelope uses: its nearest surrounding neighbours.
+
+    Pairs are grouped in rings of ``step`` px (Chebyshev distance ``dist``, ring k: (k - 1) * step < d <= k * step).
+    A missing patch keeps the pairs of rings 1..k for the smallest k at which its neighbours so far lie on
+    both sides of it (or level with it) in x and in y; never surrounded: every pair given (all rings).
+    """
+    n = int(rows.max()) + 1
+    ring = (np.ones(len(rows), dtype=np.int64) if not step
+            else np.maximum(np.ceil(dist / step - 1e-9), 1).astype(np.int64))
+    d = have_xy[cols] - missing_xy[rows]
+    limit = np.full(n, ring.max(), dtype=np.int64)
+    open_ = np.ones(n, dtype=bool)
+    lo = np.full((n, 2), np.iinfo(np.int64).max)
+    hi = np.full((n, 2), np.iinfo(np.int64).min)
+    for k in range(1, int(ring.max()) + 1):
+        sel = ring == k
+        np.minimum.at(lo, rows[sel], d[sel])
+        np.maximum.at(hi, rows[sel], d[sel])
+        done = open_ & np.all((lo <= 0) & (hi >= 0), axis=1)
+        limit[done] = k
+        open_ &= ~done
+        if not open_.any():
+            break
+    keep = ring <= limit[rows]
+    return rows[keep], cols[keep]
+
+
 def neighbour_reach(patch: int, stride: int | None, rule: SamplingRule) -> float:
     """How far (level-0 px, in x and in y) an embedded patch counts as a skipped one's neighbour.
 
-    By default ``(coarse_step - 1) * stride``: the nearest coarse lattice positions around a skipped patch
-    (at ZEUS's 448 / 112 px and step 2, the 2 or 4 embedded patches one stride away, which share at least
-    9/16 of its pixels; later rounds see the patches embedded since), never beyond overlapping patches.
+    By default ``(coarse_step - 1) * stride``: far enough to reach the coarse lattice positions around any
+    skipped patch (at ZEUS's 448 / 112 px and step 4, 3 strides; the envelope itself uses the nearest ring
+    that surrounds the patch, :func:`surrounding_pairs`, so after refinement mostly patches one stride away,
+    which share at least 9/16 of its pixels), never beyond overlapping patches.
     """
     if rule.reach is not None:
         return float(min(rule.reach, patch - 0.5))
@@ -371,7 +410,7 @@ def sample_patches(
         rows = np.flatnonzero(kept)
         values = np.asarray(score([f[rows] for f in features]), dtype=np.float32)
         diffs = class_differences(values, positive)
-        lo, hi = envelopes(coords, reach, kept, diffs, rule, pending_filter, diff_bound)
+        lo, hi = envelopes(coords, reach, kept, diffs, rule, pending_filter, diff_bound, stride)
         if rounds >= rule.max_rounds:  # give up on the envelopes: only the score bound
             lo, hi = envelopes(coords, reach, kept, diffs, SamplingRule("adaptive", bound="scores"),
                                pending_filter, diff_bound)
@@ -389,5 +428,8 @@ def sample_patches(
         todo = take & ~embedded
         if not todo.any():
             break
+        finer = todo & coarse_lattice(index, max(rule.coarse_step >> rounds, 1))  # halve the step per round
+        if finer.any():
+            todo = finer
     return out
 
