@@ -34,6 +34,7 @@ from zeus_qupath.on_demand import OnDemandSegmenter, SegmentRequest, SegmentResu
 from zeus_qupath.params import DEFAULT_MODEL, SegmentParams
 from zeus_qupath.prompts import DEFAULT_PROMPT_SET, load_prompts
 from zeus_qupath.runs.run import CACHE_DIR, versions
+from zeus_qupath.sampling import SamplingRule
 
 from .sandbox import Roots, bundled_prompt_names, bundled_prompts
 from .service_learn import ProjectLearner
@@ -66,6 +67,7 @@ class ServiceConfig:
     device: str = "auto"
     precision: str = "auto"
     params: SegmentParams = field(default_factory=SegmentParams)  # patch geometry, batch size, default threshold
+    # and default sampling (params.sampling: exact or adaptive; a request's "sampling" overrides it)
     cache_dir: str | None = None  # the embedding cache folder `zeus segment --cache` fills (None: memory only)
     cache_slides: int = DEFAULT_MAX_ENTRIES
     cache_bytes: int = DEFAULT_MAX_BYTES
@@ -127,6 +129,7 @@ class ZeusService:
         self.allow_origins = set(config.allow_origins)
         self.default_models = parse_model_specs(config.model.strip(), config.pretrained)
         self.default_threshold = config.params.threshold
+        SamplingRule.parse(config.params.sampling)  # a ZeusError for a mode that is neither exact nor adaptive
         self.default_prompts = self._default_prompts(config.prompts)
         self.cache = EmbeddingCache(resolve_cache_dir(config.cache_dir), config.cache_slides, config.cache_bytes)
         self.models = ModelPool(config.device, config.precision, config.max_models)
@@ -214,7 +217,8 @@ class ZeusService:
         prompts = self.roots.prompts(req.prompts, self.default_prompts)
         return SegmentRequest(slide=slide, models=self._models(req.model, req.pretrained), prompts=prompts,
                               positive_class=positive.strip() if positive else self.config.positive_class,
-                              threshold=threshold, region=region, adapter=self._adapter(req.adapter))
+                              threshold=threshold, region=region, adapter=self._adapter(req.adapter),
+                              sampling=req.sampling)
 
     def _adapter(self, value: str | None) -> Adapter | None:
         """A request's adapter: the default (None), zero-shot ("none"), or a file under the folders (422 if damaged)."""
@@ -244,6 +248,7 @@ class ZeusService:
             "models_loaded": loaded,
             "prompts": {"default": self.default_prompts.stem, "bundled": bundled_prompt_names()},
             "threshold": str(self.default_threshold),
+            "sampling": self.config.params.sampling,
             "adapter": self.default_adapter.summary() if self.default_adapter is not None else None,
             "slides": [{"slide_fingerprint": e.key.slide[:16], "width": e.width, "height": e.height,
                         "patches": len(e.grid), "embedded": e.embedded, "on_disk": e.on_disk}

@@ -5,7 +5,10 @@
   ``api`` (:data:`~.service_schema.API_VERSION`) and ``capabilities`` (the QuPath extension's handshake).
 - ``POST /segment`` (token): a :class:`~.service_schema.SegmentBody`; answers a QuPath GeoJSON
   FeatureCollection of ZEUS annotations in level-0 px, with the headers ``X-Zeus-Patches`` (patches
-  scored), ``X-Zeus-Embedded`` (patches embedded for this request) and ``Server-Timing``.
+  scored), ``X-Zeus-Embedded`` (patches embedded for this request), ``X-Zeus-Region-Patches`` (grid patches
+  the request covers: the region's, or the slide's), ``X-Zeus-Sampling`` (what the sampling rule did, compact
+  JSON: ``{"mode": "exact"}``, or with ``adaptive`` the patches it read, scored and skipped and its rounds)
+  and ``Server-Timing``.
 - ``POST /learn`` (token): a :class:`~.service_schema.LearnBody` (a QuPath project under a ``--root``); learns an
   adapter from the project's corrections, writes it to ``<project>/zeus/adapter-<hash>.npz`` and answers its
   path and the cross-validation table (:mod:`.service_learn`).
@@ -106,9 +109,10 @@ async def read_json(request: Request, limit: int) -> Any:
 
 
 def capabilities(app: FastAPI) -> list[str]:
-    """What this service offers, for clients' menus: ``segment``, ``region``, and ``learn`` with a /learn route."""
+    """What this service offers, for clients' menus: ``segment``, ``region``, ``learn`` with a /learn route, and
+    ``sampling`` (a /segment body may name ``"sampling": "exact" | "adaptive"``)."""
     paths = {getattr(route, "path", "") for route in app.routes}
-    return ["segment", "region"] + (["learn"] if "/learn" in paths else [])
+    return ["segment", "region"] + (["learn"] if "/learn" in paths else []) + ["sampling"]
 
 
 def create_app(service: ZeusService) -> FastAPI:
@@ -147,7 +151,8 @@ def create_app(service: ZeusService) -> FastAPI:
     if service.allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=sorted(service.allow_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"],
-                           expose_headers=["X-Zeus-Patches", "X-Zeus-Embedded", "Server-Timing"])
+                           expose_headers=["X-Zeus-Patches", "X-Zeus-Embedded", "X-Zeus-Region-Patches",
+                                           "X-Zeus-Sampling", "Server-Timing"])
 
     @app.middleware("http")
     async def _guard(request: Request, call_next: Any) -> Any:  # outermost: before CORS and routing
@@ -178,6 +183,11 @@ def create_app(service: ZeusService) -> FastAPI:
             **errors, 200: {"description": "a QuPath GeoJSON FeatureCollection (level-0 px)", "headers": {
                 "X-Zeus-Patches": {"description": "patches scored", "schema": {"type": "integer"}},
                 "X-Zeus-Embedded": {"description": "patches embedded for this request", "schema": {"type": "integer"}},
+                "X-Zeus-Region-Patches": {"description": "grid patches the request covers (the region's, or the "
+                                                         "slide's)", "schema": {"type": "integer"}},
+                "X-Zeus-Sampling": {"description": "what the sampling rule did, as compact JSON: mode, and with "
+                                                   "adaptive grid_patches, embedded (read), scored, skipped, rounds, "
+                                                   "embedded_now", "schema": {"type": "string"}},
             }}},
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}},
                        "security": [{"HTTPBearer": []}]})
@@ -194,6 +204,8 @@ def create_app(service: ZeusService) -> FastAPI:
         timing = ", ".join(f"{k};dur={v * 1000:.0f}" for k, v in result.seconds.items())
         return JSONResponse(result.outline.feature_collection(), headers={
             "X-Zeus-Patches": str(result.patches), "X-Zeus-Embedded": str(result.embedded),
+            "X-Zeus-Region-Patches": str(result.covered),
+            "X-Zeus-Sampling": json.dumps(result.sampling, separators=(",", ":")),
             "Server-Timing": timing, "Cache-Control": "no-store"})
 
     learn_schema = LearnBody.model_json_schema(ref_template="#/components/schemas/{model}")

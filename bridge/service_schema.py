@@ -88,6 +88,10 @@ class SegmentBody(BaseModel):
     positive_class: str | None = Field(None, description="the class to outline (default: the prompt file's)")
     adapter: str | None = Field(None, description="an adapter file zeus learn wrote, under a --root (default: the "
                                                   "service's --adapter); \"none\" scores zero-shot")
+    sampling: Literal["exact", "adaptive"] | None = Field(
+        None, description='which patches are embedded: "exact" (every patch of the request, as ZEUS) or "adaptive" '
+                          "(a coarse lattice, then only the patches that could change the mask); default: the "
+                          "service's --sampling")
 
 
 class LearnBody(BaseModel):
@@ -124,6 +128,7 @@ _USAGE = {
     "pretrained": "pretrained must be a tag, a checkpoint file or a weights folder",
     "prompts": "prompts must be a prompt set's name or the path of a prompt file",
     "adapter": "adapter must be the path of an adapter file (zeus learn) or \"none\"",
+    "sampling": 'sampling must be "exact" or "adaptive"',
 }
 
 

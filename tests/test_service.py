@@ -172,7 +172,7 @@ def test_openapi_describes_the_api_for_script_authors(server):
     body = post["requestBody"]["content"]["application/json"]["schema"]
     assert body["required"] == ["slide"] and body["additionalProperties"] is False
     assert set(body["properties"]) == {"slide", "region", "model", "pretrained", "prompts", "threshold",
-                                       "positive_class", "adapter"}
+                                       "positive_class", "adapter", "sampling"}
     assert {"401", "403", "404", "422"} <= set(post["responses"])
     assert post["security"] == [{"HTTPBearer": []}]
     assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"

@@ -100,6 +100,13 @@ def _add_patch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_batch, default=64, help="patches per model call (default: 64)")
 
 
+def _add_sampling_option(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--sampling", choices=("exact", "adaptive"), default="exact",
+                   help="which grid patches are embedded: exact (default; every one, as ZEUS) or adaptive (a coarse "
+                        "lattice, then only patches that could change the mask; see the README's Adaptive sampling)"
+                        + what)
+
+
 def _add_tiles_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiles", action="store_true",
                    help="also write <stem>.tiles.geojson: each patch's class scores as QuPath tile detections "
@@ -349,7 +356,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     params = SegmentParams(threshold=Threshold.parse(args.threshold), batch_size=args.batch_size,
                            patch_size=args.patch_size, stride=args.stride, target_mpp=args.target_mpp,
-                           tissue=args.tissue)
+                           tissue=args.tissue, sampling=args.sampling)
     serve(ServiceConfig(host=args.host, port=args.port, token_env=args.token_env, roots=tuple(args.root or ()),
                         model=args.model, pretrained=args.pretrained, prompts=args.prompts or DEFAULT_PROMPT_SET,
                         device=args.device,
@@ -412,9 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=_number(int, 0, 1024, what="a region count"), default=2, metavar="N",
                    help="decoded regions read ahead beyond one per worker (bounds memory; default 2)")
     p.add_argument("--no-tissue", action="store_true", help="embed every patch, not only those touching tissue")
-    p.add_argument("--sampling", choices=("exact", "adaptive"), default="exact",
-                   help="which grid patches are embedded: exact (default; every one, as ZEUS) or adaptive (a coarse "
-                        "lattice, then only patches that could change the mask; see the README's Adaptive sampling)")
+    _add_sampling_option(p)
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="patch embedding cache (default: OUT/.cache); a rerun with other prompts only re-scores")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
@@ -543,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: zeus_spindle_cell, ZEUS's published prompts)")
     p.add_argument("--threshold", default=DEFAULT_THRESHOLD, help="default threshold (zeus, argmax, prob:P)")
     _add_patch_options(p)  # the same options, defaults and limits as zeus segment
+    _add_sampling_option(p, "; for requests that name none (a request's \"sampling\" overrides it)")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="embedding cache folder shared with zeus segment --cache DIR (or a zeus segment --out "
                         "folder: its .cache); default: memory only")

@@ -11,6 +11,15 @@ same cache folder embedded; models stay loaded in a :class:`~zeus_qupath.models.
 A region (level-0 polygon) selects the grid patches whose area meets it; its mask is computed on a
 window around it (see :mod:`zeus_qupath.outline`). ``max_patches`` caps the patches one request may
 score, so that one request cannot occupy the machine for hours.
+
+Sampling (``zeus serve --sampling``, or a request's own): ``exact`` embeds every patch of the request (the
+region's, or the slide's); ``adaptive`` runs :func:`~zeus_qupath.sampling.sample_patches` over the request's
+patches only (their coordinates and lattice indices, so cells at a region's edge are judged with the region's
+patches, as the exact request judges them) and outlines the patches it chose. Its rounds embed through the
+cache entry as any request does: patches another request embedded cost nothing, and the ones embedded stay
+for the next request (an exact request on the same region then embeds only the rest). A request whose
+patches are all in the cache already is answered exactly (nothing to save), as ``zeus segment`` does with
+a complete cache entry.
 """
 
 from __future__ import annotations
@@ -20,8 +29,10 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from shapely.geometry import box
@@ -40,8 +51,10 @@ from .models.specs import ModelSpec
 from .outline import SlideOutline, outline_patches, patches_in_region
 from .params import SegmentParams, Threshold
 from .polygons import tissue_geometry
-from .prompts import load_prompts
+from .prompts import PromptSet, load_prompts
 from .reader import ReadPlan, RegionStream, SlideFailed
+from .sampling import SCORE_DIFF_BOUND, SampledPatches, SamplingRule, adapter_diff_bound, sample_patches
+from .scoring import slide_scores
 from .segment import patch_geometry, prepare_slide
 from .slide import Slide, SlideInfo
 
@@ -84,6 +97,7 @@ class SegmentRequest:
     threshold: Threshold | None = None  # None: the segmenter's default (its params' threshold)
     region: BaseGeometry | None = None
     adapter: Adapter | None = None  # zeus learn's adapter (one model): its scores replace the zero-shot ones
+    sampling: str | None = None  # "exact" or "adaptive"; None: the segmenter's default (its params' sampling)
 
 
 @dataclass
@@ -96,6 +110,8 @@ class SegmentResult:
     patches: int  # patches scored
     embedded: int  # patches embedded for this request (0 when the cache had every one)
     seconds: dict[str, float] = field(default_factory=dict)
+    covered: int = 0  # grid patches the request covers (the region's, or the slide's)
+    sampling: dict[str, Any] = field(default_factory=lambda: {"mode": "exact"})  # what the sampling rule did
 
 
 class OnDemandSegmenter:
@@ -160,9 +176,10 @@ class OnDemandSegmenter:
             return len(missing)
 
     def segment(self, request: SegmentRequest) -> SegmentResult:
-        """Answer one request, embedding only what the cache lacks."""
+        """Answer one request, embedding only what the cache lacks (and, sampling adaptively, what the rule needs)."""
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
+        rule = SamplingRule.parse(request.sampling or self.params.sampling)
         prompts = load_prompts(request.prompts, request.positive_class)
         models = [self.models.get(spec) for spec in request.models]
         if request.adapter is not None:  # checked before anything is embedded
@@ -181,27 +198,40 @@ class OnDemandSegmenter:
         if self.max_patches is not None and len(indices) > self.max_patches:
             raise LimitError(f"this request covers {len(indices)} patches, over the limit of {self.max_patches}; "
                              "select a smaller region (or start the service with a higher --max-patches)")
-        seconds["prepare"] = time.perf_counter() - t0
-
-        t1 = time.perf_counter()
-        embedded = 0
-        for entry, model in zip(entries, models, strict=True):
+        for entry in entries:
             if len(entry.grid) != len(first.grid):
                 raise ZeusError(f"{request.slide.name}: the models' cached patch grids differ; clear the cache")
-            embedded += self.embed_missing(request.slide, entry, indices, model)
-        with first.lock:
-            indices = first.scored(indices)  # without the patches the white/black filters dropped
-        features = []
-        for entry in entries:
-            with entry.lock:
-                features.append(entry.features(indices))
-        seconds["embed"] = time.perf_counter() - t1
-
-        t2 = time.perf_counter()
+        covered = len(indices)
         protos = [self.models.prototypes(m, prompts) for m in models]
         options: dict[str, object] = {"model_specs": [m.spec.spec for m in models]}
         if request.adapter is not None:
             options["adapter"] = request.adapter
+        seconds["prepare"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        sampling: dict[str, Any] = rule.to_dict()
+        if rule.adaptive and covered and not self._all_cached(entries, indices):
+            sampled, embedded = self._sample(request.slide, entries, models, indices, prompts, protos, options,
+                                             info, rule)
+            indices = indices[sampled.kept]
+            features = [f[sampled.kept] for f in sampled.features]
+            sampling = {**sampled.summary(rule), "embedded_now": embedded}
+        else:
+            if rule.adaptive:  # nothing to save: every patch of the request is cached
+                sampling = {"mode": "exact", "requested": "adaptive",
+                            "why": "every patch of the request was embedded already"}
+            embedded = 0
+            for entry, model in zip(entries, models, strict=True):
+                embedded += self.embed_missing(request.slide, entry, indices, model)
+            with first.lock:
+                indices = first.scored(indices)  # without the patches the white/black filters dropped
+            features = []
+            for entry in entries:
+                with entry.lock:
+                    features.append(entry.features(indices))
+        seconds["embed"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
         outline = outline_patches(
             first.grid.coords[indices], features, [m.encoder for m in models], prompts, protos,
             geometry=first.grid.geometry, width=info.width, height=info.height, mpp=info.mpp, params=self.params,
@@ -210,7 +240,59 @@ class OnDemandSegmenter:
             meta={"slide": request.slide.name, "model": ",".join(m.spec.spec for m in models)})
         seconds["polygons"] = time.perf_counter() - t2
         seconds["total"] = time.perf_counter() - t0
-        log.info("segment %s%s: %d patches (%d embedded now), %d regions, %.2f s", request.slide.name,
-                 " (region)" if region is not None else "", len(indices), embedded, len(outline.polygons),
+        how = (f"; adaptive sampling read {sampling['embedded']} of {covered}" if "embedded" in sampling else "")
+        log.info("segment %s%s: %d patches (%d embedded now%s), %d regions, %.2f s", request.slide.name,
+                 " (region)" if region is not None else "", len(indices), embedded, how, len(outline.polygons),
                  seconds["total"])
-        return SegmentResult(outline, info.width, info.height, len(indices), embedded, seconds)
+        return SegmentResult(outline, info.width, info.height, len(indices), embedded, seconds, covered, sampling)
+
+    @staticmethod
+    def _all_cached(entries: Sequence[SlideEmbeddings], indices: np.ndarray) -> bool:
+        """Whether every entry has every patch of ``indices`` (embedded or dropped as white/black)."""
+        for entry in entries:
+            with entry.lock:
+                if len(entry.missing(indices)):
+                    return False
+        return True
+
+    def _sample(self, path: Path, entries: Sequence[SlideEmbeddings], models: Sequence[LoadedModel],
+                indices: np.ndarray, prompts: PromptSet, protos: Sequence[np.ndarray], options: dict[str, Any],
+                info: SlideInfo, rule: SamplingRule) -> tuple[SampledPatches, int]:
+        """Adaptive sampling over the request's patches (grid positions ``indices``), embedding through the entries.
+
+        Returns what the rule chose (positions relative to ``indices``) and how many patches were embedded now.
+        """
+        grid = entries[0].grid
+        encoders = [m.encoder for m in models]
+        count = 0
+
+        def embed(positions: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+            nonlocal count
+            at = indices[positions]
+            for entry, model in zip(entries, models, strict=True):  # an ensemble: one embedding per model
+                count += self.embed_missing(path, entry, at, model)
+            keep = np.ones(len(at), dtype=bool)
+            for entry in entries:  # white/black patches are dropped (slot -2), for every model alike
+                with entry.lock:
+                    keep &= np.isin(at, entry.scored(at))
+            out = []
+            for entry in entries:
+                rows = np.zeros((len(at), entry.embed_dim), dtype=np.float32)
+                with entry.lock:
+                    rows[keep] = entry.features(at[keep])
+                out.append(rows)
+            return out, keep
+
+        def score(features: Sequence[np.ndarray]) -> np.ndarray:
+            return slide_scores(list(features), encoders, prompts, list(protos), **options)[0]
+
+        adapter = options.get("adapter")
+        positive = prompts.class_names.index(prompts.positive_class)
+        bound = (SCORE_DIFF_BOUND if adapter is None else
+                 adapter_diff_bound(adapter.weights, adapter.bias, positive))  # type: ignore[attr-defined]
+        sampled = sample_patches(grid.coords[indices], grid.index[indices], patch_size=grid.geometry.patch_size_l0,
+                                 stride=grid.geometry.stride_l0, width=info.width, height=info.height,
+                                 classes=prompts.class_names, positive_class=prompts.positive_class, embed=embed,
+                                 score=score, embed_dims=[e.embed_dim for e in entries], rule=rule,
+                                 pending_filter=grid.pixel_filter, diff_bound=bound)
+        return sampled, count
