@@ -1,0 +1,184 @@
+"""``zeus serve --sampling adaptive`` and a request's ``"sampling"``: fewer patches embedded, the exact mask.
+
+A service started with ``--sampling adaptive`` (over real HTTP on 127.0.0.1, the tiny open_clip model,
+synthetic slides of its own so that every cache entry starts empty) answers requests that name no
+sampling adaptively. The reference is the exact request on the same region (every patch of the region
+embedded); the polygons are compared by area (Dice of their unions). Patch counts come from the cache's
+own embed counter and from an independent count of the grid patches whose area meets the region.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import shapely
+from PIL import Image
+from shapely.geometry import Polygon, box, shape
+
+from zeus_qupath.bridge.service import ServiceConfig, make_server
+from zeus_qupath.cli import main as zeus_main
+from zeus_qupath.params import SegmentParams
+
+TOKEN = "test-token-sampling-0123456789"
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    from zeus_qupath.samples.synthetic import make_synthetic_slide
+
+    root = tmp_path_factory.mktemp("service-sampling")
+    return {"root": root,
+            "region": make_synthetic_slide(root / "region.tif", 2304, 1536, seed=2),
+            "whole": make_synthetic_slide(root / "whole.tif", 1536, 1024, seed=3)}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, slides):
+    """``zeus serve --sampling adaptive``: requests that name no sampling are sampled adaptively."""
+    params = SegmentParams(batch_size=64, workers=2, tissue="zeus", sampling="adaptive")
+    config = ServiceConfig(host="127.0.0.1", port=0, token=TOKEN, roots=(str(slides["root"]),),
+                           prompts="spindle_cell", model=f"open_clip:{tiny_model.config_path}",
+                           pretrained=str(tiny_model.checkpoint_path), device="cpu", params=params)
+    srv = make_server(config)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+
+
+def call(srv, method: str, path: str, body=None):
+    """(status, decoded JSON, headers) of one request with the token."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(srv.url + path, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    req.add_header("Authorization", f"Bearer {TOKEN}")
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, json.loads(resp.read()), resp.headers
+    except urllib.error.HTTPError as err:
+        payload = err.read()
+        return err.code, json.loads(payload) if payload else None, err.headers
+
+
+def entry_of(srv, slide):
+    (entry,) = [e for e in srv.service.cache.entries() if (e.width, e.height) == (slide.width, slide.height)]
+    return entry
+
+
+def union(collection):
+    return shapely.union_all([shape(f["geometry"]) for f in collection["features"]])
+
+
+def dice(a, b) -> float:
+    return 2 * a.intersection(b).area / (a.area + b.area) if a.area + b.area else 1.0
+
+
+def embedded_count(srv) -> int:
+    return srv.service.cache.stats().embedded_patches
+
+
+def test_adaptive_region_request_embeds_fewer_patches_and_gives_the_exact_mask(server, slides):
+    slide = slides["region"]
+    tumor = np.asarray(Image.open(slide.tumor_mask_path)) > 127  # the synthetic slide's known tumor
+    rows, cols = np.nonzero(tumor)
+    cx, cy = cols.mean() * slide.mask_downsample, rows.mean() * slide.mask_downsample
+    region = Polygon([(cx - 500, cy - 400), (cx + 450, cy - 380), (cx + 300, cy + 420), (cx - 420, cy + 250)])
+    body = {"slide": str(slide.path), "region": {"type": "Polygon",
+                                                 "coordinates": [list(map(list, region.exterior.coords))]}}
+
+    # the service's default (adaptive), on an empty cache entry
+    before = embedded_count(server)
+    status, adaptive, headers = call(server, "POST", "/segment", body)
+    assert status == 200, adaptive
+    entry = entry_of(server, slide)
+    p = entry.grid.geometry.patch_size_l0
+    in_region = {i for i, (x, y) in enumerate(entry.grid.coords) if box(x, y, x + p, y + p).intersection(region).area}
+    sampling = json.loads(headers["X-Zeus-Sampling"])
+    n_adaptive = int(headers["X-Zeus-Embedded"])
+    assert sampling["mode"] == "adaptive" and sampling["embedded_now"] == n_adaptive
+    assert int(headers["X-Zeus-Region-Patches"]) == len(in_region) == sampling["grid_patches"]
+    assert 0 < n_adaptive < len(in_region)  # fewer than the exact request on a fresh cache embeds
+    assert embedded_count(server) - before == n_adaptive
+    touched = set(np.flatnonzero(entry.slots != -1).tolist())  # embedded, or read and dropped as white/black
+    assert len(touched) == n_adaptive and touched <= in_region  # only the region's patches
+    assert int(headers["X-Zeus-Patches"]) == sampling["scored"] == int(np.sum(entry.slots >= 0))
+
+    # the exact request on the same region embeds only the rest (the memory tier kept the adaptive ones)
+    status, exact, headers = call(server, "POST", "/segment", {**body, "sampling": "exact"})
+    assert status == 200, exact
+    assert json.loads(headers["X-Zeus-Sampling"]) == {"mode": "exact"}
+    assert int(headers["X-Zeus-Embedded"]) == len(in_region) - n_adaptive
+    assert embedded_count(server) - before == len(in_region)
+    assert set(np.flatnonzero(entry.slots != -1).tolist()) == in_region
+
+    # the masks: the adaptive polygons cover what the exact ones cover
+    want, got = union(exact), union(adaptive)
+    assert want.area > 0, "the region holds tumor, so the exact answer should too"
+    assert region.buffer(0.02).covers(got)
+    assert dice(got, want) >= 0.999
+
+    # every patch of the region is cached now: an adaptive request has nothing to save and answers exactly
+    status, again, headers = call(server, "POST", "/segment", body)
+    assert status == 200 and headers["X-Zeus-Embedded"] == "0"
+    assert json.loads(headers["X-Zeus-Sampling"])["mode"] == "exact"
+    assert dice(union(again), want) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_adaptive_whole_slide_request_then_exact_embeds_the_rest(server, slides):
+    slide = slides["whole"]
+    before = embedded_count(server)
+    status, adaptive, headers = call(server, "POST", "/segment", {"slide": str(slide.path), "sampling": "adaptive"})
+    assert status == 200, adaptive
+    entry = entry_of(server, slide)
+    n_adaptive = int(headers["X-Zeus-Embedded"])
+    assert int(headers["X-Zeus-Region-Patches"]) == len(entry.grid)
+    assert 0 < n_adaptive < len(entry.grid) and not entry.complete
+    status, exact, headers = call(server, "POST", "/segment", {"slide": str(slide.path), "sampling": "exact"})
+    assert status == 200, exact
+    assert int(headers["X-Zeus-Embedded"]) == len(entry.grid) - n_adaptive
+    assert entry.complete and embedded_count(server) - before == len(entry.grid)
+    want = union(exact)
+    assert want.area > 0
+    assert dice(union(adaptive), want) >= 0.999
+
+
+@pytest.mark.parametrize("value", ["fast", "Adaptive", "", 1, True, ["exact"], {"mode": "exact"}])
+def test_bad_sampling_is_a_one_line_4xx(server, slides, value):
+    before = embedded_count(server)
+    status, payload, _ = call(server, "POST", "/segment", {"slide": str(slides["whole"].path), "sampling": value})
+    assert 400 <= status < 500 and set(payload) == {"error"}, (status, payload)
+    assert payload["error"] == 'sampling must be "exact" or "adaptive"'
+    assert embedded_count(server) == before
+
+
+def test_version_and_openapi_name_sampling(server):
+    status, version, _ = call(server, "GET", "/version")
+    assert status == 200 and version["sampling"] == "adaptive" and "sampling" in version["capabilities"]
+    status, doc, _ = call(server, "GET", "/openapi.json")
+    schema = doc["paths"]["/segment"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    choices = {v for option in schema["properties"]["sampling"]["anyOf"] for v in option.get("enum", [])}
+    assert choices == {"exact", "adaptive"}
+
+
+def test_serve_sampling_option_sets_the_service_default(monkeypatch, tmp_path, capsys):
+    """``zeus serve --sampling`` shares zeus segment's option: its value is the default of requests that name none."""
+    import zeus_qupath.bridge.service as service
+
+    seen = []
+    monkeypatch.setattr(service, "serve", lambda config, on_ready=None: seen.append(config))
+    assert zeus_main(["serve", "--root", str(tmp_path), "--sampling", "adaptive"]) == 0
+    assert zeus_main(["serve", "--root", str(tmp_path)]) == 0
+    assert [c.params.sampling for c in seen] == ["adaptive", "exact"]
+    with pytest.raises(SystemExit) as exit_:
+        zeus_main(["serve", "--root", str(tmp_path), "--sampling", "fast"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--sampling" in err and "fast" in err and "Traceback" not in err
