@@ -182,3 +182,93 @@ def test_serve_sampling_option_sets_the_service_default(monkeypatch, tmp_path, c
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "--sampling" in err and "fast" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------- the engine alone
+
+
+def tumor_box(slide, half: float = 550.0):
+    tumor = np.asarray(Image.open(slide.tumor_mask_path)) > 127
+    rows, cols = np.nonzero(tumor)
+    cx, cy = cols.mean() * slide.mask_downsample, rows.mean() * slide.mask_downsample
+    return box(cx - half, cy - half * 0.8, cx + half, cy + half * 0.8)
+
+
+def outline_union(result):
+    return shapely.union_all(result.outline.polygons)
+
+
+@pytest.mark.slow
+def test_ensemble_embeds_the_chosen_patches_once_per_model(slides, tiny_model, tmp_path):
+    """Two models (the tiny one and a perturbed copy): each model's entry embeds the same chosen patches."""
+    import torch
+
+    from zeus_qupath.embedding_cache import EmbeddingCache
+    from zeus_qupath.models.pool import ModelPool
+    from zeus_qupath.models.specs import ModelSpec
+    from zeus_qupath.on_demand import OnDemandSegmenter, SegmentRequest
+    from zeus_qupath.samples import prompt_path
+
+    state = torch.load(tiny_model.checkpoint_path, map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(0)
+    other = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() and v.ndim >= 2 else v
+             for k, v in state.items()}
+    torch.save(other, tmp_path / "other.pt")
+    config = f"open_clip:{tiny_model.config_path}"
+    specs = (ModelSpec(config, str(tiny_model.checkpoint_path)), ModelSpec(config, str(tmp_path / "other.pt")))
+    pool = ModelPool("cpu", max_models=2)
+    slide = slides["region"]
+    region = tumor_box(slide)
+
+    def segment(sampling):
+        engine = OnDemandSegmenter(SegmentParams(tissue="zeus"), EmbeddingCache(None), pool)
+        result = engine.segment(SegmentRequest(slide.path, specs, prompt_path("spindle_cell"), region=region,
+                                               sampling=sampling))
+        return result, engine.cache.entries()
+
+    adaptive, entries = segment("adaptive")
+    exact, _ = segment("exact")
+    assert len(entries) == 2
+    touched = [set(np.flatnonzero(e.slots != -1).tolist()) for e in entries]
+    assert touched[0] == touched[1] and adaptive.embedded == 2 * len(touched[0])  # one embedding per model
+    assert adaptive.sampling["mode"] == "adaptive" and len(touched[0]) == adaptive.sampling["embedded"]
+    assert len(touched[0]) < adaptive.covered == exact.covered and exact.embedded == 2 * exact.covered
+    assert adaptive.outline.scores.meta["ensemble"]
+    want = outline_union(exact)
+    assert want.area > 0 and dice(outline_union(adaptive), want) >= 0.999
+
+
+def test_adapter_requests_sample_with_the_adapter_scores(slides, tiny_model, tmp_path):
+    """With zeus learn's adapter the rule bounds the adapter's scores: the exact adapted mask, fewer patches."""
+    from zeus_qupath.adapter import Adapter, applied_identity
+    from zeus_qupath.embedding_cache import EmbeddingCache
+    from zeus_qupath.models.pool import ModelPool
+    from zeus_qupath.models.specs import ModelSpec
+    from zeus_qupath.on_demand import OnDemandSegmenter, SegmentRequest
+    from zeus_qupath.prompts import load_prompts
+    from zeus_qupath.samples import prompt_path
+
+    spec = ModelSpec(f"open_clip:{tiny_model.config_path}", str(tiny_model.checkpoint_path))
+    params = SegmentParams(tissue="zeus")
+    pool = ModelPool("cpu")
+    loaded = pool.get(spec)
+    prompts = load_prompts(prompt_path("spindle_cell"))
+    text = pool.prototypes(loaded, prompts).astype(np.float32)
+    rng = np.random.default_rng(0)
+    weights = (text + 0.3 * rng.normal(size=text.shape)).astype(np.float32)  # not the zero-shot prototypes
+    header = {"identity": applied_identity(loaded.identity, loaded.precision, params, prompts),
+              "method": {"kind": "ridge", "strength": 0.5}, "slides": [], "cv": {}}
+    adapter = Adapter(weights, np.zeros(len(prompts.class_names), np.float32), header)
+    slide = slides["region"]
+    region = tumor_box(slide)
+
+    def segment(sampling):
+        engine = OnDemandSegmenter(params, EmbeddingCache(None), pool)
+        return engine.segment(SegmentRequest(slide.path, (spec,), prompt_path("spindle_cell"), region=region,
+                                             adapter=adapter, sampling=sampling))
+
+    adaptive, exact = segment("adaptive"), segment("exact")
+    assert adaptive.outline.scores.meta["adapter"]["sha256"] == adapter.sha256
+    assert 0 < adaptive.embedded < exact.embedded == exact.covered
+    want = outline_union(exact)
+    assert want.area > 0 and dice(outline_union(adaptive), want) >= 0.999
