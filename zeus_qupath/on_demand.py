@@ -203,7 +203,7 @@ class OnDemandSegmenter:
                 raise ZeusError(f"{request.slide.name}: the models' cached patch grids differ; clear the cache")
         covered = len(indices)
         protos = [self.models.prototypes(m, prompts) for m in models]
-        options: dict[str, object] = {"model_specs": [m.spec.spec for m in models]}
+        options: dict[str, Any] = {"model_specs": [m.spec.spec for m in models]}
         if request.adapter is not None:
             options["adapter"] = request.adapter
         seconds["prepare"] = time.perf_counter() - t0
@@ -289,7 +289,7 @@ class OnDemandSegmenter:
         adapter = options.get("adapter")
         positive = prompts.class_names.index(prompts.positive_class)
         bound = (SCORE_DIFF_BOUND if adapter is None else
-                 adapter_diff_bound(adapter.weights, adapter.bias, positive))  # type: ignore[attr-defined]
+                 adapter_diff_bound(adapter.weights, adapter.bias, positive))
         sampled = sample_patches(grid.coords[indices], grid.index[indices], patch_size=grid.geometry.patch_size_l0,
                                  stride=grid.geometry.stride_l0, width=info.width, height=info.height,
                                  classes=prompts.class_names, positive_class=prompts.positive_class, embed=embed,
