@@ -141,7 +141,7 @@ def test_three_classes_follow_the_closest_rival():
     assert not take.any()
 
 
-def test_envelopes_from_neighbours_and_pending_filters():
+def test_envelopes_from_neighbours_and_dropped_ones():
     coords = np.array([[0, 0], [16, 0], [32, 0], [48, 0], [200, 0]])
     embedded = np.array([True, False, True, False, False])
     diffs = np.array([[0.1], [0.3]])
@@ -152,8 +152,9 @@ def test_envelopes_from_neighbours_and_pending_filters():
     np.testing.assert_allclose(hi[:, 0], [0.3, 0.3, 2.0])
     lo, hi = envelopes(coords, 20, embedded, diffs, SamplingRule("adaptive", slack=0.5))
     np.testing.assert_allclose([lo[0, 0], hi[0, 0]], [0.0, 0.4], atol=1e-12)
-    lo, hi = envelopes(coords, 20, embedded, diffs, rule, pending_filter=True)  # a skipped patch may add nothing
-    np.testing.assert_allclose(lo[:, 0], [0.0, 0.0, -2.0])
+    # patch 2 was read and dropped as white (difference 0): its skipped neighbours may add nothing too
+    lo, hi = envelopes(coords, 20, embedded, np.array([[0.1], [0.0]]), rule)
+    np.testing.assert_allclose([lo[:, 0], hi[:, 0]], [[0.0, 0.0, -2.0], [0.1, 0.0, 2.0]])
 
 
 def test_envelope_uses_the_nearest_surrounding_ring():

@@ -20,8 +20,10 @@ The rule (:func:`sample_patches`):
    its contour) takes every embedded patch within ``reach``. The range is widened by ``slack`` times
    itself on both sides. A patch with no embedded neighbour gets the score bound below.
    ``bound="scores"``: ``[-2, 2]``, the widest a difference of two cosine similarities (or of two means
-   of them, an ensemble) can be. When the white/black filters are still to run on the patches not
-   read yet (``--tissue zeus``), a skipped patch may also contribute nothing, so 0 joins the envelope.
+   of them, an ensemble) can be. When the white/black filters run on the patches as they are read
+   (``--tissue zeus``), a read patch they dropped is a neighbour that contributes nothing (0 joins the
+   range of the skipped patches next to it: they may be dropped too); a skipped patch among kept
+   neighbours is assumed kept, as its differences are assumed within their range.
 3. The mask is drawn from the embedded patches only (the scores file holds only those rows). A cell
    is *settled* when the decision from its embedded patches equals the decision that all its patches
    must reach whatever the missing ones add within their envelopes:
@@ -149,13 +151,13 @@ def class_differences(scores: np.ndarray, positive: int) -> np.ndarray:
 
 
 def envelopes(coords: np.ndarray, reach: float, embedded: np.ndarray, diffs: np.ndarray, rule: SamplingRule,
-              pending_filter: bool = False, diff_bound: float = SCORE_DIFF_BOUND,
-              step: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(lo, hi), each (M, C - 1): what each patch not embedded (``~embedded``, grid order) could add.
+              diff_bound: float = SCORE_DIFF_BOUND, step: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi), each (M, C - 1): what each patch not read yet (``~embedded``, grid order) could add.
 
-    ``diffs`` (K, C - 1) are the embedded patches' differences (:func:`class_differences`), in grid order
-    of ``embedded``'s True entries. ``step``: the rings (level-0 px) in which neighbours are searched
-    (:func:`surrounding_pairs`; None: ``reach``, one ring).
+    ``diffs`` (K, C - 1) are the read patches' differences (:func:`class_differences`), in grid order
+    of ``embedded``'s True entries; zeros for a patch the white/black filters dropped (it adds nothing,
+    so a skipped patch next to one may add nothing too). ``step``: the rings (level-0 px) in which
+    neighbours are searched (:func:`surrounding_pairs`; None: ``reach``, one ring).
     """
     missing = np.flatnonzero(~embedded)
     k = diffs.shape[1]
@@ -178,9 +180,6 @@ def envelopes(coords: np.ndarray, reach: float, embedded: np.ndarray, diffs: np.
             spread = nhi[seen] - nlo[seen]
             lo[seen] = np.maximum(nlo[seen] - rule.slack * spread, -diff_bound)
             hi[seen] = np.minimum(nhi[seen] + rule.slack * spread, diff_bound)
-    if pending_filter:  # a skipped patch may turn out white or black: it then adds nothing
-        lo = np.minimum(lo, 0.0)
-        hi = np.maximum(hi, 0.0)
     return lo, hi
 
 
@@ -379,6 +378,8 @@ def sample_patches(
     ``score(features)`` turns per-encoder feature arrays of some patches into their (n, C) class scores
     (over the same patches, so prompt screening sees every patch embedded so far). ``diff_bound``: the
     largest ``|s_pos - s_j|`` any patch can have (2 for cosine scores; see :func:`adapter_diff_bound`).
+    ``pending_filter``: the white/black filters run on the patches read (``embed`` returns their verdicts);
+    it changes nothing here (a dropped patch is a neighbour adding nothing either way) and is kept for callers.
     """
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     n = len(coords)
@@ -409,18 +410,18 @@ def sample_patches(
             break
         rows = np.flatnonzero(kept)
         values = np.asarray(score([f[rows] for f in features]), dtype=np.float32)
-        diffs = class_differences(values, positive)
-        lo, hi = envelopes(coords, reach, kept, diffs, rule, pending_filter, diff_bound, stride)
-        if rounds >= rule.max_rounds:  # give up on the envelopes: only the score bound
-            lo, hi = envelopes(coords, reach, kept, diffs, SamplingRule("adaptive", bound="scores"),
-                               pending_filter, diff_bound)
+        # every patch read so far is a neighbour: a scored one adds its differences, a dropped one nothing
+        read_diffs = np.zeros((n, len(classes) - 1))
+        read_diffs[rows] = class_differences(values, positive)
+        read_diffs = read_diffs[embedded]
+        fallback = rounds >= rule.max_rounds  # give up on the envelopes: only the score bound
+        lo, hi = envelopes(coords, reach, embedded, read_diffs,
+                           SamplingRule("adaptive", bound="scores") if fallback else rule, diff_bound, stride)
         # dropped (white/black) patches are known to add nothing: neither missing nor scored
-        known = embedded & ~kept
-        lo_all = np.zeros((n, diffs.shape[1]))
-        hi_all = np.zeros((n, diffs.shape[1]))
+        lo_all = np.zeros((n, read_diffs.shape[1]))
+        hi_all = np.zeros((n, read_diffs.shape[1]))
+        lo_all[~embedded], hi_all[~embedded] = lo, hi
         miss = ~kept
-        lo_all[miss], hi_all[miss] = lo, hi
-        lo_all[known], hi_all[known] = 0.0, 0.0
         emb_scores = PatchScores(coords=coords[rows], scores=values, classes=classes, positive_class=positive_class,
                                  patch_size=patch_size, stride=1, width=width, height=height, mpp=None)
         take, out.unsettled = unsettled_patches(emb_scores, coords, rows, lo_all[miss], hi_all[miss],
