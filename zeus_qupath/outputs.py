@@ -78,7 +78,8 @@ class SlideReport:
     outputs: dict[str, str]
     warnings: list[str] = field(default_factory=list)
     status: str = "done"  # done (computed by this run) or skipped (done before with the same parameters)
-    cache: str = "off"  # embedding cache: hit (no model ran), miss, partial (some models), off
+    cache: str = "off"  # embedding cache: hit (nothing embedded), miss (no entry), partial (some patches/models), off
+    cache_reused: int = 0  # scored patches whose features came from the cache (not embedded by this run)
     sampling: dict[str, Any] | None = None  # --sampling adaptive: patches embedded/skipped (sampling.py); None: exact
 
     def to_dict(self) -> dict[str, Any]:
