@@ -129,10 +129,12 @@ def test_learn_refuses_corrections_of_the_wrong_image(cohort, tiny_args, capsys,
     wrong.mkdir()
     far = QuPathObject(shapely.box(5000, 5000, 6000, 6000), class_name="Tumor", color=(200, 0, 0))
     (wrong / "s0.geojson").write_text(json.dumps(objects_to_feature_collection([far])))
-    rc = main(["learn", str(wrong), "--originals", str(out), "--cache", str(cache), *tiny_args,
+    fresh = tmp_path / "fresh-cache"  # nothing cached: the check must come before any embedding
+    rc = main(["learn", str(wrong), "--originals", str(out), "--cache", str(fresh), *tiny_args,
                "--out", str(tmp_path / "a.npz")])
     err = capsys.readouterr().err
     assert rc == 2 and "wrong slide" in err and not (tmp_path / "a.npz").exists()
+    assert "embedded now" not in err and not list(fresh.rglob("*.npz"))
 
 
 def test_score_features_with_an_adapter(cohort, tiny_args, capsys, tmp_path):

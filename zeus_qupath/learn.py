@@ -34,7 +34,7 @@ from .adapter import SHIFTS, Adapter, FitStats, applied_identity, candidates, fi
 from .errors import ZeusError
 from .outputs import PatchScores
 from .params import DEFAULT_MODEL, Threshold
-from .patch_labels import LEFT_OUT, NEGATIVE, Correction, LabelRule, patch_labels
+from .patch_labels import LEFT_OUT, NEGATIVE, Correction, LabelRule, label_counts, patch_labels
 from .reconstruct import sample_centres, sample_step, zeus_mask
 from .tissue import TissueMask
 
@@ -430,6 +430,11 @@ def learn_from_corrections(images: Sequence[CorrectedImage], config: LearnConfig
     for im in images:
         if not Path(im.slide).is_file():
             raise ZeusError(f"{im.name}: slide not found: {im.slide}")
+    from .slide import Slide
+
+    for im in images:  # the wrong slide is found before the model loads or anything is embedded
+        with Slide(im.slide, mpp=config.params.mpp) as slide:
+            _check_image_fits(im, slide.info.width, slide.info.height)
     specs = parse_model_specs(config.model, config.pretrained, config.random_weights)
     if len(specs) != 1:
         raise ZeusError("an adapter is learned for one model: give one --model, not an ensemble")
@@ -457,7 +462,7 @@ def learn_from_corrections(images: Sequence[CorrectedImage], config: LearnConfig
                                   emb["stride"], info.width, info.height, info.mpp, emb["tissue"], im.annotations,
                                   rule, emb["embedded"]))
         counts = ", ".join(f"{k} {v}" for k, v in
-                           _counts(slides[-1].labels, prompts.class_names).items())
+                           label_counts(slides[-1].labels, prompts.class_names, skip_empty=True).items())
         log(f"{im.name}: {len(emb['coords'])} patches ({emb['embedded']} embedded now, "
             f"{'cache hit' if not emb['embedded'] else 'not cached before'}); labels: {counts}")
     seconds["embeddings"] = time.perf_counter() - t1
@@ -470,9 +475,3 @@ def learn_from_corrections(images: Sequence[CorrectedImage], config: LearnConfig
         adapter.save(config.out)
     return LearnResult(cv, adapter, written, {k: round(v, 3) for k, v in seconds.items()})
 
-
-def _counts(labels: np.ndarray, classes: Sequence[str]) -> dict[str, int]:
-    out = {c: int(np.sum(labels == i)) for i, c in enumerate(classes) if np.any(labels == i)}
-    out["negative"] = int(np.sum(labels == NEGATIVE))
-    out["left out"] = int(np.sum(labels == LEFT_OUT))
-    return out

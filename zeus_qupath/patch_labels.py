@@ -99,10 +99,17 @@ class PatchLabels:
     excluded: BaseGeometry  # Ignore* and unclassified areas
 
     def counts(self, classes: Sequence[str]) -> dict[str, int]:
-        out = {c: int(np.sum(self.labels == i)) for i, c in enumerate(classes)}
-        out["negative"] = int(np.sum(self.labels == NEGATIVE))
-        out["left out"] = int(np.sum(self.labels == LEFT_OUT))
-        return out
+        return label_counts(self.labels, classes)
+
+
+def label_counts(labels: np.ndarray, classes: Sequence[str], skip_empty: bool = False) -> dict[str, int]:
+    """Patches per class label, then ``negative`` and ``left out`` (with ``skip_empty``, no class without a patch)."""
+    out = {c: int(np.sum(labels == i)) for i, c in enumerate(classes)}
+    if skip_empty:
+        out = {c: n for c, n in out.items() if n}
+    out["negative"] = int(np.sum(labels == NEGATIVE))
+    out["left out"] = int(np.sum(labels == LEFT_OUT))
+    return out
 
 
 def central_cells(coords: np.ndarray, patch_size: int, stride: int, inset: float = EDGE_PX) -> np.ndarray:
