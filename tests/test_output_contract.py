@@ -101,6 +101,20 @@ def test_output_set_removes_dead_writers_staging_keeps_live_ones(tmp_path):
     assert not dead.exists() and live.exists()
 
 
+def test_a_retired_output_goes_with_the_set_and_stays_when_the_set_fails(tmp_path):
+    (tmp_path / "s.tiles.geojson").write_text("old")
+    with pytest.raises(RuntimeError), OutputSet(tmp_path) as out:
+        out.retire("s.tiles.geojson")
+        out.path("s.geojson").write_text("new")
+        raise RuntimeError("the writer failed")
+    assert (tmp_path / "s.tiles.geojson").read_text() == "old" and not (tmp_path / "s.geojson").exists()
+    with OutputSet(tmp_path) as out:
+        out.retire("s.tiles.geojson")
+        out.path("s.geojson").write_text("new")
+    assert not (tmp_path / "s.tiles.geojson").exists() and (tmp_path / "s.geojson").read_text() == "new"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_polygons_tiles_cleans_what_a_killed_run_left_and_writes_both(tmp_path):
     scores_path = tmp_path / "s.scores.npz"
     _scores("s.png").save(scores_path)
@@ -165,6 +179,12 @@ def test_tiles_run_resumes_and_a_taken_stem_is_refused(two_slides_one_stem, tiny
         assert {p.name: _sha(p) for p in out.iterdir() if p.is_file() and p.name != "run.json"} == \
             {k: v for k, v in written.items() if k != "run.json"}
     assert read_run_record(out).slides[0].slide == str(Path(first).resolve())
+
+    # the same slide again without --tiles (redone): the tiles of the run before would no longer match
+    assert main(["segment", first, *tiny_cli, "--out", str(out), "--redo"]) == 0
+    assert not (out / "s.tiles.geojson").exists() and "tiles" not in read_run_record(out).slides[0].outputs
+    (item,) = items_from_outputs([out])
+    assert item.tiles_path is None
 
 
 # ------------------------------------------------------------------------------------------ projects

@@ -82,6 +82,7 @@ class OutputSet:
         self._staging: Path | None = None
         self._created: list[Path] = []  # folders made for the set, innermost last
         self._names: list[str] = []
+        self._retired: list[str] = []
 
     def __enter__(self) -> OutputSet:
         missing = []
@@ -109,6 +110,13 @@ class OutputSet:
         staged = self._staging / rel
         staged.parent.mkdir(parents=True, exist_ok=True)
         return staged
+
+    def retire(self, name: str) -> None:
+        """An earlier output ``name`` that this set replaces with nothing: it is removed when the set is
+        written (and kept when it is not), e.g. a tiles file a run without ``--tiles`` would leave stale."""
+        rel = str(_plain_relative(name))
+        if rel not in self._retired:
+            self._retired.append(rel)
 
     def final(self, name: str) -> Path:
         """Where the output file ``name`` will be once the set is written."""
@@ -158,6 +166,7 @@ class OutputSet:
         old.mkdir()
         moved: list[str] = []
         kept: list[str] = []
+        retired: list[str] = []
         made: list[Path] = []
         try:
             for n, name in enumerate(self._names):
@@ -176,11 +185,18 @@ class OutputSet:
                 os.replace(staged, target)
                 moved.append(name)
                 remove_stale_temporaries(target)  # what killed writers of this file left beside it
+            for n, name in enumerate(self._retired):
+                target = self.folder / name
+                if name not in self._names and (target.exists() or target.is_symlink()):
+                    os.replace(target, old / f"retired-{n}")
+                    retired.append(name)
         except BaseException:
             for name in moved:
                 (self.folder / name).unlink(missing_ok=True)
             for name in kept:
                 os.replace(old / str(self._names.index(name)), self.folder / name)
+            for name in retired:
+                os.replace(old / f"retired-{self._retired.index(name)}", self.folder / name)
             for folder in reversed(made):
                 with contextlib.suppress(OSError):
                     folder.rmdir()

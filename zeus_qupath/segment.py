@@ -177,6 +177,8 @@ def finish_slide(
         write_png(staged.path(names["overlay"]), render_overlay(prepared.thumbnail, scores, polygons))
         if "tiles" in names:
             write_tiles(staged.path(names["tiles"]), scores)
+        else:  # a tiles file of an earlier run with --tiles would no longer match these scores
+            staged.retire(Path(output_paths(out_dir, prepared.stem, tiles=True)["tiles"]).name)
         write_geojson(staged.path(names["geojson"]), collection)
     secs["polygons"] = time.perf_counter() - t2
     secs.setdefault("embed", 0.0)
