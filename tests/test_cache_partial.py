@@ -237,3 +237,37 @@ def test_adaptive_then_exact_embeds_only_what_is_missing(tiny_model, spindle_pro
 
     last, _ = segment("last", "--cache", str(cache))
     assert counter.take() == 0 and last["cache"] == "hit" and last["cache_reused"] == last["patches"]
+
+
+@pytest.mark.slow
+def test_the_service_reuses_what_an_adaptive_run_embedded(tiny_model, spindle_prompts, tmp_path, monkeypatch):
+    """zeus serve's engine reads the partial entry of a zeus segment --sampling adaptive run: it embeds only the
+    patches the run did not read, writes the complete entry, and a later exact zeus segment embeds nothing."""
+    from zeus_qupath.cli import main
+    from zeus_qupath.models.pool import ModelPool
+    from zeus_qupath.models.specs import ModelSpec
+    from zeus_qupath.on_demand import OnDemandSegmenter, SegmentRequest
+    from zeus_qupath.params import SegmentParams
+    from zeus_qupath.samples.synthetic import make_synthetic_slide
+
+    slide = make_synthetic_slide(tmp_path / "s.tif", 2048, 1536, seed=7).path
+    cache = tmp_path / "cache"
+    spec = ModelSpec(f"open_clip:{tiny_model.config_path}", str(tiny_model.checkpoint_path))
+    args = ["--prompts", str(spindle_prompts), "--device", "cpu", "--model", spec.spec, "--pretrained",
+            spec.pretrained, "--quiet", "--cache", str(cache)]
+    counter = _Counter(monkeypatch)
+    assert main(["segment", str(slide), "--out", str(tmp_path / "a"), "--sampling", "adaptive", *args]) == 0
+    info = json.loads((tmp_path / "a" / "run.json").read_text())["slides"][0]["sampling"]
+    assert counter.take() == info["scored"] and info["skipped"] > 0
+
+    segmenter = OnDemandSegmenter(SegmentParams(), EmbeddingCache(cache), ModelPool("cpu"))
+    result = segmenter.segment(SegmentRequest(slide, (spec,), spindle_prompts))
+    assert segmenter.cache.stats().disk_hits == 1
+    assert result.embedded == info["grid_patches"] - info["embedded"]  # read now: what the run skipped
+    assert counter.take() == result.patches - info["scored"]  # through the model: those the filters kept
+    assert segmenter.cache.entries()[0].on_disk
+    assert [p.name.endswith(".partial.npz") for p in cache.glob("*/*.npz")] == [False]
+
+    assert main(["segment", str(slide), "--out", str(tmp_path / "b"), *args]) == 0
+    report = json.loads((tmp_path / "b" / "run.json").read_text())["slides"][0]
+    assert counter.take() == 0 and report["cache"] == "hit" and report["patches"] == result.patches
