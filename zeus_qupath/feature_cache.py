@@ -13,7 +13,8 @@ features of each of its patches. *Partial* entries (what ``--sampling adaptive``
 run on the missing patches (``pixel_filter``), and the features of the kept patches only (grid
 order). A partial entry lives in its own file so that a reader that predates it never sees it, and
 it never replaces a complete one: storing a complete entry removes the key's partial file, and a
-partial entry is not written where a complete one exists.
+partial entry is not written where a complete one exists. Two runs that write one key's partial entry
+at once leave the last one's (each file is whole; the other's patches are embedded again when needed).
 
 Entries are written to a temporary file named after the writer
 (``.<name>.<host>.<pid>.<random>.tmp``), flushed to disk and renamed, and carry a checksum of their
