@@ -209,7 +209,8 @@ def test_cross_validation_never_fits_on_the_held_out_slide():
     assert [f.held_out for f in cv.folds] == ["s0", "s1", "s2"]
     for fold in cv.folds:
         assert fold.trained_on == {"s0", "s1", "s2"} - {fold.held_out}
-    assert len(seen) == 3 * 2 and all(len(names) == 2 for names in seen)  # 2 candidates (shifts move the bias)
+    # outer folds: 3 x 2 candidates (shifts move the bias); nested selection: fits on one slide, never all three
+    assert sum(len(names) == 2 for names in seen) >= 3 * 2 and all(len(names) in (1, 2) for names in seen)
     # each held-out Dice is that of an adapter fitted from the other slides' patches alone, recomputed here
     from zeus_qupath.learn import train_labels
 
@@ -221,6 +222,31 @@ def test_cross_validation_never_fits_on_the_held_out_slide():
         w, b = fit(fit_stats(feats, labs, text), text, "ridge", 0.01)
         d = unit_dice(unit, unit.slide.features @ w.T + b, ("normal", "tumor"), "tumor", Threshold(), 100.0)
         assert d == pytest.approx(cv.per_candidate[("ridge", 0.01, 0.0)][i], abs=1e-9)
+
+
+def test_nested_selection_never_looks_at_the_held_out_slide():
+    """Each held-out slide's reported Dice uses a candidate chosen on the other slides alone: scrambling one
+    slide's labels cannot change the choice made for it."""
+    cent, text = world()
+    slides = [synthetic_slide(f"s{i}", i, cent) for i in range(4)]
+    cands = [("prototype", 0.25), ("prototype", 1.0), ("ridge", 0.1), ("ridge", 0.001)]
+
+    def nested(sl):
+        units, _ = units_of(sl)
+        cv, _ = cross_validate(units, text, ("normal", "tumor"), "tumor", Threshold(), 100.0, cands=cands)
+        return cv
+
+    cv = nested(slides)
+    assert len(cv.nested) == len(cv.nested_choice) == 4 and cv.adapted == cv.nested
+    for i, choice in enumerate(cv.nested_choice):
+        if choice in cv.per_candidate:  # the same fit as the outer fold's: the same Dice
+            assert cv.nested[i] == pytest.approx(cv.per_candidate[choice][i], abs=1e-9)
+    from dataclasses import replace
+
+    rng = np.random.default_rng(5)
+    bad = replace(slides[0], labels=rng.permutation(slides[0].labels))  # slide 0's labels scrambled
+    cv_bad = nested([bad, *slides[1:]])
+    assert cv_bad.nested_choice[0] == cv.nested_choice[0]  # chosen from slides 1-3 only: unchanged
 
 
 def test_one_slide_is_cross_validated_on_its_halves():

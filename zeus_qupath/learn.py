@@ -12,8 +12,12 @@ The stage, for corrected slides (each a slide file and its corrected annotations
    longer side of its patches) stand in for slides. Each candidate of :func:`zeus_qupath.adapter.candidates`
    is scored by the Dice, against the correction, of the mask the engine draws (``zeus_mask``, the run's
    threshold rule) from the held-out patches' adapted scores, inside tissue (Ignore* areas left out);
-4. the candidate of best mean held-out Dice is fitted on every slide and written, only when its mean Dice
-   is above zero-shot's (or with ``force``).
+4. the candidate of best mean held-out Dice is fitted on every slide and written, only when the
+   *nested* cross-validation finds the whole procedure better than zero-shot (or with ``force``): each
+   held-out unit is scored with the candidate that an inner cross-validation over the other units alone
+   chose (leave-one-out among them; with a single other unit, that unit's own fit), so the reported and
+   judged Dice never selected a candidate on the unit it scores (picking the best of eleven on the same
+   held-out Dice it reports would flatter it).
 """
 
 from __future__ import annotations
@@ -173,6 +177,17 @@ class CrossValidation:
     zero_shot: list[float]
     per_candidate: dict[tuple[str, float, float], list[float]]  # (kind, strength, shift) -> Dice per unit
     folds: list[Fold]
+    nested: list[float] = field(default_factory=list)  # per unit: Dice with the candidate chosen without it
+    nested_choice: list[tuple[str, float, float]] = field(default_factory=list)  # ... and that candidate
+
+    @property
+    def adapted(self) -> list[float]:
+        """Per unit, the Dice judged and reported: nested (the choice never saw the unit) when computed."""
+        return self.nested or self.per_candidate[self.best]
+
+    @property
+    def adapted_mean(self) -> float:
+        return float(np.mean(self.adapted))
 
     @property
     def zero_shot_mean(self) -> float:
@@ -187,10 +202,11 @@ class CrossValidation:
 
     @property
     def better(self) -> bool:
-        """Written only when better in mean by MIN_GAIN and worse on no held-out unit by more than MAX_LOSS."""
-        best = self.per_candidate[self.best]
-        return self.mean(self.best) > self.zero_shot_mean + MIN_GAIN and \
-            all(a >= z - MAX_LOSS for a, z in zip(best, self.zero_shot, strict=True))
+        """Written only when better in mean by MIN_GAIN and worse on no held-out unit by more than MAX_LOSS
+        (nested Dice: :attr:`adapted`)."""
+        adapted = self.adapted
+        return self.adapted_mean > self.zero_shot_mean + MIN_GAIN and \
+            all(a >= z - MAX_LOSS for a, z in zip(adapted, self.zero_shot, strict=True))
 
     def table(self) -> dict[str, Any]:
         best = self.best
@@ -198,12 +214,14 @@ class CrossValidation:
             "folds": self.folds_of,
             "selected": {"kind": best[0], "strength": best[1], "shift": best[2]},
             "zero_shot_mean": round(self.zero_shot_mean, 4),
-            "adapted_mean": round(self.mean(best), 4),
+            "adapted_mean": round(self.adapted_mean, 4),  # nested: each unit's candidate chosen without it
+            "selected_mean": round(self.mean(best), 4),  # the selected candidate's plain CV (chosen on these units)
             "better": self.better,
             "slides": [{"slide": u, "labelled_patches": n, "zero_shot_dice": round(z, 4),
-                        "adapted_dice": round(a, 4)}
-                       for u, n, z, a in zip(self.units, self.labelled, self.zero_shot, self.per_candidate[best],
-                                             strict=True)],
+                        "adapted_dice": round(a, 4),
+                        **({"chosen_without_it": {"kind": c[0], "strength": c[1], "shift": c[2]}} if c else {})}
+                       for u, n, z, a, c in zip(self.units, self.labelled, self.zero_shot, self.adapted,
+                                                self.nested_choice or [None] * len(self.units), strict=True)],
             "candidates": [{"kind": k, "strength": s, "shift": h, "mean_dice": round(self.mean((k, s, h)), 4)}
                            for k, s, h in self.per_candidate],
         }
@@ -248,13 +266,42 @@ def cross_validate(units: Sequence[Unit], text: np.ndarray, classes: Sequence[st
             per_candidate.setdefault(cand, []).append(
                 unit_dice(u, feats[i] @ w.T + b, classes, positive_class, threshold, logit_scale))
 
-    for kind, strength in cands or candidates():
+    base = list(cands or candidates())
+    for kind, strength in base:
         score((kind, strength, 0.0))
     kind, strength, _ = max(per_candidate, key=lambda c: (float(np.mean(per_candidate[c])),
                                                          -list(per_candidate).index(c)))
     for shift in SHIFTS:
         score((kind, strength, shift))
-    return CrossValidation(folds_of, [u.name for u in units], labelled, zero_shot, per_candidate, folds), stats
+    cv = CrossValidation(folds_of, [u.name for u in units], labelled, zero_shot, per_candidate, folds)
+    inner_fits: dict[tuple[frozenset[int], str, float], tuple[np.ndarray, np.ndarray]] = {}
+
+    def dice_on(i: int, train_ids: frozenset[int], cand: tuple[str, float, float]) -> float:
+        key = (train_ids, cand[0], cand[1])
+        if key not in inner_fits:
+            train = sum((stats[j] for j in sorted(train_ids)[1:]), stats[min(train_ids)])
+            inner_fits[key] = fit_fn(train, text, cand[0], cand[1])
+            train_of[key] = train
+        w, b = inner_fits[key]
+        b = shift_bias(b, train_of[key], cand[2], pos)
+        return unit_dice(units[i], feats[i] @ w.T + b, classes, positive_class, threshold, logit_scale)
+
+    train_of: dict[tuple[frozenset[int], str, float], FitStats] = {}
+    for i in range(len(units)):
+        others = [j for j in range(len(units)) if j != i]
+
+        def inner(cand: tuple[str, float, float], others: list[int] = others) -> float:
+            if len(others) == 1:  # one other unit: judged on its own fit (the held-out unit never enters)
+                return dice_on(others[0], frozenset(others), cand)
+            return float(np.mean([dice_on(j, frozenset(others) - {j}, cand) for j in others]))
+
+        first = {c: inner((c[0], c[1], 0.0)) for c in base}
+        k, st = max(first, key=lambda c: (first[c], -base.index(c)))
+        tried = {(k, st, 0.0): first[(k, st)], **{(k, st, h): inner((k, st, h)) for h in SHIFTS}}
+        choice = max(tried, key=lambda c: (tried[c], -list(tried).index(c)))
+        cv.nested_choice.append(choice)
+        cv.nested.append(dice_on(i, frozenset(others), choice))
+    return cv, stats
 
 
 def format_table(cv: CrossValidation) -> str:
@@ -270,7 +317,8 @@ def format_table(cv: CrossValidation) -> str:
     sel = t["selected"]
     lines.append(f"selected: {sel['kind']} (strength {sel['strength']:g}, shift {sel['shift']:g}), by leave-one-"
                  f"{'slide' if cv.folds_of == 'slides' else 'half'}-out cross-validation "
-                 f"(each row scored by an adapter that never saw it)")
+                 f"(each row scored by an adapter that never saw it, of a kind chosen without it; the selected "
+                 f"kind's own cross-validated mean: {t['selected_mean']:.3f})")
     return "\n".join(lines)
 
 
