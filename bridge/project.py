@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +17,8 @@ from .uris import UriMap
 
 BACKENDS = ("auto", "paquo", "files")
 LOCK_FILE = ".zeus-project.lock"  # in the project folder; QuPath ignores it
+LOCK_NOTICE_S = 2.0  # a writer waiting longer than this for the lock says so on stderr
+LOCK_RETRIES = 100  # times a writer makes the folder again when the one before removed it
 
 
 def project_root(path: str | os.PathLike[str]) -> Path:
@@ -31,31 +34,49 @@ def project_lock(path: str | os.PathLike[str]) -> Iterator[None]:
 
     The lock is the operating system's (``flock``/``LockFileEx`` through ``filelock``): a writer that dies,
     even by ``kill -9``, leaves none behind. A folder created only for the lock is removed again when nothing
-    was written into it.
+    was written into it (before the lock is released; a writer waiting for it makes the folder again). A
+    writer that waits says so, once, on stderr.
     """
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     root = project_root(path)
     if root.exists() and not root.is_dir():
         raise ProjectError(f"{root}: not a folder, cannot hold a QuPath project")
-    created = not root.exists()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ProjectError(f"{root}: cannot create the QuPath project folder ({exc.strerror or exc})") from None
+    created = False
     lock = FileLock(str(root / LOCK_FILE), thread_local=False)
-    try:
-        lock.acquire()
-    except OSError as exc:
-        raise ProjectError(f"{root}: cannot lock the QuPath project ({exc.strerror or exc})") from None
+    noticed = False
+    for _ in range(LOCK_RETRIES):
+        try:
+            if not root.exists():
+                created = True
+                root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ProjectError(f"{root}: cannot create the QuPath project folder ({exc.strerror or exc})") from None
+        try:
+            try:
+                lock.acquire(timeout=-1 if noticed else LOCK_NOTICE_S)
+            except Timeout:  # another writer holds it: say why nothing happens, then wait for it
+                print(f"zeus: another zeus writer is changing the QuPath project {root}; waiting for it",
+                      file=sys.stderr, flush=True)
+                noticed = True
+                lock.acquire()
+            break
+        except FileNotFoundError:  # the writer before removed the folder it had made for nothing: make it again
+            continue
+        except OSError as exc:
+            raise ProjectError(f"{root}: cannot lock the QuPath project ({exc.strerror or exc})") from None
+    else:
+        raise ProjectError(f"{root}: cannot lock the QuPath project (its folder keeps disappearing)")
     try:
         yield
     finally:
-        lock.release()
-        if created and {p.name for p in root.iterdir()} <= {LOCK_FILE}:
-            with contextlib.suppress(OSError):
-                (root / LOCK_FILE).unlink(missing_ok=True)
-                root.rmdir()
+        try:  # a folder made only for the lock goes again, removed while the lock is still held
+            if created and {p.name for p in root.iterdir()} <= {LOCK_FILE}:
+                with contextlib.suppress(OSError):
+                    (root / LOCK_FILE).unlink(missing_ok=True)
+                    root.rmdir()
+        finally:
+            lock.release()
 
 
 class ProjectWriter(Protocol):

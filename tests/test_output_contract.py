@@ -227,6 +227,38 @@ def test_concurrent_project_writers_all_land(tmp_path):
             assert (Path(project) / "data" / entry_id / "zeus_annotations.geojson").is_file()
 
 
+def _add_noting(project: str, folder: str, log: str) -> None:
+    import sys
+
+    with open(log, "w") as sys.stderr:
+        _add(project, folder)
+
+
+def test_a_waiting_project_writer_says_so_then_lands(tmp_path, monkeypatch):
+    """A writer that finds the project locked says why it waits (one line), and lands once the lock is free."""
+    import time
+
+    from zeus_qupath.bridge import project as project_module
+
+    monkeypatch.setattr(project_module, "LOCK_NOTICE_S", 0.2)
+    folder = str(_result_folder(tmp_path, "slide0"))
+    project, log = tmp_path / "project", tmp_path / "waiting.log"
+    with project_module.project_lock(project):
+        child = multiprocessing.get_context("fork").Process(target=_add_noting, args=(str(project), folder, str(log)))
+        child.start()
+        for _ in range(600):  # until the child says it waits (it cannot finish while the lock is held)
+            if log.exists() and "waiting for it" in log.read_text():
+                break
+            time.sleep(0.05)
+        assert child.is_alive() and not (project / "project.qpproj").exists()
+    child.join(60)
+    assert child.exitcode == 0
+    lines = log.read_text().strip().splitlines()
+    assert lines == [f"zeus: another zeus writer is changing the QuPath project {project}; waiting for it"]
+    names = [e["imageName"] for e in json.loads((project / "project.qpproj").read_text())["images"]]
+    assert names == ["slide0.png"]
+
+
 def test_duplicate_entry_ids_are_refused_before_anything_changes(tmp_path, capsys):
     folder = _result_folder(tmp_path, "slide0")
     project = tmp_path / "project"
