@@ -70,7 +70,7 @@ def _run_slides(originals: Path | None) -> dict[str, str]:
     record = read_run_record(originals) if originals is not None else None
     if record is None:
         return {}
-    return {r.stem: str(r.slide) for r in record.slides if getattr(r, "slide", None)}
+    return {r.stem: str(r.slide) for _, r in reversed(record.every_slide()) if getattr(r, "slide", None)}
 
 
 def read_corrections(

@@ -240,7 +240,7 @@ def _read_folder(folder: Path, originals: Path | None) -> tuple[list[SlideSource
 def _folder_dimensions(stems: list[str], folders: list[Path], run: RunRecord | None,
                        ) -> tuple[int | None, int | None, float | None]:
     if run is not None:
-        for report in run.slides:
+        for _, report in run.every_slide():
             if report.stem in stems:
                 return report.width, report.height, report.mpp
     for folder in folders:

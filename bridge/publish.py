@@ -325,9 +325,10 @@ def _items_from_folder(folder: Path) -> list[ResultItem]:
             raise ZeusError(f"{folder}: not a ZEUS output folder (no {RUN_JSON}, and no <slide>.geojson "
                             f"with a <slide>{SCORES_SUFFIX} beside it)")
         return [_item_from_geojson(f) for f in geojsons]
-    if not run.slides:
+    slides = run.every_slide()  # this run's slides, then earlier runs' still in the folder
+    if not slides:
         raise ZeusError(f"{folder / RUN_JSON}: the run lists no finished slides")
-    return [_item_from_report(folder, run, r) for r in run.slides]
+    return [_item_from_report(folder, rec, r) for rec, r in slides]
 
 
 def _report_output(folder: Path, report: SlideReport, kind: str = "geojson") -> Path:
@@ -378,11 +379,11 @@ def _item_from_geojson(path: Path) -> ResultItem:
     slide_name = str(scores.meta.get("slide")) if scores is not None and scores.meta.get("slide") else None
 
     if run is not None:
-        for report in run.slides:
+        for rec, report in run.every_slide():
             recorded = Path(report.outputs.get("geojson", "").replace("\\", "/")).name
             slide_base = Path(report.slide.replace("\\", "/")).name
             if recorded == name or report.stem == stem or (slide_name and slide_base == slide_name):
-                item = _item_from_report(folder, run, report, geojson=path)
+                item = _item_from_report(folder, rec, report, geojson=path)
                 if scores is not None and (scores.width, scores.height) != (item.width, item.height):
                     raise ZeusError(f"{scores_path.name} is for a {scores.width}x{scores.height} px image but "
                                     f"{RUN_JSON} lists {item.slide_path} as {item.width}x{item.height}")

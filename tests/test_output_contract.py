@@ -187,6 +187,41 @@ def test_tiles_run_resumes_and_a_taken_stem_is_refused(two_slides_one_stem, tiny
     assert item.tiles_path is None
 
 
+@pytest.mark.slow
+def test_a_second_run_into_the_folder_keeps_the_first_runs_slides(two_slides_one_stem, tiny_cli, spindle_prompts,
+                                                                   tmp_path):
+    """run.json lists every slide the folder holds, each with the run that segmented it; publish finds them all."""
+    from zeus_qupath.bridge.publish import items_from_outputs
+
+    out = tmp_path / "out"
+    slides = {}
+    for name in ("first", "second", "third"):
+        slides[name] = tmp_path / f"{name}.tif"
+        shutil.copy(two_slides_one_stem / ("a" if name != "second" else "b") / "s.tif", slides[name])
+    other = tmp_path / "other_prompts.json"
+    shutil.copy(spindle_prompts, other)
+    args = [a for a in tiny_cli]
+    args[args.index("--prompts") + 1] = str(other)
+    assert main(["segment", str(slides["first"]), str(slides["third"]), *tiny_cli, "--out", str(out)]) == 0
+    assert main(["segment", str(slides["second"]), *args, "--out", str(out)]) == 0
+    record = read_run_record(out)
+    assert [r.stem for r in record.slides] == ["second"] and record.summary["slides"] == 1
+    assert [[r.stem for r in e.slides] for e in record.earlier] == [["first", "third"]]
+    assert record.earlier[0].prompt_file != record.prompt_file
+    items = {Path(i.slide_path).name: i for i in items_from_outputs([out])}
+    assert set(items) == {"first.tif", "second.tif", "third.tif"}
+    assert items["first.tif"].prompts == Path(str(spindle_prompts)).stem
+    assert items["second.tif"].prompts == "other_prompts"
+
+    # the third again, with the second run's prompts: it moves to this run; a slide whose polygons are gone is dropped
+    (out / "first.geojson").unlink()
+    assert main(["segment", str(slides["third"]), *args, "--out", str(out)]) == 0
+    record = read_run_record(out)
+    assert [r.stem for r in record.slides] == ["third"]
+    assert [[r.stem for r in e.slides] for e in record.earlier] == [["second"]]
+    assert {Path(i.slide_path).name for i in items_from_outputs([out])} == {"second.tif", "third.tif"}
+
+
 # ------------------------------------------------------------------------------------------ projects
 
 

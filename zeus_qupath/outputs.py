@@ -25,7 +25,8 @@ import json
 import math
 import os
 import zipfile
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,9 @@ class RunRecord:
     """``run.json``: a run's parameters, models, prompts and versions, and one :class:`SlideReport` per slide.
 
     Known fields are typed; fields this version does not know (added by later versions or other commands)
-    are kept in ``extra`` and written back unchanged.
+    are kept in ``extra`` and written back unchanged. ``earlier``: the records of earlier runs into the same
+    folder, each with only its slides that this run did not segment and whose outputs are still there (so
+    a folder's run.json lists every slide it holds, each with the parameters it was segmented with).
     """
 
     command: str = "segment"
@@ -146,7 +149,29 @@ class RunRecord:
     failed: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, int] = field(default_factory=dict)
     complete: bool = False
+    run_id: str | None = None  # tells this run's own run.json from another run's
+    earlier: list[RunRecord] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def every_slide(self) -> list[tuple[RunRecord, SlideReport]]:
+        """Every slide the folder holds, with the record of the run that segmented it (this run's first)."""
+        return [(self, r) for r in self.slides] + [(e, r) for e in self.earlier for r in e.slides]
+
+    def carry_earlier(self, previous: RunRecord | None, stems: set[str],
+                      present: Callable[[SlideReport], bool]) -> None:
+        """Keep, from ``previous`` (the folder's run.json as this run finds it: another run's, or this run's own
+        last write) and the runs it kept, the slides whose stem is not in ``stems`` (this run's cohort) and whose
+        outputs are ``present``."""
+        if previous is None:
+            self.earlier = []
+            return
+        own = previous.run_id is not None and previous.run_id == self.run_id
+        kept = []
+        for rec in ([] if own else [previous]) + previous.earlier:
+            slides = [r for r in rec.slides if r.stem not in stems and present(r)]
+            if slides:
+                kept.append(replace(rec, slides=slides, earlier=[], failed=[]))
+        self.earlier = kept
 
     @property
     def model_spec(self) -> str | None:
@@ -172,9 +197,9 @@ class RunRecord:
             if f.name == "extra":
                 continue
             value = getattr(self, f.name)
-            if f.name in ("adapter", "sampling") and value is None:
+            if f.name in ("adapter", "sampling", "run_id") and value is None or f.name == "earlier" and not value:
                 continue
-            out[f.name] = [r.to_dict() for r in value] if f.name == "slides" else value
+            out[f.name] = [r.to_dict() for r in value] if f.name in ("slides", "earlier") else value
         for key, value in self.extra.items():
             out.setdefault(key, value)
         return out
@@ -186,11 +211,11 @@ class RunRecord:
         kinds = {"command": str, "started": str, "finished": str, "seconds": (int, float), "model": dict,
                  "models": list, "prompts": dict, "parameters": dict, "parameters_sha256": str, "executor": str,
                  "cache": str, "versions": dict, "adapter": dict, "sampling": str, "failed": list,
-                 "summary": dict, "complete": bool}
+                 "summary": dict, "complete": bool, "run_id": str}
         values: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for key, value in data.items():
-            if key == "slides":
+            if key in ("slides", "earlier"):
                 continue
             if key not in kinds:
                 extra[key] = value
@@ -199,7 +224,10 @@ class RunRecord:
                     raise ZeusError(f"{where}: {key!r} is not a {getattr(kinds[key], '__name__', 'number')}")
                 values[key] = value
         slides = [SlideReport.from_dict(r, where) for r in data.get("slides", [])]
-        return cls(**values, slides=slides, extra=extra)
+        earlier = data.get("earlier", [])
+        if not isinstance(earlier, list):
+            raise ZeusError(f"{where}: 'earlier' is not a list")
+        return cls(**values, slides=slides, earlier=[cls.from_dict(e, where) for e in earlier], extra=extra)
 
 
 def read_run_record(folder: str | Path) -> RunRecord | None:

@@ -15,6 +15,7 @@ import importlib.metadata
 import platform
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,13 +29,13 @@ from ..identity import FingerprintMemo, file_fingerprint, stable_hash
 from ..models.ensemble import RunModels
 from ..models.specs import parse_model_specs
 from ..output_set import remove_stale_temporaries, writable_dir
-from ..outputs import RUN_JSON, RunRecord, SlideReport, write_run_record
+from ..outputs import RUN_JSON, RunRecord, SlideReport, read_run_record, write_run_record
 from ..params import DEFAULT_MODEL, SegmentParams
 from .discovery import SlideEntry, collect_slides
 from .jobs import RunSettings, SlideFailure, SlideJob, load_settings_models
 from .local_executor import run_local
 from .ray_executor import run_ray
-from .state import STATE_DIR, STATE_VERSION, SlideLocks, StateStore, report_from_state
+from .state import STATE_DIR, STATE_VERSION, SlideLocks, StateStore, report_from_state, run_record_lock
 from .summary import format_summary
 
 __all__ = ["RunConfig", "RunReport", "run_parameters", "run_segment", "versions"]
@@ -129,6 +130,20 @@ def _settings(config: RunConfig) -> RunSettings:
                        positive_class=config.positive_class, out_dir=config.out_dir, params=config.params,
                        device=config.device, precision=config.precision, cache_dir=cache, prefetch=config.prefetch,
                        progress=config.progress, screening_k=config.screening_k, adapter=config.adapter)
+
+
+def _previous_record(out: Path) -> RunRecord | None:
+    """The folder's run.json as it is now (None when there is none or it cannot be read: it is replaced)."""
+    try:
+        return read_run_record(out)
+    except ZeusError:
+        return None
+
+
+def _has_outputs(out: Path, report: SlideReport) -> bool:
+    """Whether an earlier run's slide still has its polygons in ``out`` (else it is no longer listed)."""
+    recorded = report.outputs.get("geojson") or f"{report.stem}.geojson"
+    return (out / Path(str(recorded).replace("\\", "/")).name).is_file()
 
 
 def ran_in(encoder: Any) -> dict[str, Any]:
@@ -244,8 +259,10 @@ def run_segment(config: RunConfig, on_slide: Callable[[SlideReport], None] | Non
         versions=versions(),
         sampling=config.params.sampling,
         adapter=models.score_options["adapter"].summary() if "adapter" in models.score_options else None,
+        run_id=uuid.uuid4().hex,
     )
     failures: list[SlideFailure] = []
+    stems = {e.stem for e in entries}
     run_path = out / RUN_JSON
     remove_stale_temporaries(run_path)  # what a killed run left while rewriting run.json
 
@@ -259,7 +276,9 @@ def run_segment(config: RunConfig, on_slide: Callable[[SlideReport], None] | Non
         if final:
             record.finished = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             record.seconds = round(time.perf_counter() - t_start, 3)
-        write_run_record(out, record)
+        with run_record_lock(out):  # read, merged and written by one run at a time
+            record.carry_earlier(_previous_record(out), stems, lambda r: _has_outputs(out, r))
+            write_run_record(out, record)
 
     bar = tqdm(total=len(entries), initial=len(reports), desc="slides", unit="slide", disable=not config.progress,
                file=sys.stderr, dynamic_ncols=True, position=0)

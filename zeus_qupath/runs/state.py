@@ -11,11 +11,13 @@ beside its outputs are deleted, so a crash or ``kill -9`` never leaves a half-wr
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,18 @@ class StateStore:
         with atomic_open(self.path(stem)) as fh:
             json.dump(state, fh, indent=1, default=str)
         return self.path(stem)
+
+
+@contextlib.contextmanager
+def run_record_lock(out_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the lock under which a run reads, merges and writes the folder's run.json (``<out>/.state/run-json/``:
+    a folder, so no slide's ``<stem>.lock`` can be its name)."""
+    from filelock import FileLock
+
+    folder = Path(out_dir) / STATE_DIR / "run-json"
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / "lock"), thread_local=False):
+        yield
 
 
 class SlideLocks:
