@@ -202,11 +202,12 @@ class CrossValidation:
 
     @property
     def better(self) -> bool:
-        """Written only when better in mean by MIN_GAIN and worse on no held-out unit by more than MAX_LOSS
-        (nested Dice: :attr:`adapted`)."""
-        adapted = self.adapted
+        """Written only when better in mean by MIN_GAIN (nested Dice, :attr:`adapted`: the procedure's honest
+        gain) and when the selected kind, fitted without each held-out unit, is worse on none by more than
+        MAX_LOSS (what the written adapter does to a slide it did not learn from)."""
+        selected = self.per_candidate[self.best]
         return self.adapted_mean > self.zero_shot_mean + MIN_GAIN and \
-            all(a >= z - MAX_LOSS for a, z in zip(adapted, self.zero_shot, strict=True))
+            all(a >= z - MAX_LOSS for a, z in zip(selected, self.zero_shot, strict=True))
 
     def table(self) -> dict[str, Any]:
         best = self.best
@@ -218,10 +219,11 @@ class CrossValidation:
             "selected_mean": round(self.mean(best), 4),  # the selected candidate's plain CV (chosen on these units)
             "better": self.better,
             "slides": [{"slide": u, "labelled_patches": n, "zero_shot_dice": round(z, 4),
-                        "adapted_dice": round(a, 4),
+                        "adapted_dice": round(a, 4), "selected_dice": round(sel, 4),
                         **({"chosen_without_it": {"kind": c[0], "strength": c[1], "shift": c[2]}} if c else {})}
-                       for u, n, z, a, c in zip(self.units, self.labelled, self.zero_shot, self.adapted,
-                                                self.nested_choice or [None] * len(self.units), strict=True)],
+                       for u, n, z, a, sel, c in zip(self.units, self.labelled, self.zero_shot, self.adapted,
+                                                     self.per_candidate[best],
+                                                     self.nested_choice or [None] * len(self.units), strict=True)],
             "candidates": [{"kind": k, "strength": s, "shift": h, "mean_dice": round(self.mean((k, s, h)), 4)}
                            for k, s, h in self.per_candidate],
         }
@@ -308,17 +310,19 @@ def format_table(cv: CrossValidation) -> str:
     """The per-slide table ``zeus learn`` prints."""
     t = cv.table()
     name_w = max([len("held out")] + [len(r["slide"]) for r in t["slides"]])
-    lines = [f"{'held out'.ljust(name_w)}  labelled  zero-shot Dice  adapted Dice  change"]
+    lines = [f"{'held out'.ljust(name_w)}  labelled  zero-shot Dice  adapted Dice  change  selected kind"]
     for r in t["slides"]:
         lines.append(f"{r['slide'].ljust(name_w)}  {r['labelled_patches']:8d}  {r['zero_shot_dice']:14.3f}  "
-                     f"{r['adapted_dice']:12.3f}  {r['adapted_dice'] - r['zero_shot_dice']:+6.3f}")
+                     f"{r['adapted_dice']:12.3f}  {r['adapted_dice'] - r['zero_shot_dice']:+6.3f}  "
+                     f"{r['selected_dice']:13.3f}")
     lines.append(f"{'mean'.ljust(name_w)}  {'':8}  {t['zero_shot_mean']:14.3f}  {t['adapted_mean']:12.3f}  "
-                 f"{t['adapted_mean'] - t['zero_shot_mean']:+6.3f}")
+                 f"{t['adapted_mean'] - t['zero_shot_mean']:+6.3f}  {t['selected_mean']:13.3f}")
     sel = t["selected"]
-    lines.append(f"selected: {sel['kind']} (strength {sel['strength']:g}, shift {sel['shift']:g}), by leave-one-"
-                 f"{'slide' if cv.folds_of == 'slides' else 'half'}-out cross-validation "
-                 f"(each row scored by an adapter that never saw it, of a kind chosen without it; the selected "
-                 f"kind's own cross-validated mean: {t['selected_mean']:.3f})")
+    unit = "slide" if cv.folds_of == "slides" else "half"
+    lines.append(f"adapted: an adapter fitted without the row's {unit}, of the kind chosen without it (nested "
+                 f"leave-one-{unit}-out); selected kind: {sel['kind']} (strength {sel['strength']:g}, shift "
+                 f"{sel['shift']:g}), chosen on every row, fitted without the row's {unit}; it is written when the "
+                 f"adapted mean gains > {MIN_GAIN:g} and no row of the selected kind loses > {MAX_LOSS:g}")
     return "\n".join(lines)
 
 
