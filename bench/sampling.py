@@ -72,7 +72,10 @@ def _models(work: Path) -> dict[str, tuple[str, str | None, bool]]:
     spec = f"open_clip:{tiny.config_path}"
     return {"tiny": (spec, str(tiny.checkpoint_path), False),
             "tiny-b": (f"open_clip:{other.config_path}", str(other.checkpoint_path), False),
-            "random": (spec, None, True)}
+            "random": (spec, None, True),
+            # the trained tiny model's decisions at a real model's cost: averaged with a random-weight ViT-B/16
+            # (its score differences are ~10x smaller, so the mask follows the tiny model; ~0.3 s a patch here)
+            "heavy": (f"{spec},open_clip:ViT-B-16", f"{tiny.checkpoint_path},", True)}
 
 
 def rules() -> dict[str, Any]:
@@ -141,6 +144,14 @@ def _run(slide: Path, tissue: str, model: tuple[str, str | None, bool], out: Pat
     return time.perf_counter() - t0
 
 
+def _embed_seconds(out: Path) -> float | None:
+    """The last run's embedding time (run.json; adaptive: every round, reading included)."""
+    from zeus_qupath.outputs import read_run_record
+
+    record = read_run_record(out)
+    return record.slides[0].seconds.get("embed") if record and record.slides else None
+
+
 def _stem(slide: Path) -> str:
     from zeus_qupath.outputs import output_stem
 
@@ -197,13 +208,18 @@ def main() -> int:
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--reuse", action="store_true", help="reuse the runs' outputs in --work-dir (the rules only)")
     ap.add_argument("--reuse-exact", action="store_true", help="reuse the exact runs in --work-dir, rerun adaptive")
-    ap.add_argument("--models", nargs="+", default=["tiny", "tiny-b", "random"])
+    ap.add_argument("--models", nargs="+", default=["tiny", "tiny-b", "random"],
+                    help="tiny, tiny-b, random, heavy (tiny + a random-weight ViT-B/16: the model dominates)")
+    ap.add_argument("--slides", nargs="+", default=None, help="only these slides (e.g. syn-6144)")
+    ap.add_argument("--json-name", default="sampling.json")
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     start = time.perf_counter()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="zeus-sampling-"))
     work.mkdir(parents=True, exist_ok=True)
     slides = _slides(work, args.quick)
+    if args.slides:
+        slides = {k: v for k, v in slides.items() if k in args.slides}
     models = {k: v for k, v in _models(work).items() if k in args.models}
     from zeus_qupath.outputs import PatchScores
 
@@ -227,7 +243,9 @@ def main() -> int:
                    "rounds": len(info.get("rounds", [])), "mask_dice": dice(a, b),
                    "pixels_changed": float((a != b).mean()), "polygons_exact": _polygons(ex),
                    "polygons_adaptive": _polygons(ad), "seconds_exact": statistics.median(times["exact"] or [0.0]),
-                   "seconds_adaptive": statistics.median(times["adaptive"] or [0.0])}
+                   "seconds_adaptive": statistics.median(times["adaptive"] or [0.0]),
+                   "embed_seconds_exact": _embed_seconds(work / mname / sname / "exact"),
+                   "embed_seconds_adaptive": _embed_seconds(work / mname / sname / "adaptive")}
             runs.append(row)
             print(f"{mname} {sname}: {row['fraction_embedded']:.3f} embedded, Dice {row['mask_dice']:.4f}, "
                   f"{row['seconds_exact']:.1f}s -> {row['seconds_adaptive']:.1f}s", flush=True)
@@ -250,7 +268,7 @@ def main() -> int:
                 ["model", "slide", "rule", "fraction", "rounds", "Dice", "px changed", "polygons"]))
     result = {"machine": machine(), "seconds": round(time.perf_counter() - start, 1), "runs": runs, "rules": sweeps}
     for folder in filter(None, [os.environ.get("OUT"), str(ROOT / "bench" / "results")]):
-        write_json(Path(folder) / "sampling.json", result)
+        write_json(Path(folder) / args.json_name, result)
     return 0
 
 

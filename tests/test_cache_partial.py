@@ -227,6 +227,9 @@ def test_adaptive_then_exact_embeds_only_what_is_missing(tiny_model, spindle_pro
     dropped_total = info["grid_patches"] - cold_report["patches"]
     dropped_before = info["embedded"] - info["scored"]
     assert embedded_now == info["grid_patches"] - info["embedded"] - (dropped_total - dropped_before)
+    # its rate is that of the patches it read, not of every scored patch (most came from the cache)
+    read_now = info["grid_patches"] - info["embedded"]
+    assert exact["patches_per_s"] * exact["seconds"]["embed"] == pytest.approx(read_now, rel=0.05, abs=1)
     np.testing.assert_array_equal(warm.coords, cold.coords)
     np.testing.assert_allclose(warm.scores, cold.scores, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(zeus_mask(warm).mask, zeus_mask(cold).mask)

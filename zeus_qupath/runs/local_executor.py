@@ -246,6 +246,9 @@ class LocalPipeline:
         found = any(c is not None for c in p.cached)
         report.cache = "off" if self.cache is None else ("miss" if not found else "hit" if not fresh else "partial")
         report.cache_reused = reused if found else 0
+        if found:  # the rate of this run's own embedding, not of the patches the cache gave
+            embed_s = report.seconds.get("embed", 0.0)
+            report.patches_per_s = round(fresh / embed_s, 1) if fresh and embed_s > 0 else 0.0
         self.store.record(p.job.entry.stem, p.job.state_hash, p.job.fingerprint, report, self.s.parameters)
         return report
 
