@@ -165,6 +165,23 @@ def startup_seconds(out: Path, wall: float) -> float:
     return wall - stages["tissue"] - stages["embed"] - stages["polygons"]
 
 
+def module_import_seconds(log: str, package: str) -> float:
+    """Seconds spent importing ``package`` and its submodules (their self times in the ``-X importtime`` log;
+    a lazy package such as transformers costs little itself and much in its submodules)."""
+    total = 0
+    for line in log.splitlines():
+        if not line.startswith("import time:"):
+            continue
+        parts = line.split("|")
+        name = parts[-1].strip()
+        if name == package or name.startswith(package + "."):
+            try:
+                total += int(parts[0].split(":", 1)[1])
+            except ValueError:
+                continue
+    return total / 1e6
+
+
 def before_after(args, command: list[str], work: Path) -> int:
     """``zeus segment`` from revision ``args.before`` and from this tree, alternating; medians of start-up."""
     import tempfile
@@ -181,11 +198,9 @@ def before_after(args, command: list[str], work: Path) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 wall, log = process(["-X", "importtime", "-m", "zeus_qupath", *command, "--out", str(out)], source)
                 imports, _ = import_seconds(log)
-                names = {line.rsplit("|", 1)[-1].strip() for line in log.splitlines()
-                         if line.startswith("import time:")}
                 rows[label].append({"wall_s": wall, "imports_s": imports, "startup_s": startup_seconds(out, wall),
-                                    "imports_transformers": float("transformers" in names),
-                                    "imports_timm": float("timm" in names)})
+                                    "transformers_import_s": module_import_seconds(log, "transformers"),
+                                    "timm_import_s": module_import_seconds(log, "timm")})
                 print(f"{label} run {r + 1}: wall {wall:.1f} s, start-up {rows[label][-1]['startup_s']:.1f} s, "
                       f"imports {imports:.1f} s", flush=True)
     finally:
