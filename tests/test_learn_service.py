@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from service_client import call as service_call
+from service_client import running_service
 
 from zeus_qupath.adapter import Adapter, applied_identity
 from zeus_qupath.bridge.service import ServiceConfig, ZeusService
@@ -106,21 +108,9 @@ def truth_objects(syn) -> list:
                                                  transform=Affine.scale(syn.mask_downsample)) if v == 1]
 
 
-def _http(srv, method: str, path: str, body=None, token: str = "t" * 32):
-    import json
-    import urllib.error
-    import urllib.request
-
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(srv.url + path, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=600) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+def _http(srv, method: str, path: str, body=None):
+    """(status, decoded JSON) of one request to the learn service."""
+    return service_call(srv, method, path, body, token="t" * 32)[:2]
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +118,7 @@ def learn_project(tmp_path_factory, tiny_model, spindle_prompts):
     """Two slides segmented into a project (files backend); the first corrected to its true tumor outline, exported
     as export_training_data.groovy does (<project>/export/<imageName>.geojson); a service over the folder."""
     import json
-    import threading
 
-    from zeus_qupath.bridge.service import make_server
     from zeus_qupath.cli import main
     from zeus_qupath.qupath_geojson import objects_to_feature_collection
     from zeus_qupath.samples.synthetic import make_synthetic_slide
@@ -148,17 +136,12 @@ def learn_project(tmp_path_factory, tiny_model, spindle_prompts):
     (project / "export" / f"{first}.geojson").write_text(
         json.dumps(objects_to_feature_collection(truth_objects(slides[0]))))
     (root / "not_a_project").mkdir()
-    srv = make_server(ServiceConfig(host="127.0.0.1", port=0, token="t" * 32, roots=(str(root),),
-                                    model=f"open_clip:{tiny_model.config_path}",
-                                    pretrained=str(tiny_model.checkpoint_path), prompts=str(spindle_prompts),
-                                    device="cpu", cache_dir=str(cache)))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield {"root": root, "project": project, "slides": slides, "model": model, "cache": cache, "first": first,
-           "server": srv}
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
+    config = ServiceConfig(host="127.0.0.1", port=0, token="t" * 32, roots=(str(root),),
+                           model=f"open_clip:{tiny_model.config_path}", pretrained=str(tiny_model.checkpoint_path),
+                           prompts=str(spindle_prompts), device="cpu", cache_dir=str(cache))
+    with running_service(config) as srv:
+        yield {"root": root, "project": project, "slides": slides, "model": model, "cache": cache, "first": first,
+               "server": srv}
 
 
 def test_learn_route_writes_the_adapter_into_the_project(learn_project, tmp_path):

@@ -9,13 +9,12 @@ segmented is answered without embedding and with the command line's own polygons
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import subprocess
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,8 @@ import shapely
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from service_client import call as service_call
+from service_client import running_service
 from shapely.geometry import Polygon, box, shape
 
 from zeus_qupath.bridge.service import (
@@ -89,32 +90,11 @@ def server(tiny_model, folders):
     config = ServiceConfig(host="127.0.0.1", port=0, token=TOKEN, roots=(str(folders["root"]),),
                            prompts="spindle_cell", max_patches=2000, max_region_vertices=500,
                            **model_config(tiny_model))
-    srv = make_server(config)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
+    with running_service(config) as srv:
+        yield srv
 
 
-def call(srv, method: str, path: str, body=None, *, token: str | None = TOKEN, raw: bytes | None = None,
-         content_type: str = "application/json", headers: dict | None = None):
-    """(status, decoded JSON, headers) of one request to the test server."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(srv.url + path, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", content_type)
-    if token is not None:
-        req.add_header("Authorization", f"Bearer {token}")
-    for k, v in (headers or {}).items():
-        req.add_header(k, v)
-    try:
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            return resp.status, json.loads(resp.read()), resp.headers
-    except urllib.error.HTTPError as err:
-        payload = err.read()
-        return err.code, json.loads(payload) if payload else None, err.headers
+call = functools.partial(service_call, token=TOKEN)  # (status, decoded JSON, headers) of one request
 
 
 def assert_one_line_error(payload, status):

@@ -10,17 +10,17 @@ an annotator's edit replaces the untouched ones and keeps the edited one.
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 import shapely
+from service_client import running_service
 from shapely import affinity
 from shapely.geometry import shape
 
 from zeus_qupath.bridge.project_files import FilesProject
-from zeus_qupath.bridge.service import ServiceConfig, make_server
+from zeus_qupath.bridge.service import ServiceConfig
 from zeus_qupath.params import SegmentParams
 
 from qupath.fixtures import qupath_or_skip
@@ -45,13 +45,8 @@ def server(tiny_model, slide):
     config = ServiceConfig(port=0, token=TOKEN, roots=(str(slide.parent),), model=f"open_clip:{tiny_model.config_path}",
                            pretrained=str(tiny_model.checkpoint_path), device="cpu",
                            params=SegmentParams(tissue="coarse"))
-    srv = make_server(config)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
+    with running_service(config) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module", params=VERSIONS)

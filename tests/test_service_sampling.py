@@ -9,18 +9,18 @@ own embed counter and from an independent count of the grid patches whose area m
 
 from __future__ import annotations
 
+import functools
 import json
-import threading
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 import shapely
 from PIL import Image
+from service_client import call as service_call
+from service_client import running_service
 from shapely.geometry import Polygon, box, shape
 
-from zeus_qupath.bridge.service import ServiceConfig, make_server
+from zeus_qupath.bridge.service import ServiceConfig
 from zeus_qupath.cli import main as zeus_main
 from zeus_qupath.params import SegmentParams
 
@@ -44,28 +44,11 @@ def server(tiny_model, slides):
     config = ServiceConfig(host="127.0.0.1", port=0, token=TOKEN, roots=(str(slides["root"]),),
                            prompts="spindle_cell", model=f"open_clip:{tiny_model.config_path}",
                            pretrained=str(tiny_model.checkpoint_path), device="cpu", params=params)
-    srv = make_server(config)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
+    with running_service(config) as srv:
+        yield srv
 
 
-def call(srv, method: str, path: str, body=None):
-    """(status, decoded JSON, headers) of one request with the token."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(srv.url + path, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    req.add_header("Authorization", f"Bearer {TOKEN}")
-    try:
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            return resp.status, json.loads(resp.read()), resp.headers
-    except urllib.error.HTTPError as err:
-        payload = err.read()
-        return err.code, json.loads(payload) if payload else None, err.headers
+call = functools.partial(service_call, token=TOKEN)  # (status, decoded JSON, headers) of one request
 
 
 def entry_of(srv, slide):
