@@ -246,63 +246,56 @@ def cross_validate(units: Sequence[Unit], text: np.ndarray, classes: Sequence[st
         labelled.append(int(np.sum(u.patches & (s.labels != LEFT_OUT))))
         zero_shot.append(unit_dice(u, s.features[u.patches] @ text.T, classes, positive_class, threshold,
                                    logit_scale))
-    trains, folds = [], []
-    for i, u in enumerate(units):
-        others = [st for j, st in enumerate(stats) if j != i]
-        train = others[0]
-        for st in others[1:]:
-            train = train + st
-        trains.append(train)
-        folds.append(Fold(u.name, train.names))
-    per_candidate: dict[tuple[str, float, float], list[float]] = {}
-    fitted: dict[tuple[int, str, float], tuple[np.ndarray, np.ndarray]] = {}  # a shift only moves the bias
+    n, everyone = len(units), frozenset(range(len(units)))
     feats = [u.slide.features if u.patches.all() else u.slide.features[u.patches] for u in units]
+    sums: dict[frozenset[int], FitStats] = {}
+    fits: dict[tuple[frozenset[int], str, float], tuple[np.ndarray, np.ndarray]] = {}  # a shift only moves the bias
 
-    def score(cand: tuple[str, float, float]) -> None:
-        for i, (u, train) in enumerate(zip(units, trains, strict=True)):
-            key = (i, cand[0], cand[1])
-            if key not in fitted:
-                fitted[key] = fit_fn(train, text, cand[0], cand[1])
-            w, b = fitted[key]
-            b = shift_bias(b, train, cand[2], pos)
-            per_candidate.setdefault(cand, []).append(
-                unit_dice(u, feats[i] @ w.T + b, classes, positive_class, threshold, logit_scale))
+    def train_on(ids: frozenset[int]) -> FitStats:
+        if ids not in sums:
+            order = sorted(ids)
+            sums[ids] = sum((stats[j] for j in order[1:]), stats[order[0]])
+        return sums[ids]
 
-    base = list(cands or candidates())
-    for kind, strength in base:
-        score((kind, strength, 0.0))
-    kind, strength, _ = max(per_candidate, key=lambda c: (float(np.mean(per_candidate[c])),
-                                                         -list(per_candidate).index(c)))
-    for shift in SHIFTS:
-        score((kind, strength, shift))
-    cv = CrossValidation(folds_of, [u.name for u in units], labelled, zero_shot, per_candidate, folds)
-    inner_fits: dict[tuple[frozenset[int], str, float], tuple[np.ndarray, np.ndarray]] = {}
-
-    def dice_on(i: int, train_ids: frozenset[int], cand: tuple[str, float, float]) -> float:
-        key = (train_ids, cand[0], cand[1])
-        if key not in inner_fits:
-            train = sum((stats[j] for j in sorted(train_ids)[1:]), stats[min(train_ids)])
-            inner_fits[key] = fit_fn(train, text, cand[0], cand[1])
-            train_of[key] = train
-        w, b = inner_fits[key]
-        b = shift_bias(b, train_of[key], cand[2], pos)
+    def dice_on(i: int, ids: frozenset[int], cand: tuple[str, float, float]) -> float:
+        """Unit ``i``'s Dice with candidate ``cand`` fitted on units ``ids``."""
+        key = (ids, cand[0], cand[1])
+        if key not in fits:
+            fits[key] = fit_fn(train_on(ids), text, cand[0], cand[1])
+        w, b = fits[key]
+        b = shift_bias(b, train_on(ids), cand[2], pos)
         return unit_dice(units[i], feats[i] @ w.T + b, classes, positive_class, threshold, logit_scale)
 
-    train_of: dict[tuple[frozenset[int], str, float], FitStats] = {}
-    for i in range(len(units)):
-        others = [j for j in range(len(units)) if j != i]
+    base = list(cands or candidates())
 
-        def inner(cand: tuple[str, float, float], others: list[int] = others) -> float:
+    def select(mean_dice: Callable[[tuple[str, float, float]], float]) -> tuple[str, float, float]:
+        """The best (kind, strength) with no shift, then the best of it with each shift (ties: the first)."""
+        first = {(k, st, 0.0): mean_dice((k, st, 0.0)) for k, st in base}
+        k, st, _ = max(first, key=lambda c: (first[c], -list(first).index(c)))
+        tried = {(k, st, 0.0): first[(k, st, 0.0)], **{(k, st, h): mean_dice((k, st, h)) for h in SHIFTS}}
+        return max(tried, key=lambda c: (tried[c], -list(tried).index(c)))
+
+    per_candidate: dict[tuple[str, float, float], list[float]] = {}
+
+    def outer(cand: tuple[str, float, float]) -> float:  # leave-one-unit-out over every unit
+        per_candidate[cand] = [dice_on(i, everyone - {i}, cand) for i in range(n)]
+        return float(np.mean(per_candidate[cand]))
+
+    select(outer)
+    folds = [Fold(u.name, train_on(everyone - {i}).names) for i, u in enumerate(units)]
+    cv = CrossValidation(folds_of, [u.name for u in units], labelled, zero_shot, per_candidate, folds)
+    for i in range(n):  # nested: unit i's candidate chosen by leave-one-out over the other units alone
+        others = everyone - {i}
+
+        def inner(cand: tuple[str, float, float], others: frozenset[int] = others) -> float:
             if len(others) == 1:  # one other unit: judged on its own fit (the held-out unit never enters)
-                return dice_on(others[0], frozenset(others), cand)
-            return float(np.mean([dice_on(j, frozenset(others) - {j}, cand) for j in others]))
+                (j,) = others
+                return dice_on(j, others, cand)
+            return float(np.mean([dice_on(j, others - {j}, cand) for j in sorted(others)]))
 
-        first = {c: inner((c[0], c[1], 0.0)) for c in base}
-        k, st = max(first, key=lambda c: (first[c], -base.index(c)))
-        tried = {(k, st, 0.0): first[(k, st)], **{(k, st, h): inner((k, st, h)) for h in SHIFTS}}
-        choice = max(tried, key=lambda c: (tried[c], -list(tried).index(c)))
+        choice = select(inner)
         cv.nested_choice.append(choice)
-        cv.nested.append(dice_on(i, frozenset(others), choice))
+        cv.nested.append(dice_on(i, others, choice))
     return cv, stats
 
 
