@@ -53,7 +53,7 @@ def run(coords, index, scores, rule, width, height, classes=CLASSES, positive="t
 
     out = sample_patches(coords, index, patch_size=P, stride=S, width=width, height=height, classes=classes,
                          positive_class=positive, embed=embed, score=lambda f: f[0],
-                         embed_dims=[scores.shape[1]], rule=rule, pending_filter=keep is not None)
+                         embed_dims=[scores.shape[1]], rule=rule)
     return out, calls
 
 

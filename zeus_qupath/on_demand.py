@@ -293,6 +293,5 @@ class OnDemandSegmenter:
         sampled = sample_patches(grid.coords[indices], grid.index[indices], patch_size=grid.geometry.patch_size_l0,
                                  stride=grid.geometry.stride_l0, width=info.width, height=info.height,
                                  classes=prompts.class_names, positive_class=prompts.positive_class, embed=embed,
-                                 score=score, embed_dims=[e.embed_dim for e in entries], rule=rule,
-                                 pending_filter=grid.pixel_filter, diff_bound=bound)
+                                 score=score, embed_dims=[e.embed_dim for e in entries], rule=rule, diff_bound=bound)
         return sampled, count

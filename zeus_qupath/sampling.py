@@ -368,7 +368,6 @@ def sample_patches(
     embed_dims: Sequence[int],
     rule: SamplingRule,
     stride: int | None = None,
-    pending_filter: bool = False,
     diff_bound: float = SCORE_DIFF_BOUND,
 ) -> SampledPatches:
     """Embed the grid patches (``coords``, lattice ``index``) that the adaptive rule needs (module docstring).
@@ -378,8 +377,6 @@ def sample_patches(
     ``score(features)`` turns per-encoder feature arrays of some patches into their (n, C) class scores
     (over the same patches, so prompt screening sees every patch embedded so far). ``diff_bound``: the
     largest ``|s_pos - s_j|`` any patch can have (2 for cosine scores; see :func:`adapter_diff_bound`).
-    ``pending_filter``: the white/black filters run on the patches read (``embed`` returns their verdicts);
-    it changes nothing here (a dropped patch is a neighbour adding nothing either way) and is kept for callers.
     """
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     n = len(coords)

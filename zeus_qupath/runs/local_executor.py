@@ -197,7 +197,7 @@ class LocalPipeline:
                                 stride=grid.geometry.stride_l0, width=grid.width, height=grid.height,
                                 classes=self.m.prompts.class_names, positive_class=self.m.prompts.positive_class,
                                 embed=embed, score=score, embed_dims=[e.embed_dim for e in encoders], rule=rule,
-                                pending_filter=grid.pixel_filter, diff_bound=bound)
+                                diff_bound=bound)
         if grid.pixel_filter and result.embedded.any() and not result.kept.any():
             prepared.warnings.append(f"{Path(prepared.path).name}: no tissue found (every patch read is white or "
                                      "black); writing an empty FeatureCollection")
