@@ -207,7 +207,6 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="alternating exact/adaptive runs per slide (median)")
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--reuse", action="store_true", help="reuse the runs' outputs in --work-dir (the rules only)")
-    ap.add_argument("--reuse-exact", action="store_true", help="reuse the exact runs in --work-dir, rerun adaptive")
     ap.add_argument("--models", nargs="+", default=["tiny", "tiny-b", "random"],
                     help="tiny, tiny-b, random, heavy (tiny + a random-weight ViT-B/16: the model dominates)")
     ap.add_argument("--slides", nargs="+", default=None, help="only these slides (e.g. syn-6144)")
@@ -230,8 +229,6 @@ def main() -> int:
             done = (work / mname / sname / "adaptive" / f"{_stem(slide)}.scores.npz").exists()
             for _ in range(0 if args.reuse and done else args.repeats):
                 for mode in ("exact", "adaptive"):
-                    if mode == "exact" and args.reuse_exact and (work / mname / sname / mode / "run.json").exists():
-                        continue
                     times[mode].append(_run(slide, tissue, model, work / mname / sname / mode, mode))
             ex = PatchScores.load(work / mname / sname / "exact" / f"{_stem(slide)}.scores.npz")
             ad = PatchScores.load(work / mname / sname / "adaptive" / f"{_stem(slide)}.scores.npz")
